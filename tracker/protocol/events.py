@@ -88,7 +88,7 @@ def _int(value: Any) -> bool:
 
 def _number(value: Any) -> bool:
     t = type(value)
-    return t is float and math.isfinite(value) or t is int
+    return (t is float and math.isfinite(value)) or t is int
 
 
 def _opt_number(obj: dict[str, Any], key: str, lo: float, hi: float) -> float | None:

@@ -1,0 +1,167 @@
+"""create_app(settings): Starlette routes and the lifespan that owns every resource."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import http_api, store
+from .auth import TokenVerifier, new_secret
+from .broker import RedisBroker, default_instance_id
+from .config import Settings
+from .embedded import Embedded
+from .endpoints import driver_endpoint, live_endpoint
+from .hub import Hub
+from .node import Node
+
+log = logging.getLogger("tracker")
+
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:{tiles}; "
+       "connect-src 'self' ws: wss:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+
+
+class SecurityHeaders:
+    """Security headers on every HTTP response (the dashboard page above all)."""
+
+    def __init__(self, app: ASGIApp, tile_url: str | None = None) -> None:
+        self.app = app
+        tiles = ""
+        if tile_url:
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(tile_url)
+            tiles = f" {parts.scheme}://{parts.netloc}"
+        self.headers = [
+            (b"content-security-policy", CSP.format(tiles=tiles).encode()),
+            (b"x-content-type-options", b"nosniff"),
+            (b"referrer-policy", b"no-referrer"),
+            (b"x-frame-options", b"DENY"),
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + self.headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def jwt_secret(settings: Settings) -> str:
+    """The configured HS256 secret, or one generated once for the data folder (development)."""
+    if settings.jwt_secret:
+        return settings.jwt_secret
+    path = settings.data_dir.expanduser() / "jwt-secret"
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = new_secret()
+    path.write_text(secret + "\n")
+    path.chmod(0o600)
+    log.warning("no TRACKER_JWT_SECRET: generated one in %s; mint tokens with "
+                "`tracker token --role driver --sub d-17 --org acme --data-dir %s`", path, settings.data_dir)
+    return secret
+
+
+def make_verifier(settings: Settings) -> TokenVerifier:
+    if settings.jwt_alg == "HS256":
+        return TokenVerifier(alg="HS256", secret=jwt_secret(settings), leeway_s=settings.jwt_leeway_s)
+    return TokenVerifier(alg=settings.jwt_alg, public_key=settings.jwt_public_key, leeway_s=settings.jwt_leeway_s)
+
+
+async def connect_postgres(url: str, settings: Settings, *, wait_s: float = 60.0) -> asyncpg.Pool:
+    """A pool, waiting up to `wait_s` for PostgreSQL to come up (containers start in any order)."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while True:
+        try:
+            return await asyncpg.create_pool(url, min_size=2, max_size=settings.pg_pool_size, command_timeout=15,
+                                             timeout=5)
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            log.warning("waiting for PostgreSQL: %s", exc)
+            await asyncio.sleep(1.0)
+
+
+def create_app(settings: Settings) -> Starlette:
+    verifier = make_verifier(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        embedded = Embedded(settings.data_dir)
+        try:
+            db_url = settings.database_url or embedded.postgres_url()
+            redis_url = settings.redis_url or embedded.redis_url()
+            pool = await connect_postgres(db_url, settings)
+            try:
+                await store.migrate(pool)
+                broker = RedisBroker(redis_url, instance_id=settings.instance_id or default_instance_id(),
+                                     presence_ttl_s=settings.presence_ttl_s)
+                hub = Hub(flush_ms=settings.live_flush_ms, backlog=settings.dashboard_backlog,
+                          queue_max=settings.dashboard_queue_max)
+                node = Node(settings, pool, broker, hub)
+                from .packages import install as install_packages
+
+                install_packages(node)
+                node.start()
+                app.state.node = node
+                log.info("tracker ready: instance %s, PostgreSQL %s, Redis %s", broker.instance_id,
+                         "embedded" if not settings.database_url else "external",
+                         "embedded" if not settings.redis_url else "external")
+                try:
+                    yield {}
+                finally:
+                    if not node.draining:
+                        await node.drain()
+                    await node.close()
+            finally:
+                await pool.close()
+        finally:
+            embedded.close()
+
+    routes = [
+        Route("/", http_api.index),
+        Route("/healthz", http_api.healthz),
+        Route("/readyz", http_api.readyz),
+        Route("/metrics", http_api.metrics_endpoint),
+        Route("/v1/config", http_api.config_endpoint),
+        Route("/v1/drivers", http_api.list_drivers),
+        Route("/v1/drivers/{driver}/trail", http_api.driver_trail),
+        WebSocketRoute("/v1/driver", driver_endpoint),
+        WebSocketRoute("/v1/live", live_endpoint),
+        Mount("/static", StaticFiles(directory=Path(__file__).parent / "static", check_dir=False), name="static"),
+    ]
+    from .packages import routes as package_routes
+
+    routes[7:7] = package_routes()
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return http_api.error_response(404, "not_found", "no such resource")
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return http_api.error_response(500, "internal", "internal error")
+
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    middleware=[Middleware(SecurityHeaders, tile_url=settings.tile_url)],
+                    exception_handlers={404: not_found, 500: server_error})
+    app.state.verifier = verifier
+    app.state.settings = settings
+    return app

@@ -1,0 +1,130 @@
+"""Tokens -> Principal, and what a Principal may see. Pure: no asyncio, no I/O after start.
+
+The algorithm is pinned by configuration: HS256 with a secret, or RS256/ES256 with public keys
+(a PEM, or a JWKS file whose keys are picked by `kid`). `alg: none` and every other algorithm are
+refused, so a token signed with the public key as an HMAC secret (algorithm confusion) fails.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import jwt
+
+AUDIENCE: Final = "tracker"
+ROLES: Final = frozenset({"driver", "dispatcher", "client"})
+ID_MAX: Final = 64
+
+
+class AuthError(Exception):
+    """The token is missing, malformed, badly signed, expired or lacks a claim."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    role: str
+    sub: str
+    org: str
+    exp: int
+    client: str | None = None
+    name: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """A driver's identity everywhere: (org, sub)."""
+        return (self.org, self.sub)
+
+
+class TokenVerifier:
+    """Verifies tokens with the configured, pinned algorithm and key(s)."""
+
+    def __init__(self, *, alg: str, secret: str | None = None, public_key: str | None = None,
+                 leeway_s: float = 30.0) -> None:
+        self.alg = alg
+        self.leeway_s = leeway_s
+        self._keys: dict[str | None, Any] = {}
+        if alg == "HS256":
+            if not secret:
+                raise AuthError("HS256 needs a secret")
+            self._keys[None] = secret
+        else:
+            if not public_key:
+                raise AuthError(f"{alg} needs a public key")
+            self._keys = _load_public_keys(public_key, alg)
+
+    def verify(self, token: object) -> Principal:
+        if not isinstance(token, str) or not token or len(token) > 8192:
+            raise AuthError("missing token")
+        try:
+            header = jwt.get_unverified_header(token)
+            if header.get("alg") != self.alg:
+                raise AuthError(f"token algorithm must be {self.alg}")
+            kid = header.get("kid")
+            key = self._keys.get(kid) if kid in self._keys else self._keys.get(None)
+            if key is None:
+                raise AuthError("unknown key id")
+            claims = jwt.decode(
+                token, key, algorithms=[self.alg], audience=AUDIENCE, leeway=self.leeway_s,
+                options={"require": ["exp", "iat", "aud", "sub", "role", "org"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("token expired") from None
+        except jwt.PyJWTError as exc:
+            raise AuthError(f"bad token: {exc}") from None
+        return _principal(claims)
+
+
+def _principal(claims: dict[str, Any]) -> Principal:
+    role, sub, org = claims.get("role"), claims.get("sub"), claims.get("org")
+    if role not in ROLES:
+        raise AuthError("role must be driver, dispatcher or client")
+    for name, value in (("sub", sub), ("org", org)):
+        if not isinstance(value, str) or not 1 <= len(value) <= ID_MAX or "\x00" in value:
+            raise AuthError(f"{name}: must be a string of 1 to {ID_MAX} characters")
+    client = claims.get("client")
+    if role == "client" and (not isinstance(client, str) or not 1 <= len(client) <= ID_MAX):
+        raise AuthError("a client token needs a client claim")
+    name = claims.get("name")
+    if not isinstance(name, str) or len(name) > 100 or "\x00" in name:
+        name = None
+    exp = claims.get("exp")
+    if not isinstance(exp, int | float):
+        raise AuthError("exp must be a number")
+    return Principal(role=role, sub=sub, org=org, exp=int(exp), client=client if role == "client" else None,
+                     name=name)  # type: ignore[arg-type]
+
+
+def _load_public_keys(source: str, alg: str) -> dict[str | None, Any]:
+    text = source
+    if not source.lstrip().startswith(("-----", "{")):
+        text = Path(source).read_text()
+    if text.lstrip().startswith("{"):
+        jwks = jwt.PyJWKSet.from_dict(json.loads(text))
+        keys: dict[str | None, Any] = {k.key_id: k.key for k in jwks.keys}
+        if len(jwks.keys) == 1:
+            keys[None] = jwks.keys[0].key
+        return keys
+    algo = jwt.get_algorithm_by_name(alg)
+    return {None: algo.prepare_key(text)}
+
+
+def mint_token(secret: str, *, role: str, sub: str, org: str, client: str | None = None, name: str | None = None,
+               ttl_s: float = 3600.0, now: float | None = None, alg: str = "HS256") -> str:
+    """A token for development and tests (`tracker token`). `secret` may be a private key PEM."""
+    issued = int(time.time() if now is None else now)
+    claims: dict[str, Any] = {"sub": sub, "role": role, "org": org, "aud": AUDIENCE, "iat": issued,
+                              "exp": issued + int(ttl_s)}
+    if client is not None:
+        claims["client"] = client
+    if name is not None:
+        claims["name"] = name
+    return jwt.encode(claims, secret, algorithm=alg)
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(48)

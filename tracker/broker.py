@@ -1,0 +1,324 @@
+"""Redis between instances: live fan-out over pub/sub, latest positions, presence.
+
+One publish per org per event-loop tick: a Lua script keeps each driver's newest position (by
+live ts, so a late event never overwrites a newer one) and publishes, in the same atomic step,
+the frames that became newest plus every scan, presence, package and alert frame. A message on
+`trk:live:<org>` is lines `<stamp>\\t<frame>` joined by `\\n` (orjson never emits a raw tab or
+newline), where `<stamp>` is empty or a JSON array of the client ids entitled to the frame.
+
+Every instance holds one subscriber (`trk:live:*`, `trk:ctl`, and its own probe channel). The
+subscriber proves it receives with a loop-back probe; a subscriber that is connected but deaf is
+torn down and made again. Live delivery is best effort: when Redis is down, ingest and acks go on
+(PostgreSQL does not depend on Redis) and dashboards are told with `status` frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from . import metrics
+
+log = logging.getLogger("tracker.broker")
+
+LIVE_PREFIX: Final = "trk:live:"
+CTL_CHANNEL: Final = "trk:ctl"
+
+LIVE_LUA: Final = """
+local org = ARGV[1]
+local poskey = 'trk:lastpos:' .. org
+local out = {}
+for i = 2, #ARGV, 5 do
+  local kind, driver, lts, stamp, frame = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
+  if kind == 'p' then
+    local cur = redis.call('HGET', poskey, driver)
+    local newer = true
+    if cur then
+      local tab = string.find(cur, '\\t', 1, true)
+      newer = tonumber(string.sub(cur, 1, tab - 1)) < tonumber(lts)
+    end
+    if newer then
+      redis.call('HSET', poskey, driver, lts .. '\\t' .. frame)
+      out[#out + 1] = stamp .. '\\t' .. frame
+    end
+  else
+    out[#out + 1] = stamp .. '\\t' .. frame
+  end
+end
+if #out > 0 then
+  local t = redis.call('TIME')
+  table.insert(out, 1, '#' .. string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000)))
+  redis.call('PUBLISH', 'trk:live:' .. org, table.concat(out, '\\n'))
+end
+return #out
+"""
+
+PRESENCE_ON_LUA: Final = """
+local org, driver, conn, exp, name, line = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local pconn = 'trk:pconn:' .. org
+local prev = redis.call('HGET', pconn, driver)
+redis.call('HSET', pconn, driver, conn)
+redis.call('ZADD', 'trk:presence:' .. org, exp, driver)
+redis.call('SADD', 'trk:orgs', org)
+if name ~= '' then redis.call('HSET', 'trk:names:' .. org, driver, name) end
+redis.call('PUBLISH', 'trk:live:' .. org, line)
+if prev and prev ~= conn then
+  redis.call('PUBLISH', 'trk:ctl', 'kick\\t' .. org .. '\\t' .. driver .. '\\t' .. conn)
+end
+return redis.call('HGET', 'trk:lastpos:' .. org, driver)
+"""
+
+PRESENCE_OFF_LUA: Final = """
+local org, driver, conn, line = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local pconn = 'trk:pconn:' .. org
+if redis.call('HGET', pconn, driver) ~= conn then return 0 end
+redis.call('HDEL', pconn, driver)
+redis.call('ZREM', 'trk:presence:' .. org, driver)
+redis.call('PUBLISH', 'trk:live:' .. org, line)
+return 1
+"""
+
+# Keeps this instance's connections online; re-creates them after Redis lost its state.
+REFRESH_LUA: Final = """
+local exp = ARGV[1]
+for i = 2, #ARGV, 3 do
+  local org, driver, conn = ARGV[i], ARGV[i+1], ARGV[i+2]
+  local cur = redis.call('HGET', 'trk:pconn:' .. org, driver)
+  if not cur then
+    redis.call('HSET', 'trk:pconn:' .. org, driver, conn)
+    redis.call('SADD', 'trk:orgs', org)
+    cur = conn
+  end
+  if cur == conn then redis.call('ZADD', 'trk:presence:' .. org, exp, driver) end
+end
+return 1
+"""
+
+# Sets offline the drivers whose instance stopped refreshing them (it died). Atomic, so when every
+# instance sweeps, each expiry is published once.
+SWEEP_LUA: Final = """
+local now = ARGV[1]
+local n = 0
+for _, org in ipairs(redis.call('SMEMBERS', 'trk:orgs')) do
+  local zkey = 'trk:presence:' .. org
+  for _, driver in ipairs(redis.call('ZRANGEBYSCORE', zkey, '-inf', now)) do
+    redis.call('ZREM', zkey, driver)
+    redis.call('HDEL', 'trk:pconn:' .. org, driver)
+    local frame = '{"type":"presence","driver":' .. cjson.encode(driver) .. ',"online":false,"ts":' .. now .. '}'
+    redis.call('PUBLISH', 'trk:live:' .. org, '\\t' .. frame)
+    n = n + 1
+  end
+end
+return n
+"""
+
+LiveItem = tuple[str, str, int, bytes, bytes]  # kind ('p' newest-only, 'a' always), driver, live ts, stamp, frame
+
+
+class RedisBroker:
+    """Moves live frames between instances through Redis and keeps the shared live state."""
+
+    def __init__(self, url: str, *, instance_id: str, presence_ttl_s: float = 30.0) -> None:
+        self.url = url
+        self.instance_id = instance_id
+        self.presence_ttl_ms = int(presence_ttl_s * 1000)
+        self.redis = aioredis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=2,
+                                             health_check_interval=10)
+        self._live = self.redis.register_script(LIVE_LUA)
+        self._on = self.redis.register_script(PRESENCE_ON_LUA)
+        self._off = self.redis.register_script(PRESENCE_OFF_LUA)
+        self._refresh = self.redis.register_script(REFRESH_LUA)
+        self._sweep = self.redis.register_script(SWEEP_LUA)
+        self._pending: dict[str, list[LiveItem]] = {}
+        self._pending_count = 0
+        self._send_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.probe_channel = f"trk:probe:{instance_id}"
+        self._probe_sent = 0.0
+        self._probe_seen = 0.0
+        self.subscribed = False
+        self.live = False
+        self.on_live: Callable[[str, bytes], None] = lambda org, payload: None
+        self.on_ctl: Callable[[list[str]], None] = lambda parts: None
+        self.on_status: Callable[[bool], None] = lambda live: None
+        self.max_pending = 200_000
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    def publish(self, org: str, items: list[LiveItem]) -> None:
+        """Queue live frames of one org; sent in one pipelined round trip per tick. Never awaits."""
+        if self._pending_count > self.max_pending:  # Redis is slow or gone: live is best effort
+            metrics.LIVE_FAILED.inc(len(items))
+            return
+        self._pending.setdefault(org, []).extend(items)
+        self._pending_count += len(items)
+        self._send_wake.set()
+
+    async def _sender(self) -> None:
+        while True:
+            await self._send_wake.wait()
+            self._send_wake.clear()
+            pending, self._pending, self._pending_count = self._pending, {}, 0
+            n = sum(len(v) for v in pending.values())
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for org, items in pending.items():
+                        args: list[Any] = [org]
+                        for kind, driver, lts, stamp, frame in items:
+                            args += (kind, driver, lts, stamp, frame)
+                        await self._live(args=args, client=pipe)
+                    await pipe.execute()
+                metrics.LIVE_PUBLISHED.inc(n)
+            except (RedisError, OSError) as exc:
+                metrics.LIVE_FAILED.inc(n)
+                log.debug("live publish failed: %s", exc)
+                self._set_live(False)
+                await asyncio.sleep(0.2)
+
+    # -- presence -----------------------------------------------------------------------------
+
+    async def driver_online(self, org: str, driver: str, conn: str, name: str | None, line: bytes) -> int:
+        """Mark a connection online (replacing any other of the driver); returns the driver's
+        newest live ts known to Redis (0 if none)."""
+        exp = int(time.time() * 1000) + self.presence_ttl_ms
+        last = await self._on(args=[org, driver, conn, exp, name or "", line])
+        if not last:
+            return 0
+        return int(last.split(b"\t", 1)[0])
+
+    async def driver_offline(self, org: str, driver: str, conn: str, line: bytes) -> bool:
+        """Offline only if this connection is still the one that set the driver online."""
+        return bool(await self._off(args=[org, driver, conn, line]))
+
+    async def refresh_presence(self, conns: list[tuple[str, str, str]]) -> None:
+        exp = int(time.time() * 1000) + self.presence_ttl_ms
+        for start in range(0, len(conns), 5000):
+            args: list[Any] = [exp]
+            for org, driver, conn in conns[start:start + 5000]:
+                args += (org, driver, conn)
+            await self._refresh(args=args)
+
+    async def sweep(self) -> int:
+        return int(await self._sweep(args=[int(time.time() * 1000)]))
+
+    # -- snapshot reads -----------------------------------------------------------------------
+
+    async def live_state(self, org: str) -> tuple[dict[str, tuple[int, bytes]], dict[str, str], set[str]]:
+        """(driver -> (live ts, newest pos frame), driver -> name, drivers online) of one org."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(f"trk:lastpos:{org}")
+            pipe.hgetall(f"trk:names:{org}")
+            pipe.zrangebyscore(f"trk:presence:{org}", int(time.time() * 1000), "+inf")
+            lastpos, names, online = await pipe.execute()
+        positions = {}
+        for driver, value in lastpos.items():
+            lts, frame = value.split(b"\t", 1)
+            positions[driver.decode()] = (int(lts), frame)
+        return (positions, {k.decode(): v.decode() for k, v in names.items()}, {d.decode() for d in online})
+
+    async def restore_positions(self, org: str, items: list[tuple[str, int, bytes]]) -> None:
+        """Write back positions read from PostgreSQL (newest-only, never over a newer one)."""
+        args: list[Any] = [org]
+        for driver, lts, frame in items:
+            args += ("p", driver, lts, "", frame)
+        if len(args) > 1:
+            # Published too: a dashboard that already has a newer one keeps it (hub checks ts).
+            await self._live(args=args)
+
+    # -- subscriber and probe -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._sender(), name="broker-sender"),
+                       asyncio.create_task(self._subscriber(), name="broker-subscriber"),
+                       asyncio.create_task(self._prober(), name="broker-probe")]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.redis.aclose()
+
+    def _set_live(self, live: bool) -> None:
+        metrics.BROKER_LIVE.set(1 if live else 0)
+        if live != self.live:
+            self.live = live
+            log.warning("live feed %s", "restored" if live else "interrupted")
+            self.on_status(live)
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.redis.ping())
+        except (RedisError, OSError):
+            return False
+
+    async def _prober(self) -> None:
+        """Loop-back probe: publish to our own channel; the subscriber must see it."""
+        while True:
+            try:
+                self._probe_sent = time.monotonic()
+                await self.redis.publish(self.probe_channel, b"%f" % self._probe_sent)
+            except (RedisError, OSError):
+                self._set_live(False)
+            await asyncio.sleep(1.0)
+            if self.subscribed and self._probe_sent - self._probe_seen > 3.0 and self._probe_seen:
+                self._set_live(False)
+
+    @property
+    def receiving(self) -> bool:
+        return self.subscribed and time.monotonic() - self._probe_seen < 3.5
+
+    async def _subscriber(self) -> None:
+        backoff = 0.1
+        while True:
+            client = aioredis.Redis.from_url(self.url, socket_connect_timeout=2)
+            pubsub = client.pubsub()
+            try:
+                await pubsub.psubscribe(LIVE_PREFIX + "*")
+                await pubsub.subscribe(CTL_CHANNEL, self.probe_channel)
+                self.subscribed = True
+                self._probe_seen = time.monotonic()
+                backoff = 0.1
+                await self._listen(pubsub)
+            except (RedisError, OSError) as exc:
+                log.debug("subscriber lost: %s", exc)
+            finally:
+                self.subscribed = False
+                self._set_live(False)
+                try:
+                    await pubsub.aclose()
+                    await client.aclose()
+                except (RedisError, OSError):
+                    pass
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def _listen(self, pubsub: Any) -> None:
+        prefix_len = len(LIVE_PREFIX)
+        probe = self.probe_channel.encode()
+        while True:
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if msg is None:
+                if time.monotonic() - self._probe_seen > 5.0:
+                    log.warning("subscriber is connected but receives nothing: reconnecting")
+                    return
+                continue
+            channel: bytes = msg["channel"]
+            if msg["type"] == "pmessage":
+                self.on_live(channel[prefix_len:].decode(), msg["data"])
+            elif channel == probe:
+                self._probe_seen = time.monotonic()
+                if not self.live:
+                    self._set_live(True)
+            else:
+                self.on_ctl(msg["data"].decode().split("\t"))
+
+
+def default_instance_id() -> str:
+    return f"{os.uname().nodename}:{os.getpid()}"

@@ -1,0 +1,131 @@
+"""Settings.from_env(): the one place that reads os.environ."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A setting has a value the service cannot use."""
+
+
+def _env_name(name: str) -> str:
+    if name in ("database_url", "redis_url"):
+        return name.upper()
+    return "TRACKER_" + name.upper()
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every knob of the service, with its safe default. Environment: `TRACKER_<NAME>`."""
+
+    database_url: str | None = None  # DATABASE_URL; None -> embedded PostgreSQL under data_dir
+    redis_url: str | None = None  # REDIS_URL; None -> embedded Redis under data_dir
+    data_dir: Path = Path(".tracker")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    instance_id: str = ""  # defaults to host:pid
+    log_level: str = "info"
+
+    # Tokens: HS256 with a secret, or RS256/ES256 with a PEM public key (or a JWKS file).
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None  # PEM text, or a path to a PEM or JWKS file
+    jwt_alg: str = "HS256"
+    jwt_leeway_s: float = 30.0
+
+    # Driver ingest
+    max_frame: int = 65_536
+    max_batch: int = 300
+    rate_per_s: float = 10.0
+    rate_burst: int = 20_000
+    hello_timeout_s: float = 10.0
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+    ws_deflate: bool = False
+    max_connections: int = 50_000
+
+    # Batch writer
+    flush_interval_ms: int = 20
+    flush_max_events: int = 5_000
+    writer_concurrency: int = 2
+    writer_buffer_max: int = 200_000  # events waiting for PostgreSQL; beyond it -> `unavailable`
+    answer_deadline_s: float = 25.0  # every event is answered within 30 s (PROTOCOL.md)
+    pg_pool_size: int = 8
+
+    # Dashboards
+    live_flush_ms: int = 25
+    dashboard_backlog: int = 2_000  # frames waiting before positions are conflated
+    dashboard_queue_max: int = 10_000  # non-position frames waiting before slow_consumer
+    snapshot_chunk: int = 2_000
+    allowed_origins: tuple[str, ...] = ()  # empty: same-origin pages and originless clients only
+
+    # Presence
+    presence_ttl_s: float = 30.0
+    presence_refresh_s: float = 10.0
+
+    # Deploys
+    shutdown_grace_s: float = 10.0
+
+    tile_url: str | None = None
+
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read settings from `environ` (default: os.environ); keyword overrides win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name == "extra":
+                continue
+            raw = env.get(_env_name(f.name))
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.name, raw, cls.__dataclass_fields__[f.name].type)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+    def check(self) -> None:
+        if self.jwt_alg not in ("HS256", "RS256", "ES256"):
+            raise ConfigError(f"TRACKER_JWT_ALG must be HS256, RS256 or ES256, not {self.jwt_alg!r}")
+        if self.jwt_alg != "HS256" and not self.jwt_public_key:
+            raise ConfigError(f"TRACKER_JWT_ALG={self.jwt_alg} needs TRACKER_JWT_PUBLIC_KEY")
+        if not 1 <= self.max_batch <= 10_000 or self.max_frame < 1024:
+            raise ConfigError("TRACKER_MAX_BATCH must be 1..10000 and TRACKER_MAX_FRAME at least 1024")
+
+
+def _parse(name: str, raw: str, type_: Any) -> Any:
+    text = str(type_)
+    try:
+        if "bool" in text:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if "tuple" in text:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if "Path" in text:
+            return Path(raw)
+        if "float" in text:
+            return float(raw)
+        if "int" in text:
+            return int(raw)
+    except ValueError:
+        raise ConfigError(f"{_env_name(name)}={raw!r} is not a valid {text}") from None
+    return raw
+
+
+def describe() -> list[tuple[str, str]]:
+    """(environment variable, default) for every setting: the README's configuration table."""
+    defaults = Settings()
+    return [(_env_name(f.name), repr(getattr(defaults, f.name))) for f in fields(Settings) if f.name != "extra"]

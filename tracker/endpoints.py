@@ -1,0 +1,247 @@
+"""Thin adapters: Starlette websockets <-> the node (drivers) and the hub (dashboards)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from . import metrics
+from .auth import AuthError, Principal, TokenVerifier
+from .hub import Dashboard, Filter
+from .node import DriverConn, Node
+from .protocol import frames
+from .protocol.frames import ProtocolError
+from .snapshot import send_snapshot
+from .writer import now_ms
+from .wsio import Channel
+
+log = logging.getLogger("tracker.endpoints")
+
+
+def _bearer(ws: WebSocket) -> str | None:
+    value = ws.headers.get("authorization", "")
+    if value[:7].lower() == "bearer ":
+        return value[7:].strip()
+    return None
+
+
+def origin_allowed(ws: WebSocket, allowed: tuple[str, ...]) -> bool:
+    """Browsers send Origin; phones don't. A browser page must come from this host or the allow-list
+    (cross-site websocket hijacking)."""
+    origin = ws.headers.get("origin")
+    if origin is None:
+        return True
+    if "*" in allowed or origin in allowed:
+        return True
+    host = ws.headers.get("host", "")
+    return origin in (f"http://{host}", f"https://{host}")
+
+
+async def _receive_text(ws: WebSocket) -> str | bytes:
+    message = await ws.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000))
+    text = message.get("text")
+    return text if text is not None else message.get("bytes") or b""
+
+
+async def _hello(ws: WebSocket, channel: Channel, verifier: TokenVerifier, timeout: float, *,
+                 role_ok: tuple[str, ...]) -> tuple[Principal, dict[str, Any]] | None:
+    """The first frame must be `hello` within `timeout`; returns the principal, or None (closed)."""
+    try:
+        data = await asyncio.wait_for(_receive_text(ws), timeout)
+    except TimeoutError:
+        await channel.close(4000, "no hello in time")
+        return None
+    try:
+        obj = frames.decode(data)
+        if obj["type"] != "hello":
+            raise ProtocolError("the first frame must be hello")
+    except ProtocolError as exc:
+        channel.write(frames.error("protocol", str(exc)))
+        await channel.close(exc.close_code, str(exc))
+        return None
+    try:
+        principal = verifier.verify(obj.get("token") or _bearer(ws))
+        if principal.role not in role_ok:
+            raise AuthError(f"role {principal.role} cannot use this endpoint")
+    except AuthError as exc:
+        channel.write(frames.error("unauthorized", str(exc)))
+        await channel.close(4000, "unauthorized")
+        return None
+    return principal, obj
+
+
+def _schedule_expiry(channel: Channel, exp: int, leeway_s: float) -> asyncio.TimerHandle:
+    delay = max(0.0, exp + leeway_s - now_ms() / 1000)
+    loop = asyncio.get_running_loop()
+    return loop.call_later(delay, lambda: loop.create_task(channel.close(4003, "token expired")))
+
+
+def _refresh(obj: dict[str, Any], current: Principal, verifier: TokenVerifier, channel: Channel) -> Principal | None:
+    """A new token for the same identity on an open connection; None means: close."""
+    try:
+        fresh = verifier.verify(obj.get("token"))
+    except AuthError as exc:
+        channel.write(frames.error("unauthorized", str(exc)))
+        return None
+    if (fresh.role, fresh.sub, fresh.org, fresh.client) != (current.role, current.sub, current.org, current.client):
+        channel.write(frames.error("forbidden", "a refresh must be for the same identity"))
+        return None
+    return fresh
+
+
+async def driver_endpoint(ws: WebSocket) -> None:
+    node: Node = ws.app.state.node
+    settings = node.settings
+    verifier: TokenVerifier = ws.app.state.verifier
+    if len(node.sessions) >= settings.max_connections:
+        await ws.close(1013, "too many connections")
+        return
+    await ws.accept()
+    channel = Channel(ws.send)
+    hello = await _hello(ws, channel, verifier, settings.hello_timeout_s, role_ok=("driver",))
+    if hello is None:
+        return
+    principal, _ = hello
+    conn = DriverConn(principal, channel)
+    last_seq = await node.driver_connected(conn)
+    channel.write(frames.encode({"type": "welcome", "driver": principal.sub, "last_seq": last_seq,
+                                 "server_time": now_ms(), "max_frame": settings.max_frame,
+                                 "max_batch": settings.max_batch}))
+    conn.expiry = _schedule_expiry(channel, principal.exp, settings.jwt_leeway_s)
+    try:
+        await _driver_loop(ws, node, conn, verifier)
+    except ProtocolError as exc:
+        channel.write(frames.error("protocol", str(exc)))
+        await channel.close(exc.close_code, str(exc)[:100])
+    except WebSocketDisconnect:
+        pass
+    finally:
+        await node.driver_disconnected(conn)
+
+
+async def _driver_loop(ws: WebSocket, node: Node, conn: DriverConn, verifier: TokenVerifier) -> None:
+    settings = node.settings
+    max_frame, max_batch = settings.max_frame, settings.max_batch
+    channel = conn.channel
+    while not conn.closed:
+        data = await _receive_text(ws)
+        if len(data) > max_frame:
+            raise ProtocolError("frame too large", close_code=1009)
+        obj = frames.decode(data)
+        kind = obj["type"]
+        if kind == "pos" or kind == "scan":
+            node.ingest(conn, [obj])
+        elif kind == "batch":
+            items = obj.get("items")
+            if type(items) is not list:
+                channel.write(frames.error("invalid", "batch: items must be an array"))
+            elif len(items) > max_batch:
+                seqs = [s for it in items if type(it) is dict and type(s := it.get("seq")) is int]
+                channel.write(frames.error("too_large", f"a batch carries at most {max_batch} items", seqs=seqs))
+            else:
+                node.ingest(conn, items)
+        elif kind == "refresh":
+            fresh = _refresh(obj, conn.principal, verifier, channel)
+            if fresh is None:
+                await channel.close(4000, "refresh refused")
+                return
+            conn.principal = fresh
+            if conn.expiry is not None:
+                conn.expiry.cancel()
+            conn.expiry = _schedule_expiry(channel, fresh.exp, settings.jwt_leeway_s)
+            channel.write(frames.encode({"type": "welcome", "driver": fresh.sub, "refreshed": True,
+                                         "server_time": now_ms(), "max_frame": max_frame, "max_batch": max_batch}))
+        else:
+            raise ProtocolError(f"unknown frame type {kind!r}")
+
+
+def parse_subscribe(obj: dict[str, Any]) -> Filter:
+    """A subscription's filters; malformed values are a protocol error, ids are just strings."""
+    def ids(key: str) -> frozenset[str] | None:
+        value = obj.get(key)
+        if value is None:
+            return None
+        if type(value) is not list or len(value) > 10_000 or not all(type(v) is str and len(v) <= 64 for v in value):
+            raise ProtocolError(f"subscribe: {key} must be an array of ids")
+        return frozenset(value)
+
+    bbox = obj.get("bbox")
+    if bbox is not None:
+        if (type(bbox) is not list or len(bbox) != 4 or not all(type(v) in (int, float) for v in bbox)
+                or not (-180 <= bbox[0] <= 180 and -180 <= bbox[2] <= 180 and -90 <= bbox[1] <= bbox[3] <= 90)):
+            raise ProtocolError("subscribe: bbox must be [west, south, east, north] in degrees")
+        bbox = tuple(float(v) for v in bbox)
+    return Filter(drivers=ids("drivers"), packages=ids("packages"), bbox=bbox)
+
+
+async def live_endpoint(ws: WebSocket) -> None:
+    node: Node = ws.app.state.node
+    settings = node.settings
+    verifier: TokenVerifier = ws.app.state.verifier
+    if not origin_allowed(ws, settings.allowed_origins):
+        await ws.close(1008, "origin not allowed")
+        return
+    await ws.accept()
+    channel = Channel(ws.send)
+    hello = await _hello(ws, channel, verifier, settings.hello_timeout_s, role_ok=("dispatcher", "client"))
+    if hello is None:
+        return
+    principal, _ = hello
+    welcome: dict[str, Any] = {"type": "welcome", "role": principal.role, "org": principal.org}
+    if principal.client:
+        welcome["client"] = principal.client
+    channel.write(frames.encode(welcome))
+    dash = Dashboard(principal, channel, node.hub)
+    expiry = _schedule_expiry(channel, principal.exp, settings.jwt_leeway_s)
+    metrics.CONNECTIONS.labels(principal.role).inc()
+    snapshotting: asyncio.Task[None] | None = None
+    subscribed = False
+    try:
+        while True:
+            data = await _receive_text(ws)
+            if len(data) > settings.max_frame:
+                raise ProtocolError("frame too large", close_code=1009)
+            obj = frames.decode(data)
+            kind = obj["type"]
+            if kind == "subscribe":
+                dash.flt = parse_subscribe(obj)
+                dash.live = False
+                dash.pre.clear()
+                dash.take()
+                dash.inside.clear()
+                if not subscribed:
+                    node.hub.add(dash)
+                    subscribed = True
+                if snapshotting is not None:
+                    snapshotting.cancel()
+                snapshotting = asyncio.create_task(send_snapshot(node, dash))
+            elif kind == "refresh":
+                fresh = _refresh(obj, dash.principal, verifier, channel)
+                if fresh is None:
+                    await channel.close(4000, "refresh refused")
+                    return
+                dash.principal = fresh
+                expiry.cancel()
+                expiry = _schedule_expiry(channel, fresh.exp, settings.jwt_leeway_s)
+                channel.write(frames.encode({**welcome, "refreshed": True}))
+            else:
+                raise ProtocolError(f"unknown frame type {kind!r}")
+    except ProtocolError as exc:
+        channel.write(frames.error("protocol", str(exc)))
+        await channel.close(exc.close_code, str(exc)[:100])
+    except WebSocketDisconnect:
+        pass
+    finally:
+        expiry.cancel()
+        metrics.CONNECTIONS.labels(principal.role).dec()
+        if snapshotting is not None:
+            snapshotting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await snapshotting
+        await node.hub.stop(dash)

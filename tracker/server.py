@@ -1,0 +1,46 @@
+"""Running the app under uvicorn with the service's explicit, safe websocket settings."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+
+from .config import Settings
+
+
+def uvicorn_config(app: Starlette, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """Not uvicorn's defaults: 64 KiB frames, no compression unless configured, keepalive pings."""
+    options: dict[str, Any] = dict(
+        host=settings.host, port=settings.port, ws="websockets-sansio", http="httptools", loop="uvloop",
+        ws_max_size=settings.max_frame, ws_per_message_deflate=settings.ws_deflate,
+        ws_ping_interval=settings.ping_interval_s, ws_ping_timeout=settings.ping_timeout_s,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5, log_config=None,
+        log_level=settings.log_level, lifespan="on", backlog=4096,
+    )
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
+
+
+class Server(uvicorn.Server):
+    """uvicorn, but a shutdown (SIGTERM: a rolling deploy) first drains the node: stop accepting,
+    commit and ack what is buffered, close connections with 1012, and only then let uvicorn go."""
+
+    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
+        super().__init__(config)
+        self.app = app
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        for server in self.servers:
+            server.close()
+        node = getattr(self.app.state, "node", None)
+        if node is not None and not node.draining:
+            logging.getLogger("tracker").info("draining: committing buffered events, closing with 1012")
+            await node.drain()
+        await super().shutdown(sockets)
+
+    @property
+    def port(self) -> int:
+        return int(self.servers[0].sockets[0].getsockname()[1])

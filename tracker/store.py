@@ -1,0 +1,236 @@
+"""SQL and migrations; batched idempotent writes; reads for snapshots and trails.
+
+All SQL is static text with `$n` parameters; nothing is built from input.
+Times are integer milliseconds since the Unix epoch (as on the wire): `ts` is the phone's clock,
+`received_at` the server's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import asyncpg
+
+from .protocol.events import Position, Scan
+
+log = logging.getLogger("tracker.store")
+
+MIGRATION_LOCK: Final = 0x7472_6B72  # "trkr": one advisory lock serialises concurrent migrators
+
+MIGRATIONS: Final[list[tuple[int, str]]] = [
+    (1, """
+CREATE TABLE drivers (
+    org text NOT NULL,
+    driver_id text NOT NULL,
+    name text,
+    first_seen_at timestamptz NOT NULL DEFAULT now(),
+    last_connected_at timestamptz,
+    PRIMARY KEY (org, driver_id)
+);
+-- (org, driver_id, seq) names one event across positions and scans. Partitioning positions by
+-- time later means the primary key must include ts; dedupe then keeps (org, driver_id, seq)
+-- unique through the writer's existence check, which reads both tables.
+CREATE TABLE positions (
+    org text NOT NULL,
+    driver_id text NOT NULL,
+    seq bigint NOT NULL,
+    ts bigint NOT NULL,
+    received_at bigint NOT NULL,
+    lat double precision NOT NULL,
+    lon double precision NOT NULL,
+    acc real,
+    spd real,
+    hdg real,
+    alt real,
+    bat real,
+    PRIMARY KEY (org, driver_id, seq)
+);
+CREATE INDEX positions_trail ON positions (org, driver_id, ts);
+CREATE TABLE scans (
+    org text NOT NULL,
+    driver_id text NOT NULL,
+    seq bigint NOT NULL,
+    ts bigint NOT NULL,
+    received_at bigint NOT NULL,
+    package text NOT NULL,
+    event text NOT NULL,
+    lat double precision,
+    lon double precision,
+    temp_c real,
+    note text,
+    recipient text,
+    pod text,
+    PRIMARY KEY (org, driver_id, seq)
+);
+CREATE INDEX scans_package ON scans (org, package, ts);
+"""),
+]
+
+
+async def migrate(pool: asyncpg.Pool) -> int:
+    """Apply pending migrations; idempotent and safe with several instances starting at once."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS tracker_schema (version int PRIMARY KEY, applied_at timestamptz DEFAULT now())"
+        )
+        done = {row["version"] for row in await conn.fetch("SELECT version FROM tracker_schema")}
+        applied = 0
+        for version, sql in MIGRATIONS:
+            if version in done:
+                continue
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO tracker_schema (version) VALUES ($1)", version)
+            applied += 1
+            log.info("applied migration %d", version)
+        return applied
+
+
+@dataclass(slots=True)
+class Pending:
+    """One accepted event waiting to be stored. `owner` is whom to answer (a driver session)."""
+
+    owner: Any
+    org: str
+    driver: str
+    event: Position | Scan
+    received_at: int
+
+
+INSERT_POSITIONS: Final = """
+INSERT INTO positions (org, driver_id, seq, ts, received_at, lat, lon, acc, spd, hdg, alt, bat)
+SELECT t.* FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::float8[], $7::float8[],
+                       $8::float4[], $9::float4[], $10::float4[], $11::float4[], $12::float4[])
+    AS t(org, driver_id, seq, ts, received_at, lat, lon, acc, spd, hdg, alt, bat)
+WHERE NOT EXISTS (SELECT 1 FROM scans s WHERE s.org = t.org AND s.driver_id = t.driver_id AND s.seq = t.seq)
+ON CONFLICT DO NOTHING
+"""
+
+INSERT_SCANS: Final = """
+INSERT INTO scans (org, driver_id, seq, ts, received_at, package, event, lat, lon, temp_c, note, recipient, pod)
+SELECT t.* FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::text[], $7::text[],
+                       $8::float8[], $9::float8[], $10::float4[], $11::text[], $12::text[], $13::text[])
+    AS t(org, driver_id, seq, ts, received_at, package, event, lat, lon, temp_c, note, recipient, pod)
+WHERE NOT EXISTS (SELECT 1 FROM positions p WHERE p.org = t.org AND p.driver_id = t.driver_id AND p.seq = t.seq)
+ON CONFLICT DO NOTHING
+"""
+
+# What is stored under each key now (read after the inserts, so rows committed meanwhile by
+# another instance are seen too): the kind and ts decide "same event" (ack) or "conflict".
+EXISTING: Final = """
+SELECT k.i, 'pos' AS kind, p.ts FROM unnest($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS k(org, d, seq, i)
+    JOIN positions p ON p.org = k.org AND p.driver_id = k.d AND p.seq = k.seq
+UNION ALL
+SELECT k.i, 'scan', s.ts FROM unnest($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS k(org, d, seq, i)
+    JOIN scans s ON s.org = k.org AND s.driver_id = k.d AND s.seq = k.seq
+"""
+
+
+def _inserted(status: str) -> int:
+    return int(status.rsplit(" ", 1)[-1])
+
+
+async def insert_events(conn: asyncpg.Connection, items: Sequence[Pending]) -> list[bool]:
+    """Store `items` in one transaction; returns, per item, True if that very event is stored
+    (now or before: an ack) and False if its seq names a different event (`conflict`).
+
+    Keys must be unique within `items` (the writer dedupes first). Raises asyncpg errors as is;
+    the caller decides between retrying (connection) and bisecting (data).
+    """
+    pos = [it for it in items if type(it.event) is Position]
+    scans = [it for it in items if type(it.event) is Scan]
+    stored = 0
+    async with conn.transaction():
+        if pos:
+            ev = [it.event for it in pos]
+            status = await conn.execute(
+                INSERT_POSITIONS, [it.org for it in pos], [it.driver for it in pos], [e.seq for e in ev],
+                [e.ts for e in ev], [it.received_at for it in pos], [e.lat for e in ev], [e.lon for e in ev],
+                [e.acc for e in ev], [e.spd for e in ev], [e.hdg for e in ev], [e.alt for e in ev],  # type: ignore[union-attr]
+                [e.bat for e in ev],  # type: ignore[union-attr]
+            )
+            stored += _inserted(status)
+        if scans:
+            sv: list[Scan] = [it.event for it in scans]  # type: ignore[misc]
+            status = await conn.execute(
+                INSERT_SCANS, [it.org for it in scans], [it.driver for it in scans], [e.seq for e in sv],
+                [e.ts for e in sv], [it.received_at for it in scans], [e.package for e in sv], [e.event for e in sv],
+                [e.lat for e in sv], [e.lon for e in sv], [e.temp_c for e in sv], [e.note for e in sv],
+                [e.recipient for e in sv], [e.pod for e in sv],
+            )
+            stored += _inserted(status)
+        if stored == len(items):
+            return [True] * len(items)
+        # Some keys were taken already: compare with what is stored under them.
+        rows = await conn.fetch(EXISTING, [it.org for it in items], [it.driver for it in items],
+                                [it.event.seq for it in items])
+    verdict = [True] * len(items)
+    for row in rows:
+        it = items[row["i"] - 1]
+        verdict[row["i"] - 1] = row["kind"] == it.event.kind and row["ts"] == it.event.ts
+    return verdict
+
+
+async def driver_hello(conn: asyncpg.Connection | asyncpg.Pool, org: str, driver: str, name: str | None) -> int:
+    """Record a driver's connection; return the highest seq stored for it (0 if none)."""
+    value = await conn.fetchval(
+        """
+        WITH up AS (
+            INSERT INTO drivers (org, driver_id, name, last_connected_at) VALUES ($1, $2, $3, now())
+            ON CONFLICT (org, driver_id) DO UPDATE
+                SET name = coalesce(EXCLUDED.name, drivers.name), last_connected_at = now()
+        )
+        SELECT greatest((SELECT max(seq) FROM positions WHERE org = $1 AND driver_id = $2),
+                        (SELECT max(seq) FROM scans WHERE org = $1 AND driver_id = $2))
+        """,
+        org, driver, name,
+    )
+    return int(value or 0)
+
+
+async def last_positions(conn: asyncpg.Connection | asyncpg.Pool, org: str,
+                         drivers: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Each driver's latest stored position (by phone ts), with its name: the snapshot's fallback
+    when Redis has lost the live state."""
+    rows = await conn.fetch(
+        """
+        SELECT d.driver_id, d.name, p.seq, p.ts, p.received_at, p.lat, p.lon, p.acc, p.spd, p.hdg, p.alt, p.bat
+        FROM drivers d
+        CROSS JOIN LATERAL (
+            SELECT * FROM positions p WHERE p.org = d.org AND p.driver_id = d.driver_id
+            ORDER BY p.ts DESC LIMIT 1
+        ) p
+        WHERE d.org = $1 AND ($2::text[] IS NULL OR d.driver_id = ANY($2::text[]))
+        """,
+        org, list(drivers) if drivers is not None else None,
+    )
+    return [dict(row) for row in rows]
+
+
+async def driver_names(conn: asyncpg.Connection | asyncpg.Pool, org: str) -> dict[str, str | None]:
+    rows = await conn.fetch("SELECT driver_id, name FROM drivers WHERE org = $1", org)
+    return {row["driver_id"]: row["name"] for row in rows}
+
+
+async def trail(conn: asyncpg.Connection | asyncpg.Pool, org: str, driver: str, start: int, end: int,
+                limit: int) -> list[asyncpg.Record]:
+    """Stored positions of one driver with start <= ts < end, in ts order, at most `limit` + 1."""
+    return await conn.fetch(
+        """
+        SELECT seq, ts, lat, lon, spd, hdg, acc, bat FROM positions
+        WHERE org = $1 AND driver_id = $2 AND ts >= $3 AND ts < $4
+        ORDER BY ts LIMIT $5
+        """,
+        org, driver, start, end, limit + 1,
+    )
+
+
+async def count_trail(conn: asyncpg.Connection | asyncpg.Pool, org: str, driver: str, start: int, end: int) -> int:
+    value = await conn.fetchval(
+        "SELECT count(*) FROM positions WHERE org = $1 AND driver_id = $2 AND ts >= $3 AND ts < $4",
+        org, driver, start, end,
+    )
+    return int(value)

@@ -121,6 +121,7 @@ class Dashboard:
         self._closed: asyncio.Future[int] | None = None
         self._link: Any = None
         self._welcomed = False
+        self.cpu_s = 0.0  # time spent decoding and counting frames (this process's share)
 
     async def run(self) -> None:
         attempt = 0
@@ -155,7 +156,13 @@ class Dashboard:
             self._link.close()
 
     def _on_message(self, payload: bytes) -> None:
-        msg = orjson.loads(payload)
+        t0 = time.perf_counter()
+        try:
+            self._handle(orjson.loads(payload))
+        finally:
+            self.cpu_s += time.perf_counter() - t0
+
+    def _handle(self, msg: dict[str, Any]) -> None:
         if not self._welcomed:
             if msg.get("type") == "welcome":
                 self._welcomed = True

@@ -22,6 +22,7 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 from urllib.parse import urlsplit
 
 _c_apply_mask: Callable[[bytes, bytes], bytes] | None
@@ -31,7 +32,7 @@ except ImportError:  # pragma: no cover - depends on the installed wheel
     _c_apply_mask = None
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC11B85"
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 class WsError(Exception):
@@ -197,11 +198,10 @@ class Link(asyncio.Protocol):
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
         request = handshake_request(self.host, self.path, self.key)
         self.bytes_out += len(request)
-        transport.write(request)
+        self.transport.write(request)
 
     def data_received(self, data: bytes) -> None:
         if not self.open:

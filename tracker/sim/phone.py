@@ -614,6 +614,7 @@ class Fleet:
             "unacked": unacked,
             "bytes_out": self.bytes_closed + open_bytes,
             "skipped_ticks": self.skipped_ticks,
+            "connects": self.connects,
         }
 
     def results(self) -> dict[str, Any]:

@@ -138,3 +138,221 @@ class Report:
 
     def to_json(self) -> str:
         return orjson.dumps(self.to_dict(), option=orjson.OPT_INDENT_2).decode()
+
+    def format_table(self) -> str:
+        """A readable summary for a terminal."""
+        rows: list[tuple[str, str]] = [
+            ("run", f"org {self.org}  seed {self.seed}  {self.url}"),
+            (
+                "load",
+                f"{self.drivers} drivers every {self.interval_s:g} s, {self.dashboards} dashboards, "
+                f"{self.duration_s:g} s, {self.processes} process(es)"
+                + (", flaky" if self.flaky else "")
+                + (", batch mode" if self.batch_mode else ""),
+            ),
+            ("events", f"generated {self.generated}  sent {self.sent}  acked {self.acked}  refused {self.refused}"),
+            ("stored", "not checked (no --dsn)" if self.stored is None else f"{self.stored} rows in PostgreSQL"),
+            (
+                "LOST",
+                f"{self.lost}  (unacked {self.lost_unacked}, acked but not stored {self.lost_unstored})"
+                + (f"  e.g. {', '.join(self.lost_sample[:5])}" if self.lost_sample else ""),
+            ),
+            ("phone->ack", _lat(self.ack_latency_ms)),
+            ("phone->dashboard", _lat(self.live_latency_ms)),
+            (
+                "throughput",
+                f"{self.events_per_s:.0f} events/s overall, steady {self.steady_events_per_s:.0f} sent/s "
+                f"{self.steady_acked_per_s:.0f} acked/s",
+            ),
+            ("wire", f"{self.bytes_out} bytes written by phones, {self.bytes_per_event:.1f} per event"),
+            (
+                "simulator cpu",
+                f"{self.cpu_s:.1f} s (phones {self.cpu_phones_s:.1f}, dashboards {self.cpu_dashboards_s:.1f}), "
+                f"{self.cpu_us_per_event:.1f} us per event, skipped ticks {self.skipped_ticks}",
+            ),
+            (
+                "timing",
+                f"elapsed {self.elapsed_s:.1f} s, ramp {'-' if self.ramp_s is None else f'{self.ramp_s:.1f} s'}, "
+                f"drain {self.drain_s:.1f} s ({'complete' if self.drained else 'TIMED OUT'}), "
+                f"{self.connects} connections",
+            ),
+        ]
+        for d in self.dashboard_results:
+            rows.append(
+                (
+                    f"dashboard {d.index}",
+                    f"{d.frames} frames, {d.events} events ({d.pos} pos, {d.scans} scans, {d.presence} presence), "
+                    f"dup {d.duplicates}, missing scans {d.missing_scans}, pos seen {d.pos_seen:.1%}, "
+                    f"connects {d.connects}" + (f", errors {d.errors}" if d.errors else ""),
+                )
+            )
+        if self.errors:
+            rows.append(("server errors", ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items()))))
+        if self.counts:
+            rows.append(("connections", ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))))
+        if self.stopped:
+            rows.append(("gave up", f"{len(self.stopped)} phones: {sorted(set(self.stopped.values()))}"))
+        rows.append(("verdict", "OK: nothing lost" if self.ok else "FAILED: events lost"))
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _lat(lat: Latency) -> str:
+    if not lat.count:
+        return "no samples"
+    return f"p50 {lat.p50:.1f} ms  p95 {lat.p95:.1f}  p99 {lat.p99:.1f}  max {lat.max:.1f}  (n={lat.count})"
+
+
+def build(opts: Any, data: RunData) -> Report:
+    """Compute the report of a finished run. ``opts`` is the resolved SimOptions."""
+    generated = sent = acked = refused = 0
+    lost_unacked = lost_unstored = 0
+    sample: list[str] = []
+    ack_lat: list[float] = []
+    stored_rows = stored_dups = 0
+    for driver, rec in data.records.items():
+        stored = None
+        if data.stored is not None:
+            seqs = data.stored.get(driver, [])
+            stored = set(seqs)
+            stored_rows += len(seqs)
+            stored_dups += len(seqs) - len(stored)
+        for seq, _kind, _created, first, last, ack in rec.events():
+            generated += 1
+            if first == first:
+                sent += 1
+            if ack != ack:  # NaN: never acknowledged
+                lost_unacked += 1
+                if len(sample) < 20:
+                    sample.append(f"{driver}#{seq}" + (f"({rec.refused[seq]})" if seq in rec.refused else ""))
+                continue
+            acked += 1
+            ack_lat.append(ack - last)
+            if stored is not None and seq not in stored:
+                lost_unstored += 1
+                if len(sample) < 20:
+                    sample.append(f"{driver}#{seq}(not stored)")
+        refused += len(rec.refused)
+    dashboards, live_lat = _dashboards(data)
+    steady_sent, steady_acked = _steady(data.samples, data.gen_s)
+    cpu = data.cpu_phones_s + data.cpu_dashboards_s + data.cpu_other_s
+    return Report(
+        org=opts.org,
+        url=opts.url,
+        seed=opts.seed,
+        drivers=opts.drivers,
+        dashboards=opts.dashboards,
+        processes=opts.processes,
+        interval_s=opts.interval,
+        duration_s=opts.duration,
+        flaky=opts.flaky,
+        batch_mode=opts.batch_mode,
+        elapsed_s=round(data.elapsed_s, 2),
+        ramp_s=_ramp(data.samples, opts.drivers),
+        drain_s=round(data.drain_s, 2),
+        drained=data.stats.get("unacked", 0) == 0,
+        generated=generated,
+        sent=sent,
+        acked=acked,
+        refused=refused,
+        stored=stored_rows if data.stored is not None else None,
+        stored_duplicates=stored_dups if data.stored is not None else None,
+        lost=lost_unacked + lost_unstored,
+        lost_unacked=lost_unacked,
+        lost_unstored=lost_unstored,
+        lost_sample=sample,
+        ack_latency_ms=Latency.of(ack_lat),
+        live_latency_ms=Latency.of(live_lat),
+        bytes_out=data.stats.get("bytes_out", 0),
+        bytes_per_event=data.stats.get("bytes_out", 0) / max(1, sent),
+        events_per_s=round(generated / max(1e-9, data.gen_s), 1),
+        steady_events_per_s=steady_sent,
+        steady_acked_per_s=steady_acked,
+        cpu_s=round(cpu, 2),
+        cpu_phones_s=round(data.cpu_phones_s, 2),
+        cpu_dashboards_s=round(data.cpu_dashboards_s, 2),
+        cpu_us_per_event=round(data.cpu_phones_s / max(1, generated) * 1e6, 1),
+        skipped_ticks=data.stats.get("skipped_ticks", 0),
+        connects=data.stats.get("connects", 0),
+        dashboard_results=dashboards,
+        errors=dict(data.errors),
+        counts=dict(data.counts),
+        stopped=dict(data.stopped),
+    )
+
+
+def _dashboards(data: RunData) -> tuple[list[DashboardResult], list[float]]:
+    """Per-dashboard results, and phone->dashboard latency samples over all dashboards.
+
+    The latency of an event is measured from its last transmission before it was received
+    (from its first one if it was received before being resent: the first copy got there).
+    """
+    results: list[DashboardResult] = []
+    samples: list[float] = []
+    acked_scans: set[tuple[str, int]] = set()
+    acked_pos = 0
+    for driver, rec in data.records.items():
+        for seq, kind, _c, _f, _l, ack in rec.events():
+            if ack == ack:  # not NaN
+                if kind == KIND_SCAN:
+                    acked_scans.add((driver, seq))
+                else:
+                    acked_pos += 1
+    for i, view in enumerate(data.views):
+        seen_scans = 0
+        seen_pos = 0
+        for driver, log in view.logs.items():
+            mine = data.records.get(driver)
+            if mine is None:
+                continue
+            for seq, t in log.items():
+                j = seq - mine.base
+                if not 0 <= j < len(mine.kind) or not mine.kind[j]:
+                    continue
+                first, last = mine.first[j], mine.last[j]
+                sent = last if last <= t else first
+                if sent == sent:
+                    samples.append(t - sent)
+                if (driver, seq) in acked_scans:
+                    seen_scans += 1
+                elif mine.kind[j] != KIND_SCAN:
+                    seen_pos += 1
+        results.append(
+            DashboardResult(
+                index=i,
+                frames=view.frames,
+                events=view.events,
+                pos=view.counts["pos"],
+                scans=view.counts["scan"],
+                presence=view.counts["presence"],
+                duplicates=view.duplicates,
+                missing_scans=len(acked_scans) - seen_scans,
+                pos_seen=round(seen_pos / acked_pos, 4) if acked_pos else 0.0,
+                connects=data.dashboard_connects[i] if i < len(data.dashboard_connects) else 0,
+                errors=list(view.errors),
+            )
+        )
+    return results, samples
+
+
+def _steady(samples: list[tuple[float, int, int, int]], gen_s: float) -> tuple[float, float]:
+    """Sent/s and acked/s once every phone is connected, until generation stops."""
+    window = [s for s in samples if s[0] <= gen_s]
+    if len(window) < 2:
+        return 0.0, 0.0
+    top = max(s[3] for s in window)
+    start = next((s for s in window if s[3] >= top), window[0])
+    if start is window[-1]:
+        start = window[0]
+    end = window[-1]
+    span = end[0] - start[0]
+    if span <= 0:
+        return 0.0, 0.0
+    return round((end[1] - start[1]) / span, 1), round((end[2] - start[2]) / span, 1)
+
+
+def _ramp(samples: list[tuple[float, int, int, int]], drivers: int) -> float | None:
+    for t, _g, _a, connected in samples:
+        if connected >= drivers:
+            return round(t, 2)
+    return None

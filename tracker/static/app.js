@@ -435,7 +435,7 @@ function applySnapshot({ drivers, packages, alerts }) {
   }
   replaceAlerts(alerts);
   // Not a sign the feed is live again: the server may send status live:false just before it.
-  markData({ alerts: true });
+  markData({ packages: true, alerts: true });
   onSnapshotApplied();
 }
 
@@ -1151,16 +1151,18 @@ function drawMarkers(ctx, W) {
     const pkg = heldCount(d.id) > 0;
     markerBuckets[d.online ? (pkg ? 'onPkg' : 'on') : pkg ? 'offPkg' : 'off'].push(x, y);
   }
-  ctx.lineWidth = 1;
+  // Outline first, then fill: in a dense cluster the outlines stay beneath the colours instead
+  // of painting the cluster white.
+  ctx.lineWidth = 2;
   ctx.strokeStyle = COLORS.outline;
   for (const [kind, pts] of Object.entries(markerBuckets)) {
     if (!pts.length) continue;
     const diamond = kind === 'onPkg' || kind === 'offPkg';
     ctx.beginPath();
     for (let i = 0; i < pts.length; i += 2) (diamond ? diamondAt : circleAt)(ctx, pts[i], pts[i + 1], MARKER_R);
+    ctx.stroke();
     ctx.fillStyle = COLORS[kind];
     ctx.fill();
-    ctx.stroke();
   }
   drawNames(ctx, W);
 }
@@ -1363,7 +1365,9 @@ function driverAt(p, radius = 12) {
 
 function selectAt(p, radius) {
   const d = driverAt(p, radius);
-  if (d) selectDriver(d.id, { centre: false });
+  if (!d) return;
+  selectDriver(d.id, { centre: false });
+  lists.drivers.revealKey = d.id;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1382,6 +1386,7 @@ class VirtualList {
     this.rows = new Map();
     this.pool = [];
     this.activeKey = null;
+    this.revealKey = null; // scroll to this row at the next setItems (selected on the map)
     this.frame = 0;
     container.tabIndex = 0;
     container.addEventListener('scroll', () => this.renderSoon(), { passive: true });
@@ -1392,7 +1397,19 @@ class VirtualList {
   setItems(items) {
     this.items = items;
     this.spacer.style.height = `${items.length * this.rowHeight}px`;
+    if (this.revealKey != null && this.container.clientHeight > 0) {
+      const i = items.findIndex((it) => this.keyOf(it) === this.revealKey);
+      this.revealKey = null;
+      if (i >= 0) this.scrollToIndex(i);
+    }
     this.render();
+  }
+
+  scrollToIndex(i) {
+    const h = this.rowHeight;
+    const c = this.container;
+    if (i * h < c.scrollTop) c.scrollTop = i * h;
+    else if ((i + 1) * h > c.scrollTop + c.clientHeight) c.scrollTop = (i + 1) * h - c.clientHeight;
   }
 
   renderSoon() {
@@ -1463,10 +1480,7 @@ class VirtualList {
   }
 
   focusIndex(i) {
-    const h = this.rowHeight;
-    const c = this.container;
-    if (i * h < c.scrollTop) c.scrollTop = i * h;
-    else if ((i + 1) * h > c.scrollTop + c.clientHeight) c.scrollTop = (i + 1) * h - c.clientHeight;
+    this.scrollToIndex(i);
     this.activeKey = this.keyOf(this.items[i]);
     this.render();
     this.rows.get(this.activeKey)?.focus({ preventScroll: true });
@@ -2011,6 +2025,18 @@ function setupChrome() {
   $('alerts-open-only').addEventListener('change', () => {
     dirty.alerts = true;
     refreshPanels();
+  });
+  // A #token=... link opened in a tab that already shows the page: use the new token.
+  window.addEventListener('hashchange', () => {
+    if (!new URLSearchParams(location.hash.slice(1)).has('token')) return;
+    const old = session.token;
+    takeTokenFromUrl();
+    if (session.token === old) return;
+    const problem = tokenProblem(session.token);
+    if (problem) return signOut(problem);
+    stopConnection();
+    clearState();
+    startSession();
   });
   // Back online: do not sit out the rest of a long backoff.
   window.addEventListener('online', () => conn.state === 'reconnecting' && connectNow());

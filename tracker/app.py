@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from . import http_api, store
 from .auth import TokenVerifier, new_secret
@@ -165,3 +166,19 @@ def create_app(settings: Settings) -> Starlette:
     app.state.verifier = verifier
     app.state.settings = settings
     return app
+
+
+def asgi(app: Starlette) -> ASGIApp:
+    """The ASGI entry point: the two websocket endpoints get the server's own `send` (no middleware
+    wraps it), so wsio can write frames straight into the connection; all else goes to Starlette."""
+    sockets = {"/v1/driver": driver_endpoint, "/v1/live": live_endpoint}
+
+    async def entry(scope: Scope, receive: Receive, send: Send) -> None:
+        handler = sockets.get(scope["path"]) if scope["type"] == "websocket" else None
+        if handler is None:
+            await app(scope, receive, send)
+            return
+        scope["app"] = app
+        await handler(WebSocket(scope, receive, send))
+
+    return entry

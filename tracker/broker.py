@@ -310,14 +310,17 @@ class RedisBroker:
                     return
                 continue
             channel: bytes = msg["channel"]
-            if msg["type"] == "pmessage":
-                self.on_live(channel[prefix_len:].decode(), msg["data"])
-            elif channel == probe:
-                self._probe_seen = time.monotonic()
-                if not self.live:
-                    self._set_live(True)
-            else:
-                self.on_ctl(msg["data"].decode().split("\t"))
+            try:
+                if msg["type"] == "pmessage":
+                    self.on_live(channel[prefix_len:].decode(), msg["data"])
+                elif channel == probe:
+                    self._probe_seen = time.monotonic()
+                    if not self.live:
+                        self._set_live(True)
+                else:
+                    self.on_ctl(msg["data"].decode().split("\t"))
+            except Exception:  # one bad message must not kill the subscriber
+                log.exception("error while handling a message on %r", channel)
 
 
 def default_instance_id() -> str:

@@ -103,7 +103,7 @@ async def driver_endpoint(ws: WebSocket) -> None:
         await ws.close(1013, "too many connections")
         return
     await ws.accept()
-    channel = Channel(ws.send)
+    channel = Channel(ws._send)
     hello = await _hello(ws, channel, verifier, settings.hello_timeout_s, role_ok=("driver",))
     if hello is None:
         return
@@ -188,7 +188,7 @@ async def live_endpoint(ws: WebSocket) -> None:
         await ws.close(1008, "origin not allowed")
         return
     await ws.accept()
-    channel = Channel(ws.send)
+    channel = Channel(ws._send)
     hello = await _hello(ws, channel, verifier, settings.hello_timeout_s, role_ok=("dispatcher", "client"))
     if hello is None:
         return

@@ -107,6 +107,8 @@ class Dashboard:
                     or (kind == "presence" and driver in self.carriers))
 
     def offer(self, kind: str, driver: str | None, ts: int, frame: bytes) -> None:
+        if self.closing:
+            return
         if not self.live:
             self.pre.append((kind, driver, ts, frame))
             return
@@ -228,6 +230,7 @@ class Hub:
         group = self.by_org.get(org)
         if not group:
             return
+        group = tuple(group)  # a slow consumer leaves the set while we route
         for line in payload.split(b"\n"):
             if line[:1] == b"#":  # the broker's publish time, in ms
                 metrics.FANOUT_LAG.observe(max(0.0, time.time() - int(line[1:]) / 1000))

@@ -21,7 +21,9 @@ def uvicorn_config(app: Starlette, settings: Settings, **overrides: Any) -> uvic
         log_level=settings.log_level, lifespan="on", backlog=4096,
     )
     options.update(overrides)
-    return uvicorn.Config(app, **options)
+    from .app import asgi
+
+    return uvicorn.Config(asgi(app), **options)
 
 
 class Server(uvicorn.Server):

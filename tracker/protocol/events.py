@@ -153,7 +153,7 @@ def check_scan(obj: dict[str, Any], now_ms: int) -> Scan | Refusal:
     if type(package) is not str or not 1 <= len(package) <= PACKAGE_MAX or "\x00" in package:
         return Refusal("invalid", seq, f"package: must be a string of 1 to {PACKAGE_MAX} characters without NUL")
     event = obj.get("event")
-    if event not in SCAN_EVENTS or type(event) is not str:
+    if type(event) is not str or event not in SCAN_EVENTS:
         return Refusal("invalid", seq, "event: must be one of pickup, handover, deliver, fail, return")
     scan = Scan(seq, ts, package, event)
     lat = _opt_number(obj, "lat", -90.0, 90.0)
@@ -184,6 +184,6 @@ def check_event(obj: object, now_ms: int) -> Event | Refusal:
 
 
 def live_ts(ts: int, received_ms: int) -> int:
-    """The ts that ranks a position for the live view: a clock far ahead counts as receipt time."""
-    limit = received_ms + LIVE_FUTURE_MS
-    return ts if ts <= limit else limit
+    """The ts that ranks a position for the live view: a ts more than 2 minutes ahead of receipt
+    counts as the receipt time, so a phone with a wrong clock cannot pin its marker."""
+    return ts if ts <= received_ms + LIVE_FUTURE_MS else received_ms

@@ -57,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--batch-window", type=float, default=d.batch_window, help="seconds between uploads in batch mode")
     a("--connect-rate", type=float, default=d.connect_rate, help="new connections/s (default %(default)s)")
     a("--drain-timeout", type=float, default=d.drain_timeout, help="max seconds to get everything acked")
+    a("--resend-after", type=float, default=d.resend_after, help="resend unanswered events after S seconds")
     a("--no-progress", action="store_true", help="no live progress line on stderr")
 
 
@@ -77,6 +78,7 @@ def options_from_args(args: argparse.Namespace) -> SimOptions:
         batch_window=args.batch_window,
         connect_rate=args.connect_rate,
         drain_timeout=args.drain_timeout,
+        resend_after=args.resend_after,
         progress=not args.no_progress,
     )
 
@@ -407,7 +409,7 @@ class _Monitor:
         t = time.time() - self.start
         gen, acked, conn = st.get("generated", 0), st.get("acked", 0), st.get("connected", 0)
         frames = sum(d.view.frames for d in self.dashboards)
-        self.samples.append((t, gen, acked, conn))
+        self.samples.append((t, gen, acked, st.get("started", 0)))
         pt, pg, pa, pf = self.prev
         dt = max(1e-6, t - pt)
         self.prev = (t, gen, acked, frames)

@@ -215,6 +215,9 @@ class Link(asyncio.Protocol):
                 self._fail(exc, 1002)
                 return
             self.open, self.head = True, b""
+            if self.opened.done():  # the opener gave up (timeout) just before: nobody wants us
+                self.abort()
+                return
             self.opened.set_result(None)
             if not rest:
                 return
@@ -286,6 +289,7 @@ class Link(asyncio.Protocol):
 
     def _fail(self, exc: Exception, code: int) -> None:
         if not self.opened.done():
+            self.opened.add_done_callback(_retrieve)
             self.opened.set_exception(exc)
         if self.transport is not None:
             self.transport.abort()
@@ -299,9 +303,14 @@ class Link(asyncio.Protocol):
             self._timer.cancel()
         self._held.clear()
         if not self.opened.done():
+            self.opened.add_done_callback(_retrieve)
             self.opened.set_exception(ConnectionError(f"closed before the handshake: {code} {reason}"))
-            self.opened.exception()  # retrieved: nobody may be waiting any more
         self.on_close(code, reason)
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # mark retrieved: the opener may have stopped waiting
 
 
 def _mask() -> bytes:
@@ -327,9 +336,13 @@ async def open_link(
     full = parts.path.rstrip("/") + path
     loop = asyncio.get_running_loop()
     link = Link(netloc, full, on_message, on_close, max_size=max_size)
-    async with asyncio.timeout(connect_timeout):
-        await loop.create_connection(lambda: link, host, port, ssl=parts.scheme == "wss" or None)
-        await link.opened
+    try:
+        async with asyncio.timeout(connect_timeout):
+            await loop.create_connection(lambda: link, host, port, ssl=parts.scheme == "wss" or None)
+            await link.opened
+    except BaseException:
+        link.abort()
+        raise
     return link
 
 

@@ -335,7 +335,7 @@ class Phone:
         for s, e in self.outbox.items():
             if e.sent_at and e.sent_at <= cutoff and s not in self.held:
                 self.due[s] = None
-        self.next_sweep = now + self.resend_after / 4
+        self.next_sweep = now + min(self.resend_after / 4, 5000.0)
 
 
 def _by_seq(e: Entry) -> int:
@@ -443,7 +443,9 @@ class SimPhone:
             raise
         now = time.time() * 1000.0
         self.phone.connected(welcome, now)
-        self.started = True
+        if not self.started:
+            self.started = True
+            self.fleet.started += 1
         self.fleet.connected += 1
         self.fleet.connects += 1
         for frame in self.phone.poll(now):  # newest fix first, then the backlog
@@ -505,7 +507,7 @@ class Fleet:
         self.connect_interval = 1.0 / connect_rate
         self.next_connect = 0.0
         self.stopping = self.draining = False
-        self.connected = self.connects = self.generated = self.skipped_ticks = 0
+        self.connected = self.connects = self.started = self.generated = self.skipped_ticks = 0
         self.bytes_closed = 0
         self.counts: dict[str, int] = {}
         self.epoch_ms = epoch_ms
@@ -608,6 +610,7 @@ class Fleet:
                 open_bytes += p.link.bytes_out
         return {
             "connected": self.connected,
+            "started": self.started,
             "generated": self.generated,
             "acked": acked,
             "refused": refused,

@@ -73,7 +73,7 @@ class RunData:
     counts: dict[str, int]
     errors: dict[str, int]
     stopped: dict[str, str]
-    samples: list[tuple[float, int, int, int]]  # (elapsed s, generated, acked, connected)
+    samples: list[tuple[float, int, int, int]]  # (elapsed s, generated, acked, drivers connected once)
     elapsed_s: float
     gen_s: float
     drain_s: float

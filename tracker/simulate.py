@@ -19,6 +19,7 @@ import contextlib
 import multiprocessing
 import resource
 import sys
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from multiprocessing.connection import Connection
@@ -296,18 +297,25 @@ class _WorkerPhones:
             self.conns.append(parent)
             self.procs.append(proc)
             self.latest.append({})
+        # One reader thread per worker: a result can be megabytes, and add_reader would make the
+        # pipe non-blocking under uvloop, breaking Connection.recv() mid-message.
         loop = asyncio.get_running_loop()
-        for w, conn in enumerate(self.conns):
-            loop.add_reader(conn.fileno(), self._readable, w)
+        for w in range(opts.processes):
+            threading.Thread(target=self._pump, args=(loop, w), name=f"sim-worker-{w}", daemon=True).start()
 
-    def _readable(self, w: int) -> None:
+    def _pump(self, loop: asyncio.AbstractEventLoop, w: int) -> None:
         conn = self.conns[w]
-        try:
-            while conn.poll():
-                self.queue.put_nowait((w, conn.recv()))
-        except (EOFError, OSError):
-            asyncio.get_running_loop().remove_reader(conn.fileno())
-            self.queue.put_nowait((w, ("dead", None)))
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                msg = ("dead", None)
+            try:
+                loop.call_soon_threadsafe(self.queue.put_nowait, (w, msg))
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                return
+            if msg[0] in ("dead", "done"):
+                return
 
     async def _each(self, kind: str) -> list[Any]:
         got: dict[int, Any] = {}
@@ -338,14 +346,12 @@ class _WorkerPhones:
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
-        for conn in self.conns:
-            with contextlib.suppress(OSError, ValueError):
-                loop.remove_reader(conn.fileno())
-                conn.close()
         for proc in self.procs:
             await loop.run_in_executor(None, proc.join, 10)
             if proc.is_alive():
                 proc.terminate()
+        for conn in self.conns:
+            conn.close()
 
 
 def _worker_main(conn: Connection, opts: SimOptions, indices: list[int], epoch_ms: float, rate: float) -> None:

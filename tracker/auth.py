@@ -80,7 +80,9 @@ class TokenVerifier:
 
 
 def _principal(claims: dict[str, Any]) -> Principal:
-    role, sub, org = claims.get("role"), claims.get("sub"), claims.get("org")
+    role: Any = claims.get("role")
+    sub: Any = claims.get("sub")
+    org: Any = claims.get("org")
     if role not in ROLES:
         raise AuthError("role must be driver, dispatcher or client")
     for name, value in (("sub", sub), ("org", org)):
@@ -89,14 +91,14 @@ def _principal(claims: dict[str, Any]) -> Principal:
     client = claims.get("client")
     if role == "client" and (not isinstance(client, str) or not 1 <= len(client) <= ID_MAX):
         raise AuthError("a client token needs a client claim")
-    name = claims.get("name")
-    if not isinstance(name, str) or len(name) > 100 or "\x00" in name:
-        name = None
+    display: Any = claims.get("name")
+    if not isinstance(display, str) or len(display) > 100 or "\x00" in display:
+        display = None
     exp = claims.get("exp")
     if not isinstance(exp, int | float):
         raise AuthError("exp must be a number")
     return Principal(role=role, sub=sub, org=org, exp=int(exp), client=client if role == "client" else None,
-                     name=name)  # type: ignore[arg-type]
+                     name=display)
 
 
 def _load_public_keys(source: str, alg: str) -> dict[str | None, Any]:

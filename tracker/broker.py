@@ -292,7 +292,7 @@ class RedisBroker:
                 self.subscribed = False
                 self._set_live(False)
                 try:
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
                     await client.aclose()
                 except (RedisError, OSError):
                     pass

@@ -30,7 +30,8 @@ class Embedded:
             import pgserver
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._pg = pgserver.get_server(self.data_dir / "postgres", cleanup_mode="stop")
+        get_server = getattr(pgserver, "get_server")  # noqa: B009 - not re-exported for type checkers
+        self._pg = get_server(self.data_dir / "postgres", cleanup_mode="stop")
         url = str(self._pg.get_uri())
         log.info("embedded PostgreSQL running from %s", self.data_dir / "postgres")
         return url

@@ -227,10 +227,10 @@ class Hub:
 
     def deliver(self, org: str, payload: bytes) -> None:
         """Route one broker message (lines of `<stamp>\\t<frame>`) to this org's dashboards."""
-        group = self.by_org.get(org)
-        if not group:
+        members = self.by_org.get(org)
+        if not members:
             return
-        group = tuple(group)  # a slow consumer leaves the set while we route
+        group = tuple(members)  # a slow consumer leaves the set while we route
         for line in payload.split(b"\n"):
             if line[:1] == b"#":  # the broker's publish time, in ms
                 metrics.FANOUT_LAG.observe(max(0.0, time.time() - int(line[1:]) / 1000))

@@ -16,7 +16,8 @@ BATCH_SIZE = Histogram("tracker_batch_events", "Events per PostgreSQL batch",
                        buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000))
 FANOUT_LAG = Histogram("tracker_fanout_lag_seconds", "Publish on the ingesting instance to hub delivery here",
                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
-FRAMES_CONFLATED = Counter("tracker_positions_conflated_total", "Position frames replaced by a newer one for a slow dashboard")
+FRAMES_CONFLATED = Counter("tracker_positions_conflated_total",
+                           "Position frames replaced by a newer one for a slow dashboard")
 DASHBOARDS_DROPPED = Counter("tracker_dashboards_dropped_total", "Dashboards closed as slow consumers")
 LIVE_PUBLISHED = Counter("tracker_live_published_total", "Live frames published to the broker")
 LIVE_FAILED = Counter("tracker_live_publish_failed_total", "Live frames lost because the broker was unavailable")

@@ -82,12 +82,12 @@ async def send_snapshot(node: Node, dash: Dashboard) -> None:
     visible, packages, alerts = await node.snapshot_extras(node, dash)
     drivers: list[dict[str, Any]] = []
     known: dict[str, int] = {}
-    for driver, (_, frame) in positions.items():
+    for driver, (_, encoded) in positions.items():
         if visible is not None and driver not in visible:
             continue
         if not (flt.follows_all or (flt.drivers and driver in flt.drivers) or driver in dash.carriers):
             continue
-        entry = orjson.loads(frame)
+        entry = orjson.loads(encoded)
         del entry["type"]
         if flt.bbox is not None:
             if not in_bbox(flt.bbox, entry["lat"], entry["lon"]):

@@ -19,7 +19,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 
@@ -29,8 +29,8 @@ from .store import Pending, insert_events
 log = logging.getLogger("tracker.writer")
 
 # Errors that say "this data cannot be stored" rather than "the database is not there".
-DATA_ERRORS: Final = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, asyncpg.UntranslatableCharacterError,
-                      asyncpg.ProgramLimitExceededError)
+DATA_ERRORS: Final = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError,
+                      asyncpg.UntranslatableCharacterError, asyncpg.ProgramLimitExceededError)
 
 Outcome = Callable[[list[Pending], list[tuple[Pending, str, str]]], None]
 
@@ -139,7 +139,7 @@ class Writer:
                 log.warning("PostgreSQL write failed (%s: %s); retrying", type(exc).__name__, exc)
             self.healthy = False
             if isinstance(exc, asyncpg.ReadOnlySQLTransactionError | asyncpg.CannotConnectNowError):
-                self._pool.expire_connections()  # a failed-over primary: reconnect to the new one
+                await self._pool.expire_connections()  # a failed-over primary: reconnect to the new one
             self._backoff = min(max(self._backoff * 2, 0.1), 2.0)
             self._buffer.extendleft(reversed(batch))
             self._wake.set()
@@ -186,7 +186,7 @@ class Writer:
                 refused.append((it, "conflict", "seq already names a different event"))
         return stored, refused
 
-    async def _store_unique(self, conn: asyncpg.Connection, items: list[Pending], stored: list[Pending],
+    async def _store_unique(self, conn: Any, items: list[Pending], stored: list[Pending],
                             refused: list[tuple[Pending, str, str]]) -> None:
         if not items:
             return

@@ -107,7 +107,7 @@ def _opt_string(obj: dict[str, Any], key: str, limit: int) -> str | None:
 
 def check_seq(obj: dict[str, Any]) -> int | None:
     """The event's seq if it is a valid one, else None."""
-    seq = obj.get("seq")
+    seq: Any = obj.get("seq")
     if _int(seq) and 1 <= seq < SEQ_MAX:
         return seq  # type: ignore[no-any-return]
     return None
@@ -117,7 +117,7 @@ def _check_common(obj: dict[str, Any], now_ms: int) -> Refusal | tuple[int, int]
     seq = check_seq(obj)
     if seq is None:
         return Refusal("invalid", None, "seq: must be an integer, 1 <= seq < 2^53")
-    ts = obj.get("ts")
+    ts: Any = obj.get("ts")
     if not _int(ts):
         return Refusal("invalid", seq, "ts: must be an integer (ms since the Unix epoch)")
     if ts < TS_MIN or ts > now_ms + TS_FUTURE_MS:
@@ -130,13 +130,13 @@ def check_position(obj: dict[str, Any], now_ms: int) -> Position | Refusal:
     if type(common) is Refusal:
         return common
     seq, ts = common  # type: ignore[misc]
-    lat = obj.get("lat")
+    lat: Any = obj.get("lat")
     if not _number(lat) or not -90 <= lat <= 90:
         return Refusal("invalid", seq, "lat: must be a number between -90 and 90")
-    lon = obj.get("lon")
+    lon: Any = obj.get("lon")
     if not _number(lon) or not -180 <= lon <= 180:
         return Refusal("invalid", seq, "lon: must be a number between -180 and 180")
-    pos = Position(seq, ts, float(lat), float(lon))  # type: ignore[arg-type]
+    pos = Position(seq, ts, float(lat), float(lon))
     # Fast path: most phones send all optional fields in range.
     for key, (lo, hi) in POS_OPTIONAL.items():
         if key in obj:

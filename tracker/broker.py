@@ -60,29 +60,46 @@ end
 return #out
 """
 
+# Connections going online, many per call: (org, driver, conn, name, line) each. Publishes the
+# presence line, kicks an older connection of the driver on another instance, and returns each
+# driver's newest live position ("<live ts>\\t<frame>", or false).
 PRESENCE_ON_LUA: Final = """
-local org, driver, conn, exp, name, line = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local pconn = 'trk:pconn:' .. org
-local prev = redis.call('HGET', pconn, driver)
-redis.call('HSET', pconn, driver, conn)
-redis.call('ZADD', 'trk:presence:' .. org, exp, driver)
-redis.call('SADD', 'trk:orgs', org)
-if name ~= '' then redis.call('HSET', 'trk:names:' .. org, driver, name) end
-redis.call('PUBLISH', 'trk:live:' .. org, line)
-if prev and prev ~= conn then
-  redis.call('PUBLISH', 'trk:ctl', 'kick\\t' .. org .. '\\t' .. driver .. '\\t' .. conn)
+local exp = ARGV[1]
+local out = {}
+for i = 2, #ARGV, 5 do
+  local org, driver, conn, name, line = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
+  local pconn = 'trk:pconn:' .. org
+  local prev = redis.call('HGET', pconn, driver)
+  redis.call('HSET', pconn, driver, conn)
+  redis.call('ZADD', 'trk:presence:' .. org, exp, driver)
+  redis.call('SADD', 'trk:orgs', org)
+  if name ~= '' then redis.call('HSET', 'trk:names:' .. org, driver, name) end
+  redis.call('PUBLISH', 'trk:live:' .. org, line)
+  if prev and prev ~= conn then
+    redis.call('PUBLISH', 'trk:ctl', 'kick\\t' .. org .. '\\t' .. driver .. '\\t' .. conn)
+  end
+  out[#out + 1] = redis.call('HGET', 'trk:lastpos:' .. org, driver)
 end
-return redis.call('HGET', 'trk:lastpos:' .. org, driver)
+return out
 """
 
+# Connections closing, many per call: (org, driver, conn, line). Offline only if that connection
+# is still the one that set the driver online, so a stale offline never hides a newer connection.
 PRESENCE_OFF_LUA: Final = """
-local org, driver, conn, line = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local pconn = 'trk:pconn:' .. org
-if redis.call('HGET', pconn, driver) ~= conn then return 0 end
-redis.call('HDEL', pconn, driver)
-redis.call('ZREM', 'trk:presence:' .. org, driver)
-redis.call('PUBLISH', 'trk:live:' .. org, line)
-return 1
+local out = {}
+for i = 1, #ARGV, 4 do
+  local org, driver, conn, line = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3]
+  local pconn = 'trk:pconn:' .. org
+  if redis.call('HGET', pconn, driver) == conn then
+    redis.call('HDEL', pconn, driver)
+    redis.call('ZREM', 'trk:presence:' .. org, driver)
+    redis.call('PUBLISH', 'trk:live:' .. org, line)
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
 """
 
 # Keeps this instance's connections online; re-creates them after Redis lost its state.
@@ -129,8 +146,10 @@ class RedisBroker:
         self.url = url
         self.instance_id = instance_id
         self.presence_ttl_ms = int(presence_ttl_s * 1000)
-        self.redis = aioredis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=2,
-                                             health_check_interval=10)
+        # A bounded pool: callers queue for a connection instead of opening thousands.
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=32, timeout=5, socket_timeout=3,
+                                                       socket_connect_timeout=2, health_check_interval=10)
+        self.redis = aioredis.Redis(connection_pool=pool)
         self._live = self.redis.register_script(LIVE_LUA)
         self._on = self.redis.register_script(PRESENCE_ON_LUA)
         self._off = self.redis.register_script(PRESENCE_OFF_LUA)
@@ -184,18 +203,21 @@ class RedisBroker:
 
     # -- presence -----------------------------------------------------------------------------
 
-    async def driver_online(self, org: str, driver: str, conn: str, name: str | None, line: bytes) -> int:
-        """Mark a connection online (replacing any other of the driver); returns the driver's
-        newest live ts known to Redis (0 if none)."""
-        exp = int(time.time() * 1000) + self.presence_ttl_ms
-        last = await self._on(args=[org, driver, conn, exp, name or "", line])
-        if not last:
-            return 0
-        return int(last.split(b"\t", 1)[0])
+    async def drivers_online(self, conns: list[tuple[str, str, str, str | None, bytes]]) -> list[int]:
+        """Mark connections (org, driver, conn id, name, presence line) online, replacing any other
+        of the same driver; returns each driver's newest live ts known to Redis (0 if none)."""
+        args: list[Any] = [int(time.time() * 1000) + self.presence_ttl_ms]
+        for org, driver, conn, name, line in conns:
+            args += (org, driver, conn, name or "", line)
+        lasts = await self._on(args=args)
+        return [int(last.split(b"\t", 1)[0]) if last else 0 for last in lasts]
 
-    async def driver_offline(self, org: str, driver: str, conn: str, line: bytes) -> bool:
-        """Offline only if this connection is still the one that set the driver online."""
-        return bool(await self._off(args=[org, driver, conn, line]))
+    async def drivers_offline(self, conns: list[tuple[str, str, str, bytes]]) -> list[bool]:
+        """Offline only where that connection is still the one that set the driver online."""
+        args: list[Any] = []
+        for item in conns:
+            args += item
+        return [bool(v) for v in await self._off(args=args)]
 
     async def refresh_presence(self, conns: list[tuple[str, str, str]]) -> None:
         exp = int(time.time() * 1000) + self.presence_ttl_ms
@@ -244,6 +266,7 @@ class RedisBroker:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.redis.aclose()
+        await self.redis.connection_pool.disconnect()  # a pool we made is not closed by the client
 
     def _set_live(self, live: bool) -> None:
         metrics.BROKER_LIVE.set(1 if live else 0)
@@ -267,12 +290,13 @@ class RedisBroker:
             except (RedisError, OSError):
                 self._set_live(False)
             await asyncio.sleep(1.0)
-            if self.subscribed and self._probe_sent - self._probe_seen > 3.0 and self._probe_seen:
+            # Deaf: published fine, yet nothing came back for a while (a busy loop is not deaf).
+            if self.subscribed and self._probe_sent - self._probe_seen > 8.0 and self._probe_seen:
                 self._set_live(False)
 
     @property
     def receiving(self) -> bool:
-        return self.subscribed and time.monotonic() - self._probe_seen < 3.5
+        return self.subscribed and time.monotonic() - self._probe_seen < 8.5
 
     async def _subscriber(self) -> None:
         backoff = 0.1
@@ -305,7 +329,7 @@ class RedisBroker:
         while True:
             msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             if msg is None:
-                if time.monotonic() - self._probe_seen > 5.0:
+                if time.monotonic() - self._probe_seen > 10.0:
                     log.warning("subscriber is connected but receives nothing: reconnecting")
                     return
                 continue

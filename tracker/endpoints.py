@@ -57,6 +57,8 @@ async def _hello(ws: WebSocket, channel: Channel, verifier: TokenVerifier, timeo
     except TimeoutError:
         await channel.close(4000, "no hello in time")
         return None
+    except WebSocketDisconnect:
+        return None
     try:
         obj = frames.decode(data)
         if obj["type"] != "hello":

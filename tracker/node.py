@@ -22,13 +22,14 @@ from redis.exceptions import RedisError
 
 from . import metrics
 from .auth import Principal
+from .batching import TickBatcher
 from .broker import LiveItem, RedisBroker
 from .config import Settings
 from .hub import Hub
 from .protocol import frames
 from .protocol.events import Position, Refusal, Scan, check_event, live_ts
 from .snapshot import Extras, no_extras, send_snapshot
-from .store import Pending
+from .store import Pending, drivers_hello
 from .writer import Writer, now_ms
 from .wsio import Channel
 
@@ -106,6 +107,14 @@ class Node:
         # and publishes the package change beside them), not at receipt.
         self.on_stored_scans: Callable[[list[Pending]], None] | None = None
         self.on_driver_connected: Callable[[DriverConn], Awaitable[None]] | None = None
+        # Called at a scan's receipt, before the connection's next event: the packages layer closes
+        # a client's view of the driver right there (PROTOCOL.md: the window closes on receipt).
+        self.on_scan_received: Callable[[DriverConn, Scan], None] | None = None
+        # A "stamp" control message (another instance changed which packages drivers hold).
+        self.on_stamp_ctl: Callable[[str], None] | None = None
+        self._hello = TickBatcher(self._hello_batch, max_batch=2000)
+        self._online = TickBatcher(self.broker.drivers_online, max_batch=2000)
+        self._offline = TickBatcher(self.broker.drivers_offline, max_batch=2000)
         self.trail_windows: Callable[[Principal, str], Awaitable[list[tuple[int, int]]]] | None = None
         self.snapshot_extras: Extras = no_extras
         broker.on_live = hub.deliver
@@ -135,8 +144,6 @@ class Node:
 
     async def driver_connected(self, conn: DriverConn) -> int:
         """Register a driver connection (replacing an older one); returns welcome's last_seq."""
-        from .store import driver_hello
-
         p = conn.principal
         conn.tokens = float(self.settings.rate_burst)
         old = self.sessions.get(conn.key)
@@ -148,16 +155,21 @@ class Node:
             await self.on_driver_connected(conn)  # sets conn.stamp: the clients whose packages it holds
         line = b"\t" + frames.encode({"type": "presence", "driver": p.sub, "online": True, "ts": now_ms(),
                                       **({"name": p.name} if p.name else {})})
-        try:
-            conn.live_ts = await self.broker.driver_online(p.org, p.sub, conn.conn_id, p.name, conn.stamp + line)
-        except (RedisError, OSError) as exc:
-            log.debug("presence not recorded (Redis: %s)", exc)
-        try:
-            return await driver_hello(self.pool, p.org, p.sub, p.name)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        online, hello = await asyncio.gather(
+            self._online.get((p.org, p.sub, conn.conn_id, p.name, conn.stamp + line)),
+            self._hello.get((p.org, p.sub, p.name)), return_exceptions=True)
+        if isinstance(online, BaseException):
+            log.debug("presence not recorded (Redis: %s)", online)
+        else:
+            conn.live_ts = online
+        if isinstance(hello, BaseException):
             # The map must not freeze while PostgreSQL fails over: welcome with what we know.
-            log.warning("last_seq unknown for %s/%s (PostgreSQL: %s); welcoming with 0", p.org, p.sub, exc)
+            log.warning("last_seq unknown for %s/%s (PostgreSQL: %s); welcoming with 0", p.org, p.sub, hello)
             return 0
+        return hello
+
+    async def _hello_batch(self, keys: list[tuple[str, str, str | None]]) -> list[int]:
+        return await drivers_hello(self.pool, keys)
 
     def _replace(self, old: DriverConn) -> None:
         old.closed = True
@@ -165,7 +177,9 @@ class Node:
         self.spawn(old.channel.close(4001, "replaced by a newer connection"))
 
     def _on_ctl(self, parts: list[str]) -> None:
-        if len(parts) == 4 and parts[0] == "kick":
+        if len(parts) == 2 and parts[0] == "stamp" and self.on_stamp_ctl is not None:
+            self.on_stamp_ctl(parts[1])
+        elif len(parts) == 4 and parts[0] == "kick":
             conn = self.sessions.get((parts[1], parts[2]))
             if conn is not None and conn.conn_id != parts[3]:
                 self._replace(conn)
@@ -181,7 +195,7 @@ class Node:
         line = conn.stamp + b"\t" + frames.encode({"type": "presence", "driver": p.sub, "online": False,
                                                    "ts": now_ms()})
         try:
-            await self.broker.driver_offline(p.org, p.sub, conn.conn_id, line)
+            await self._offline.get((p.org, p.sub, conn.conn_id, line))
         except (RedisError, OSError) as exc:
             log.debug("presence offline not recorded (Redis: %s); it expires", exc)
 
@@ -227,6 +241,8 @@ class Node:
                     self._live.setdefault(p.org, []).append(("p", p.sub, lts, conn.stamp, pos_frame(p.sub, ev)))
             else:
                 scans.append(ev)  # type: ignore[arg-type]
+                if self.on_scan_received is not None:
+                    self.on_scan_received(conn, ev)  # type: ignore[arg-type]
         if scans and self.on_stored_scans is None:
             live = self._live.setdefault(p.org, [])
             for scan in scans:

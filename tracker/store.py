@@ -67,6 +67,68 @@ CREATE TABLE scans (
 );
 CREATE INDEX scans_package ON scans (org, package, ts);
 """),
+    # Packages and chain of custody (tracker/packages.py). A package row exists for every package
+    # scanned or consigned: `consigned_at` is null for one scanned but never consigned. `state`,
+    # `holder` and `state_ts` are derived (a replay of the chained scans); `chain_len`/`chain_head`
+    # are the custody chain's head and `head_tag` MACs them with the consignment (tracker/chain.py).
+    (2, """
+CREATE TABLE packages (
+    org text NOT NULL,
+    package_id text NOT NULL,
+    client text,
+    consigned_at bigint,
+    consigned_by text,
+    dest_name text,
+    dest_lat double precision,
+    dest_lon double precision,
+    window_from bigint,
+    window_to bigint,
+    temp_min double precision,
+    temp_max double precision,
+    notes text,
+    state text NOT NULL DEFAULT 'created',
+    holder text,
+    state_ts bigint,
+    chain_len integer NOT NULL DEFAULT 0,
+    chain_head bytea,
+    head_tag bytea,
+    PRIMARY KEY (org, package_id)
+);
+CREATE INDEX packages_client ON packages (org, client, package_id);
+CREATE INDEX packages_holder ON packages (org, holder) WHERE state = 'picked_up';
+-- One record per chained scan, in the order the scans were stored; the scan's content stays in
+-- `scans` and is covered by `mac` (HMAC-SHA256 with a key kept outside the database).
+CREATE TABLE custody (
+    org text NOT NULL,
+    package_id text NOT NULL,
+    idx integer NOT NULL,
+    driver_id text NOT NULL,
+    seq bigint NOT NULL,
+    chained_at bigint NOT NULL,
+    recovered boolean NOT NULL DEFAULT false,
+    mac bytea NOT NULL,
+    PRIMARY KEY (org, package_id, idx),
+    UNIQUE (org, driver_id, seq)
+);
+CREATE TABLE alerts (
+    org text NOT NULL,
+    id text NOT NULL,
+    kind text NOT NULL,
+    reason text NOT NULL DEFAULT '',
+    state text NOT NULL,
+    package_id text,
+    driver_id text,
+    seq bigint,
+    message text,
+    opened_at bigint NOT NULL,
+    ts bigint NOT NULL,
+    PRIMARY KEY (org, id)
+);
+CREATE INDEX alerts_open ON alerts (org, package_id) WHERE state = 'open';
+CREATE INDEX alerts_package ON alerts (org, package_id);
+-- Scans committed but not chained (a crash between commit and chaining) are found by receipt time.
+CREATE INDEX scans_received ON scans (received_at);
+"""),
 ]
 
 
@@ -174,21 +236,28 @@ async def insert_events(conn: asyncpg.Connection, items: Sequence[Pending]) -> l
     return verdict
 
 
-async def driver_hello(conn: asyncpg.Connection | asyncpg.Pool, org: str, driver: str, name: str | None) -> int:
-    """Record a driver's connection; return the highest seq stored for it (0 if none)."""
-    value = await conn.fetchval(
+async def drivers_hello(conn: asyncpg.Connection | asyncpg.Pool,
+                        keys: Sequence[tuple[str, str, str | None]]) -> list[int]:
+    """Record connections of (org, driver, name) in one statement; return each one's highest
+    stored seq (0 if none): welcome's `last_seq`. Rows are locked in key order, so two instances
+    doing this at once cannot deadlock."""
+    rows = await conn.fetch(
         """
-        WITH up AS (
-            INSERT INTO drivers (org, driver_id, name, last_connected_at) VALUES ($1, $2, $3, now())
+        WITH k AS (
+            SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS k(org, d, name, i)
+        ), up AS (
+            INSERT INTO drivers (org, driver_id, name, last_connected_at)
+            SELECT DISTINCT ON (org, d) org, d, name, now() FROM k ORDER BY org, d, i DESC
             ON CONFLICT (org, driver_id) DO UPDATE
                 SET name = coalesce(EXCLUDED.name, drivers.name), last_connected_at = now()
         )
-        SELECT greatest((SELECT max(seq) FROM positions WHERE org = $1 AND driver_id = $2),
-                        (SELECT max(seq) FROM scans WHERE org = $1 AND driver_id = $2))
+        SELECT k.i, greatest((SELECT max(seq) FROM positions p WHERE p.org = k.org AND p.driver_id = k.d),
+                             (SELECT max(seq) FROM scans s WHERE s.org = k.org AND s.driver_id = k.d)) AS last
+        FROM k ORDER BY k.i
         """,
-        org, driver, name,
+        [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys],
     )
-    return int(value or 0)
+    return [int(row["last"] or 0) for row in rows]
 
 
 async def last_positions(conn: asyncpg.Connection | asyncpg.Pool, org: str,

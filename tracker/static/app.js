@@ -26,6 +26,7 @@ const HISTORY_MAX_POINTS = 20000;
 const RECONNECT_BASE_MS = 500;
 const RECONNECT_CAP_MS = 30000;
 const STABLE_CONNECTION_MS = 30000;
+const WELCOME_TIMEOUT_MS = 15000;
 const SUBSCRIBE_DEBOUNCE_MS = 400;
 const SUBSCRIBE_PAD = 0.25; // subscribe a bit beyond the view so small pans need no new snapshot
 const LIST_REFRESH_MS = 500; // side lists refresh at most twice a second
@@ -154,7 +155,8 @@ function takeTokenFromUrl() {
   if (query.has('token')) {
     query.delete('token');
     dirty = true;
-    message = 'A token in the address query string is not accepted (it leaks into logs). Use #token=… or paste it here.';
+    message =
+      'A token in the address query string is not accepted (it leaks into logs). Use #token=… or paste it here.';
   }
   if (fragment.has('token')) {
     storeToken(fragment.get('token'), fragment.get('refresh_url'));
@@ -597,6 +599,7 @@ const conn = {
   liveSince: 0, // when the current connection delivered its first snapshot
   retryTimer: 0,
   countdownTimer: 0,
+  welcomeTimer: 0,
   retryAt: 0,
   subscribedBbox: null,
   subscribeTimer: 0,
@@ -630,6 +633,13 @@ function connectNow() {
   ws.onopen = () => ws === conn.ws && send({ type: 'hello', token: session.token });
   ws.onmessage = (e) => ws === conn.ws && onMessage(e.data);
   ws.onclose = (e) => ws === conn.ws && onClose(e.code, e.reason);
+  // A handshake that stalls (a proxy holding the upgrade, a wedged instance) is retried, not waited on.
+  clearTimeout(conn.welcomeTimer);
+  conn.welcomeTimer = setTimeout(() => {
+    if (ws !== conn.ws || conn.welcomed) return;
+    ws.close();
+    onClose(1006, 'no welcome');
+  }, WELCOME_TIMEOUT_MS);
 }
 
 function onMessage(data) {
@@ -668,6 +678,7 @@ function onSnapshotApplied() {
  * token expired, so refresh it if we can; anything else reconnects with backoff.
  */
 function onClose(code, reason) {
+  clearTimeout(conn.welcomeTimer);
   conn.ws = null;
   conn.welcomed = false;
   // Only a connection that stayed up a while resets the backoff: one closed soon after its
@@ -688,7 +699,8 @@ function onClose(code, reason) {
 }
 
 async function onTokenExpiredClose() {
-  if (session.refreshUrl && (await refreshToken())) return scheduleReconnect(0); // adoptToken may already have connected
+  // adoptToken has usually reconnected already; scheduleReconnect then does nothing.
+  if (session.refreshUrl && (await refreshToken())) return scheduleReconnect(0);
   const exp = tokenExpiry();
   if (exp && exp <= Date.now()) return signOut('Your session expired. Paste a new access token to continue.');
   scheduleReconnect();
@@ -713,6 +725,7 @@ function stopConnection() {
   clearTimeout(conn.retryTimer);
   clearInterval(conn.countdownTimer);
   clearTimeout(conn.subscribeTimer);
+  clearTimeout(conn.welcomeTimer);
   const ws = conn.ws;
   conn.ws = null;
   conn.welcomed = false;
@@ -736,7 +749,12 @@ function padBbox([w, s, e, n], pad) {
   const dx = (e - w) * pad;
   const dy = (n - s) * pad;
   const r = (v) => Math.round(v * 1e4) / 1e4;
-  return [r(clamp(w - dx, -180, 180)), r(clamp(s - dy, -MAX_LAT, MAX_LAT)), r(clamp(e + dx, -180, 180)), r(clamp(n + dy, -MAX_LAT, MAX_LAT))];
+  return [
+    r(clamp(w - dx, -180, 180)),
+    r(clamp(s - dy, -MAX_LAT, MAX_LAT)),
+    r(clamp(e + dx, -180, 180)),
+    r(clamp(n + dy, -MAX_LAT, MAX_LAT)),
+  ];
 }
 
 const bboxContains = (o, i) => o[0] <= i[0] && o[1] <= i[1] && o[2] >= i[2] && o[3] >= i[3];
@@ -905,7 +923,8 @@ function viewChanged() {
   markBase();
   scheduleSubscribe();
   clearTimeout(saveViewTimer);
-  saveViewTimer = setTimeout(() => sessionStorage.setItem(STORAGE.view, JSON.stringify([view.x, view.y, view.zoom])), 500);
+  const save = () => sessionStorage.setItem(STORAGE.view, JSON.stringify([view.x, view.y, view.zoom]));
+  saveViewTimer = setTimeout(save, 500);
 }
 
 function restoreView() {
@@ -952,7 +971,9 @@ function prepareFeature(f) {
     }
   }
   const p = f.properties ?? {};
-  const label = Array.isArray(p.label) ? { x: mercX(p.label[0]), y: mercY(p.label[1]), name: String(p.name ?? '') } : null;
+  const label = Array.isArray(p.label)
+    ? { x: mercX(p.label[0]), y: mercY(p.label[1]), name: String(p.name ?? '') }
+    : null;
   const bbox = Array.isArray(f.bbox) ? f.bbox : null;
   const width = bbox ? mercX(bbox[2]) - mercX(bbox[0]) : 0;
   return { africa: p.africa !== false, rings, label, width };
@@ -1004,7 +1025,9 @@ function drawBasemap(ctx) {
   const W = worldPx();
   const k = W / scale;
   ctx.save();
-  ctx.setTransform(view.dpr * k, 0, 0, view.dpr * k, view.dpr * (view.width / 2 - view.x * W), view.dpr * (view.height / 2 - view.y * W));
+  const dx = view.dpr * (view.width / 2 - view.x * W);
+  const dy = view.dpr * (view.height / 2 - view.y * W);
+  ctx.setTransform(view.dpr * k, 0, 0, view.dpr * k, dx, dy);
   ctx.lineWidth = 1 / k; // one CSS pixel whatever the zoom
   ctx.lineJoin = 'round';
   ctx.fillStyle = COLORS.contextLand;
@@ -1419,7 +1442,8 @@ function startGesture(pointers) {
   if (pts.length === 1) return { kind: 'pan', start: pts[0], x: view.x, y: view.y, moved: false };
   const [a, b] = pts;
   const mid = { x: (a.x + b.x) / 2, y: (a.y + b.y) / 2 };
-  return { kind: 'pinch', dist: Math.hypot(a.x - b.x, a.y - b.y) || 1, zoom: view.zoom, anchor: screenToMerc(mid.x, mid.y) };
+  const dist = Math.hypot(a.x - b.x, a.y - b.y) || 1;
+  return { kind: 'pinch', dist, zoom: view.zoom, anchor: screenToMerc(mid.x, mid.y) };
 }
 
 function moveGesture(g, pointers) {
@@ -1627,7 +1651,7 @@ function createDriverRow() {
   const row = el('div', 'row drv');
   row.setAttribute('role', 'option');
   row.dataset.testid = 'driver-row';
-  row.append(el('span', 'sym'), el('span', 'r-name'), el('span', 'r-stats'), el('span', 'r-meta'), el('span', 'r-pkgs'));
+  for (const cls of ['sym', 'r-name', 'r-stats', 'r-meta', 'r-pkgs']) row.append(el('span', cls));
   return row;
 }
 
@@ -1696,7 +1720,9 @@ function updatePackageRow(row, p) {
 function describeDestination(dest) {
   if (!dest) return '';
   if (typeof dest === 'string') return dest;
-  for (const key of ['name', 'label', 'address', 'city']) if (typeof dest[key] === 'string' && dest[key]) return dest[key];
+  for (const key of ['name', 'label', 'address', 'city']) {
+    if (typeof dest[key] === 'string' && dest[key]) return dest[key];
+  }
   if (isNum(dest.lat) && isNum(dest.lon)) return `${dest.lat.toFixed(3)}, ${dest.lon.toFixed(3)}`;
   return '';
 }
@@ -1737,7 +1763,8 @@ function alertItem(a) {
   li.dataset.alert = a.id;
   li.dataset.state = String(a.state ?? 'open');
   const head = el('div', 'alert-head');
-  head.append(el('strong', '', humanise(a.kind ?? 'alert')), el('span', 'badge', a.state === 'resolved' ? 'Resolved' : 'Open'));
+  const badge = el('span', 'badge', a.state === 'resolved' ? 'Resolved' : 'Open');
+  head.append(el('strong', '', humanise(a.kind ?? 'alert')), badge);
   li.append(head);
   if (a.message) li.append(el('p', 'alert-msg', String(a.message)));
   li.append(el('p', 'alert-meta', alertMeta(a)));
@@ -1815,6 +1842,13 @@ function selectDriver(id, { centre = true } = {}) {
   markOverlay();
 }
 
+const plural = (n, word) => `${n} ${word}${n === 1 ? '' : 's'}`;
+
+function describeHeld(held) {
+  if (!held.length) return 'none';
+  return held.slice(0, 12).join(', ') + (held.length > 12 ? ` +${held.length - 12} more` : '');
+}
+
 function updateDetails() {
   const id = state.selected;
   const d = state.drivers.get(id);
@@ -1828,7 +1862,7 @@ function updateDetails() {
         ['Position', isNum(d.lat) ? `${d.lat.toFixed(5)}, ${d.lon.toFixed(5)}` : '–'],
         ['Speed', formatSpeed(d.spd)],
         ['Battery', formatBattery(d.bat)],
-        ['Packages', held.length ? held.slice(0, 12).join(', ') + (held.length > 12 ? ` +${held.length - 12}` : '') : 'none'],
+        ['Packages', describeHeld(held)],
       ]
     : [
         ['Driver id', id],
@@ -1859,12 +1893,12 @@ async function loadHistory(id) {
     // Live fixes that arrived while loading are newer than the response: keep them after it.
     const lastTs = points.length ? points[points.length - 1].ts ?? 0 : 0;
     const live = state.history.points.filter((p) => !isNum(p.ts) || p.ts > lastTs);
-    const note = `${points.length} stored position${points.length === 1 ? '' : 's'}, last ${hours} h`;
+    const note = `${plural(points.length, 'stored position')}, last ${hours} h`;
     state.history = { driver: id, points: points.concat(live), source: 'service', note };
   } catch (err) {
     if (ctrl.signal.aborted || state.history?.driver !== id) return;
     const seen = seenTrail(state.drivers.get(id));
-    const note = `History unavailable (${err.message}); showing ${seen.length} position${seen.length === 1 ? '' : 's'} seen live.`;
+    const note = `History unavailable (${err.message}); showing ${plural(seen.length, 'position')} seen live.`;
     state.history = { driver: id, points: seen.concat(state.history.points), source: 'local', note };
   }
   setText($('trail-note'), state.history.note);
@@ -1966,7 +2000,8 @@ function showWho() {
 
 function showInterrupted(reason) {
   $('interrupted-banner').hidden = reason === null;
-  if (reason !== null) setText($('interrupted-reason'), `Positions may be stale until it resumes${reason ? ` (${reason})` : ''}.`);
+  if (reason === null) return;
+  setText($('interrupted-reason'), `Positions may be stale until it resumes${reason ? ` (${reason})` : ''}.`);
 }
 
 function showExpiryWarning(on) {
@@ -2092,7 +2127,8 @@ async function loadConfig() {
     const url = typeof body?.tile_url === 'string' && /^(https?:)?\/\//.test(body.tile_url) ? body.tile_url : null;
     tiles.url = url;
     tiles.cache.clear();
-    const credit = url ? (typeof body.tile_attribution === 'string' ? body.tile_attribution : new URL(url.replace(/[{}]/g, ''), location.href).host) : '';
+    const host = url ? new URL(url.replace(/[{}]/g, ''), location.href).host : '';
+    const credit = url && typeof body.tile_attribution === 'string' ? body.tile_attribution : host;
     setText($('tile-attribution'), credit ? ` · Tiles: ${credit}` : '');
     markBase();
   } catch {
@@ -2222,10 +2258,22 @@ function debugState() {
     packages,
     alerts: [...state.alerts.values()].map((a) => ({ ...a })),
     selected: state.selected,
-    history: state.history && { driver: state.history.driver, points: state.history.points.length, source: state.history.source },
+    history: state.history && {
+      driver: state.history.driver,
+      points: state.history.points.length,
+      source: state.history.source,
+    },
     interrupted: state.interrupted,
     subscribedBbox: conn.subscribedBbox,
-    view: { lon: lonOf(view.x), lat: latOf(view.y), zoom: view.zoom, width: view.width, height: view.height, bbox: viewBbox() },
+    view: {
+      lon: lonOf(view.x),
+      lat: latOf(view.y),
+      zoom: view.zoom,
+      width: view.width,
+      height: view.height,
+      bbox: viewBbox(),
+      scale: view.scale ?? null, // { metres, px, label } of the scale bar
+    },
     lastFrameTs: render.lastFrameTs,
     lastMessageTs: state.lastMessageTs,
     frames: state.frames,
@@ -2262,7 +2310,10 @@ function installDebugHook() {
         frames: state.frames,
       };
     },
-    resetPerf: () => Object.assign(render, { count: 0, totalMs: 0, maxMs: 0, parts: { trails: 0, markers: 0, bucket: 0, put: 0 } }),
+    resetPerf: () => {
+      Object.assign(render, { count: 0, totalMs: 0, maxMs: 0 });
+      render.parts = { trails: 0, markers: 0, bucket: 0, put: 0 };
+    },
   };
 }
 

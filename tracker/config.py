@@ -72,6 +72,15 @@ class Settings:
 
     tile_url: str | None = None
 
+    # Packages and chain of custody
+    custody_key: str | None = None  # HMAC key of the custody chain; None -> generated once under data_dir
+    delivery_max_m: float = 500.0  # a delivery farther than this from the destination raises an alert
+    custody_batch_max: int = 2_000  # scans chained per transaction
+    custody_sweep_s: float = 30.0  # how often to look for stored scans no instance chained (a crash)
+    custody_grace_s: float = 30.0  # ...received at least this long ago (younger ones are on their way)
+    custody_lookback_s: float = 7 * 86_400.0  # ...and at most this long ago
+    package_recent_s: float = 86_400.0  # a snapshot lists finished packages changed this recently
+
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod

@@ -1688,7 +1688,7 @@ function refreshDriverList() {
   setText($('count-drivers'), String(all.length));
   setText(
     $('driver-summary'),
-    query ? `${items.length} of ${all.length} drivers match` : `${all.length} drivers in view · ${online} online`,
+    query ? `${items.length} of ${all.length} drivers match` : `${all.length} drivers in this area · ${online} online`,
   );
 }
 

@@ -574,7 +574,8 @@ function onStatus(f) {
   } else if (f.live === true) {
     state.interrupted = false;
     showInterrupted(null);
-    if (conn.welcomed) setConnection('live'); // a fresh snapshot follows
+    // A fresh snapshot follows. (Without a socket at all, frames come from a test harness.)
+    if (conn.welcomed || !conn.wanted) setConnection('live');
   }
 }
 

@@ -64,6 +64,7 @@ class PackageLayer:
         self._refresh_keys: set[DriverKey] = set()
         self._refresh_clears: list[tuple[str, str, str, int]] = []
         self._refresh_wake = asyncio.Event()
+        self._refresh_waiters: list[asyncio.Future[None]] = []
         self._generation = 0
         self._applied: dict[DriverKey, int] = {}
         self._held_batch: TickBatcher[DriverKey, list[asyncpg.Record]] = TickBatcher(self._held_rows_many,
@@ -190,18 +191,23 @@ class PackageLayer:
         except PG_ERRORS as exc:
             log.warning("chaining %d scans failed (%s: %s); retrying", len(batch), type(exc).__name__, exc)
             return False
-        self.published(out, [(it.org, it.package, it.driver, it.seq) for it in batch])
+        await self.publish(out, [(it.org, it.package, it.driver, it.seq) for it in batch])
         return True
 
-    def published(self, out: Outcome, processed: list[tuple[str, str, str, int]]) -> None:
-        """After a commit: publish the frames, recompute the stamps of drivers whose packages changed."""
+    async def publish(self, out: Outcome, processed: list[tuple[str, str, str, int]]) -> None:
+        """After a commit: recompute the stamps of the drivers whose packages changed, then publish
+        the frames. In that order: once a client sees "picked_up", it sees the driver (if connected
+        here; elsewhere, as soon as that instance hears of it)."""
+        local = [k for k in out.holders if k in self.node.sessions]
+        done = self.request_refresh(local, processed)
+        try:
+            await asyncio.wait_for(asyncio.shield(done), 2.0)
+        except TimeoutError:
+            log.debug("stamps not refreshed in time (PostgreSQL slow); publishing anyway")
         for org, item in out.live:
             self.node.publish(org, item)
-        local = [k for k in out.holders if k in self.node.sessions]
-        self.request_refresh(local, processed)
-        remote = sorted(out.holders)
-        if remote:
-            self.node.spawn(self._tell_others(remote))
+        if out.holders:
+            self.node.spawn(self._tell_others(sorted(out.holders)))
 
     async def _tell_others(self, keys: list[DriverKey]) -> None:
         try:
@@ -221,6 +227,7 @@ class PackageLayer:
         if rows:
             log.warning("chaining %d stored scans that no instance chained", len(rows))
             self._queue.extend(Item(r["org"], r["driver_id"], r["seq"], r["package"], recovered=True) for r in rows)
+            self._wake.set()
         # The periodic catch-up of stamps (a lost control message) and of forgotten closing scans.
         limit = now - CLOSING_TTL_MS
         for pk in list(self.closing):
@@ -233,11 +240,16 @@ class PackageLayer:
 
     # -- stamps ---------------------------------------------------------------------------------
 
-    def request_refresh(self, keys: Iterable[DriverKey], clears: Iterable[tuple[str, str, str, int]] = ()) -> None:
+    def request_refresh(self, keys: Iterable[DriverKey],
+                        clears: Iterable[tuple[str, str, str, int]] = ()) -> asyncio.Future[None]:
+        """Recompute these drivers' stamps from PostgreSQL (a query started from now on); then forget
+        the closing scans `clears`, which are chained. The future is done when that is applied."""
         self._refresh_keys.update(keys)
         self._refresh_clears.extend(clears)
-        if self._refresh_keys or self._refresh_clears:
-            self._refresh_wake.set()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._refresh_waiters.append(waiter)
+        self._refresh_wake.set()
+        return waiter
 
     async def _refresher(self) -> None:
         while True:
@@ -245,6 +257,7 @@ class PackageLayer:
             self._refresh_wake.clear()
             keys, self._refresh_keys = self._refresh_keys, set()
             clears, self._refresh_clears = self._refresh_clears, []
+            waiters, self._refresh_waiters = self._refresh_waiters, []
             live = sorted(k for k in keys if k in self.node.sessions)
             self._generation += 1
             generation = self._generation
@@ -253,6 +266,7 @@ class PackageLayer:
             except PG_ERRORS as exc:
                 log.debug("stamp refresh failed (%s); retrying", exc)
                 self.request_refresh(keys, clears)
+                self._refresh_waiters += waiters
                 await asyncio.sleep(1.0)
                 continue
             touched = set(live)
@@ -270,6 +284,9 @@ class PackageLayer:
                         touched.add(holder)
             for k in touched:
                 self._apply_stamp(k)
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def _held_rows_many(self, keys: list[DriverKey]) -> list[list[asyncpg.Record]]:
         if not keys:

@@ -201,7 +201,7 @@ async def consign_package(request: Request) -> Response:
             return OrjsonResponse(package_json(existing, p), status_code=200)
         out = await process(conn, layer.key, [], max_delivery_m=layer.max_delivery_m, announce=[(p.org, package)])
         row = await ps.get_package(conn, p.org, package)
-    layer.published(out, [])
+    await layer.publish(out, [])
     assert row is not None
     return OrjsonResponse(package_json(row, p), status_code=201)
 

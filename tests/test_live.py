@@ -69,7 +69,6 @@ async def test_snapshot_then_live_with_filters(instance: Instance, org: str) -> 
     await phones["d-1"].send(pos(1, ts=t, lat=-1.2, lon=36.8))  # Nairobi
     await phones["d-2"].send(pos(1, ts=t, lat=6.5, lon=3.4))  # Lagos
     await phones["d-3"].send(pos(1, ts=t, lat=-1.3, lon=36.9))  # Nairobi
-    await phones["d-3"].send(scan(2, "PKG-7", ts=t))
     for p in phones.values():
         await p.until(lambda p: 1 in p.acked)
     nairobi = [36.6, -1.45, 37.1, -1.1]
@@ -83,18 +82,24 @@ async def test_snapshot_then_live_with_filters(instance: Instance, org: str) -> 
     await phones["d-1"].send(pos(5, ts=t + 4, lat=-1.25, lon=36.8))
     got = await dash.collect(lambda fs: any(f.get("seq") == 5 for f in fs))
     assert [(f["driver"], f["seq"]) for f in got if f["type"] == "pos"] == [("d-1", 2), ("d-1", 3), ("d-1", 5)]
+    await phones["d-3"].send(scan(2, "PKG-7", ts=t + 1))  # d-3 picks up PKG-7
+    await dash.collect(lambda fs: any(f["type"] == "package" and f["state"] == "picked_up" for f in fs))
     # drivers + packages name what to follow (their union); ids out of scope are ignored.
     snap = await dash.subscribe({"drivers": ["d-2", "nobody"], "packages": ["PKG-7"]})
-    assert [d["driver"] for d in snap["drivers"]] == ["d-2"]
-    await phones["d-3"].send(scan(3, "PKG-7", "deliver", ts=t + 5))
-    await phones["d-3"].send(pos(4, ts=t + 6, lat=-1.3, lon=36.9))
-    await phones["d-1"].send(pos(6, ts=t + 7))
-    await phones["d-2"].send(pos(3, ts=t + 8, lat=6.51, lon=3.4))
-    got = await dash.collect(lambda fs: any(f.get("driver") == "d-2" and f.get("seq") == 3 for f in fs))
+    # d-3 carries PKG-7 (picked up above): following a package follows its carrier.
+    assert sorted(d["driver"] for d in snap["drivers"]) == ["d-2", "d-3"]
+    await phones["d-3"].send(pos(4, ts=t + 5, lat=-1.3, lon=36.9))  # the carrier moves: followed
+    await phones["d-3"].send(scan(3, "PKG-7", "deliver", ts=t + 6))
+    got = await dash.collect(lambda fs: any(f["type"] == "package" and f["state"] == "delivered" for f in fs))
     assert [(f["type"], f["driver"], f["seq"]) for f in got if f["type"] in ("pos", "scan")] == [
+        ("pos", "d-3", 4),
         ("scan", "d-3", 3),
-        ("pos", "d-2", 3),
     ]
+    await phones["d-3"].send(pos(5, ts=t + 7, lat=-1.3, lon=36.9))  # delivered: no longer followed
+    await phones["d-1"].send(pos(6, ts=t + 8))
+    await phones["d-2"].send(pos(3, ts=t + 9, lat=6.51, lon=3.4))
+    got = await dash.collect(lambda fs: any(f.get("driver") == "d-2" and f.get("seq") == 3 for f in fs))
+    assert [(f["type"], f["driver"], f["seq"]) for f in got if f["type"] in ("pos", "scan")] == [("pos", "d-2", 3)]
 
 
 async def test_late_positions_are_stored_but_not_fanned_out(instance: Instance, org: str) -> None:

@@ -86,10 +86,11 @@ def _principal(claims: dict[str, Any]) -> Principal:
     if role not in ROLES:
         raise AuthError("role must be driver, dispatcher or client")
     for name, value in (("sub", sub), ("org", org)):
-        if not isinstance(value, str) or not 1 <= len(value) <= ID_MAX or "\x00" in value:
+        if not isinstance(value, str) or not 1 <= len(value) <= ID_MAX or not value.isprintable():
             raise AuthError(f"{name}: must be a string of 1 to {ID_MAX} characters")
     client = claims.get("client")
-    if role == "client" and (not isinstance(client, str) or not 1 <= len(client) <= ID_MAX):
+    if role == "client" and (not isinstance(client, str) or not 1 <= len(client) <= ID_MAX
+                             or not client.isprintable()):
         raise AuthError("a client token needs a client claim")
     display: Any = claims.get("name")
     if not isinstance(display, str) or len(display) > 100 or "\x00" in display:

@@ -251,7 +251,8 @@ class Node:
             self._tick_handle = asyncio.get_running_loop().call_soon(self._tick)
 
     def publish(self, org: str, item: LiveItem) -> None:
-        """Queue a live frame of another kind (package change, alert) for this tick."""
+        """Queue a live frame of another kind (package change, alert) for this tick:
+        (kind 'a', driver or "", ts, stamp, frame)."""
         self._live.setdefault(org, []).append(item)
         if self._tick_handle is None:
             self._tick_handle = asyncio.get_running_loop().call_soon(self._tick)

@@ -39,6 +39,7 @@ class Item:
 class Outcome:
     live: list[tuple[str, LiveItem]] = field(default_factory=list)  # (org, item), in publishing order
     holders: set[tuple[str, str]] = field(default_factory=set)  # drivers whose held packages changed
+    changed: set[tuple[str, str]] = field(default_factory=set)  # packages whose state or holder changed
     chained: int = 0
 
 
@@ -149,6 +150,7 @@ def _update(k: ps.Key, pkg: asyncpg.Record, scans: list[asyncpg.Record],
     was = pkg["holder"] if pkg["state"] == custody.PICKED_UP else None
     held = result.holder if result.state == custody.PICKED_UP else None
     if (result.state, result.holder) != (pkg["state"], pkg["holder"]) or announce:
+        out.changed.add(k)
         frame = package_frame(package, result.state, result.holder, client, ts)
         out.live.append((org, ("a", result.holder or "", ts, stamp, frames.encode(frame))))
     if was != held or announce:

@@ -65,9 +65,9 @@ def install(node: Node) -> None:
     layer = PackageLayer(node, custody_key(node.settings))
     _LAYERS[node] = layer
     node.on_stored_scans = layer.on_stored_scans
-    node.on_scan_received = layer.on_scan_received
-    node.on_stamp_ctl = layer.on_stamp_ctl
-    node.on_driver_connected = layer.on_driver_connected
+    node.on_scan_received = layer.stamps.on_scan_received
+    node.on_stamp_ctl = layer.stamps.on_stamp_ctl
+    node.on_driver_connected = layer.stamps.on_driver_connected
     node.snapshot_extras = layer.snapshot_extras
     node.trail_windows = layer.trail_windows
     node._tasks.extend(layer.start())

@@ -254,6 +254,17 @@ class Link(asyncio.Protocol):
             else:
                 self._write(frame)
 
+    def send_many(self, payloads: list[bytes]) -> None:
+        """Queue several text messages with one write (one syscall) when the link is fast."""
+        if len(payloads) == 1:
+            self.send(payloads[0])
+        elif self.open and not self.closed and payloads:
+            data = b"".join([encode_frame(OP_TEXT, p, _mask()) for p in payloads])
+            if self.delay > 0 or self._held:
+                self._hold(data)
+            else:
+                self._write(data)
+
     def close(self, code: int = 1000) -> None:
         if self.transport is None or self.closed:
             return
@@ -325,8 +336,14 @@ async def open_link(
     *,
     connect_timeout: float = 10.0,
     max_size: int = 1 << 26,
+    source_ip: str | None = None,
 ) -> Link:
-    """Connect to ``url`` (``ws://host:port``, optionally with a path prefix) + ``path``."""
+    """Connect to ``url`` (``ws://host:port``, optionally with a path prefix) + ``path``.
+
+    ``source_ip`` binds the local end: against a loopback server, spreading phones over
+    127.0.1.x gives each address its own 28k ephemeral ports (one address runs out near
+    20k connections plus the TIME_WAITs of the previous run, and connect() then crawls).
+    """
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss"):
         raise ValueError(f"not a ws:// or wss:// url: {url}")
@@ -338,12 +355,26 @@ async def open_link(
     link = Link(netloc, full, on_message, on_close, max_size=max_size)
     try:
         async with asyncio.timeout(connect_timeout):
-            await loop.create_connection(lambda: link, host, port, ssl=parts.scheme == "wss" or None)
+            await loop.create_connection(
+                lambda: link,
+                host,
+                port,
+                ssl=parts.scheme == "wss" or None,
+                local_addr=(source_ip, 0) if source_ip else None,
+            )
             await link.opened
     except BaseException:
         link.abort()
         raise
     return link
+
+
+def loopback_sources(url: str, count: int = 32) -> list[str]:
+    """Source addresses to spread connections over when ``url`` is on IPv4 loopback, else []."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost" or host.startswith("127."):
+        return [f"127.0.1.{i}" for i in range(1, count + 1)]
+    return []
 
 
 # --- mobile-network faults --------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from tracker.sim import SimOptions, driver_id, mint_token
-from tracker.sim.flaky import Fault, FaultPlan, Link, WsError, open_link
+from tracker.sim.flaky import Fault, FaultPlan, Link, WsError, loopback_sources, open_link
 from tracker.sim.routes import DriverModel, driver_name
 
 RESEND_AFTER_MS = 60_000.0  # PROTOCOL.md: resend on the same connection after 60 s without an answer
@@ -390,8 +390,9 @@ class SimPhone:
             if self.fleet.batch_window and now - self.last_poll < self.fleet.batch_window and generate:
                 return n
             self.last_poll = now
-            for frame in self.phone.poll(now):
-                link.send(frame)
+            frames = self.phone.poll(now)
+            if frames:
+                link.send_many(frames)
         return n
 
     async def life(self) -> None:
@@ -430,7 +431,18 @@ class SimPhone:
         loop = asyncio.get_running_loop()
         self.welcome = loop.create_future()
         self.closed = loop.create_future()
-        link = await open_link(self.fleet.url, "/v1/driver", self._on_message, self._on_close, connect_timeout=15.0)
+        sources = self.fleet.sources
+        link = await open_link(
+            self.fleet.url,
+            "/v1/driver",
+            self._on_message,
+            self._on_close,
+            connect_timeout=15.0,
+            source_ip=sources[self.index % len(sources)] if sources else None,
+        )
+        if self.offline_until > loop.time():  # the network went away while we were dialling
+            link.abort()
+            raise ConnectionError("offline")
         self.link = link
         link.delay = self.delay
         hello = {"type": "hello", "token": self.token, "device": f"sim-{self.index:06d}", "app": "sim/1"}
@@ -448,8 +460,7 @@ class SimPhone:
             self.fleet.started += 1
         self.fleet.connected += 1
         self.fleet.connects += 1
-        for frame in self.phone.poll(now):  # newest fix first, then the backlog
-            link.send(frame)
+        link.send_many(self.phone.poll(now))  # newest fix first, then the backlog
 
     def _on_message(self, payload: bytes) -> None:
         msg = orjson.loads(payload)
@@ -502,6 +513,7 @@ class Fleet:
         assert opts.secret is not None and opts.org is not None and opts.seed is not None
         self.opts = opts
         self.url, self.interval = opts.url, opts.interval
+        self.sources = loopback_sources(opts.url)
         self.batch_window = opts.batch_window * 1000.0 if opts.batch_mode else 0.0
         self.backoff_cap = BACKOFF_CAP_S
         self.connect_interval = 1.0 / connect_rate
@@ -618,6 +630,7 @@ class Fleet:
             "bytes_out": self.bytes_closed + open_bytes,
             "skipped_ticks": self.skipped_ticks,
             "connects": self.connects,
+            "cpu_ms": int(time.process_time() * 1000),  # this process, all of it
         }
 
     def results(self) -> dict[str, Any]:
@@ -633,4 +646,5 @@ class Fleet:
             "errors": errors,
             "stopped": {p.phone.driver: p.stopped for p in self.phones if p.stopped},
             "connects": self.connects,
+            "cpu_ms": int(time.process_time() * 1000),  # this process, all of it
         }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -21,6 +21,16 @@ STORED_SQL = (
     "SELECT driver_id, seq FROM positions WHERE org=$1 UNION ALL SELECT driver_id, seq FROM scans WHERE org=$1"
     ") s GROUP BY driver_id"
 )
+
+
+class Sample(NamedTuple):
+    """Counters once per second, summed over processes."""
+
+    t: float  # seconds since the start
+    generated: int
+    acked: int
+    started: int  # drivers welcomed at least once
+    cpu_s: float  # simulator CPU so far, every process
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,13 +83,14 @@ class RunData:
     counts: dict[str, int]
     errors: dict[str, int]
     stopped: dict[str, str]
-    samples: list[tuple[float, int, int, int]]  # (elapsed s, generated, acked, drivers connected once)
+    samples: list[Sample]
     elapsed_s: float
     gen_s: float
     drain_s: float
     cpu_phones_s: float
     cpu_dashboards_s: float
     cpu_other_s: float = 0.0
+    cpu_sys_s: float = 0.0  # kernel share of the run's CPU (socket writes and reads, mostly)
 
 
 @dataclass(slots=True)
@@ -118,7 +129,9 @@ class Report:
     cpu_s: float
     cpu_phones_s: float
     cpu_dashboards_s: float
-    cpu_us_per_event: float  # phone-side CPU per generated event: the simulator's own cost
+    cpu_sys_s: float
+    cpu_us_per_event: float  # phone-side CPU per generated event over the whole run, ramp included
+    steady_cpu_us_per_event: float  # all simulator CPU per event once every phone is connected
     skipped_ticks: int  # > 0: the simulator could not keep its schedule (it was the bottleneck)
     connects: int
     dashboard_results: list[DashboardResult] = field(default_factory=list)
@@ -167,8 +180,10 @@ class Report:
             ("wire", f"{self.bytes_out} bytes written by phones, {self.bytes_per_event:.1f} per event"),
             (
                 "simulator cpu",
-                f"{self.cpu_s:.1f} s (phones {self.cpu_phones_s:.1f}, dashboards {self.cpu_dashboards_s:.1f}), "
-                f"{self.cpu_us_per_event:.1f} us per event, skipped ticks {self.skipped_ticks}",
+                f"{self.cpu_s:.1f} s (phones {self.cpu_phones_s:.1f}, dashboards {self.cpu_dashboards_s:.1f}; "
+                f"kernel {self.cpu_sys_s:.1f}), "
+                f"{self.cpu_us_per_event:.1f} us per event ({self.steady_cpu_us_per_event:.1f} steady), "
+                f"skipped ticks {self.skipped_ticks}",
             ),
             (
                 "timing",
@@ -234,7 +249,7 @@ def build(opts: Any, data: RunData) -> Report:
                     sample.append(f"{driver}#{seq}(not stored)")
         refused += len(rec.refused)
     dashboards, live_lat = _dashboards(data)
-    steady_sent, steady_acked = _steady(data.samples, data.gen_s)
+    steady_sent, steady_acked, steady_cpu = _steady(data.samples, data.gen_s)
     cpu = data.cpu_phones_s + data.cpu_dashboards_s + data.cpu_other_s
     return Report(
         org=opts.org,
@@ -271,7 +286,9 @@ def build(opts: Any, data: RunData) -> Report:
         cpu_s=round(cpu, 2),
         cpu_phones_s=round(data.cpu_phones_s, 2),
         cpu_dashboards_s=round(data.cpu_dashboards_s, 2),
+        cpu_sys_s=round(data.cpu_sys_s, 2),
         cpu_us_per_event=round(data.cpu_phones_s / max(1, generated) * 1e6, 1),
+        steady_cpu_us_per_event=steady_cpu,
         skipped_ticks=data.stats.get("skipped_ticks", 0),
         connects=data.stats.get("connects", 0),
         dashboard_results=dashboards,
@@ -335,24 +352,26 @@ def _dashboards(data: RunData) -> tuple[list[DashboardResult], list[float]]:
     return results, samples
 
 
-def _steady(samples: list[tuple[float, int, int, int]], gen_s: float) -> tuple[float, float]:
-    """Sent/s and acked/s once every phone is connected, until generation stops."""
-    window = [s for s in samples if s[0] <= gen_s]
+def _steady(samples: list[Sample], gen_s: float) -> tuple[float, float, float]:
+    """Sent/s, acked/s and CPU us per event once every phone is connected, until generation stops."""
+    window = [s for s in samples if s.t <= gen_s + 0.5]
     if len(window) < 2:
-        return 0.0, 0.0
-    top = max(s[3] for s in window)
-    start = next((s for s in window if s[3] >= top), window[0])
+        return 0.0, 0.0, 0.0
+    top = max(s.started for s in window)
+    start = next((s for s in window if s.started >= top), window[0])
     if start is window[-1]:
         start = window[0]
     end = window[-1]
-    span = end[0] - start[0]
-    if span <= 0:
-        return 0.0, 0.0
-    return round((end[1] - start[1]) / span, 1), round((end[2] - start[2]) / span, 1)
+    span = end.t - start.t
+    events = end.generated - start.generated
+    if span <= 0 or events <= 0:
+        return 0.0, 0.0, 0.0
+    cpu = (end.cpu_s - start.cpu_s) / events * 1e6
+    return round(events / span, 1), round((end.acked - start.acked) / span, 1), round(cpu, 1)
 
 
-def _ramp(samples: list[tuple[float, int, int, int]], drivers: int) -> float | None:
-    for t, _g, _a, connected in samples:
-        if connected >= drivers:
-            return round(t, 2)
+def _ramp(samples: list[Sample], drivers: int) -> float | None:
+    for s in samples:
+        if s.started >= drivers:
+            return round(s.t, 2)
     return None

@@ -50,6 +50,14 @@ class Records:
         self.refused: dict[int, str] = {}
 
     def add(self, seq: int, kind: int, now: float) -> None:
+        kinds = self.kind
+        if kinds and seq - self.base == len(kinds):  # the usual case: the next seq
+            kinds.append(kind)
+            self.created.append(now - self.epoch)
+            self.first.append(NAN)
+            self.last.append(NAN)
+            self.ack.append(NAN)
+            return
         if not self.kind:
             self.base = seq
         i = seq - self.base
@@ -171,14 +179,14 @@ class Phone:
     # --- inputs -------------------------------------------------------------------------
     def record(self, body: dict[str, Any], now: float) -> int:
         """Number a new event (``type`` and fields, no seq/ts), store it, queue it; return its seq."""
-        self.counter += 1
-        seq = self.counter
+        self.counter = seq = self.counter + 1
         body["seq"] = seq
         body["ts"] = int(now + self.clock_offset)
         self.outbox[seq] = Entry(seq, body)
         self.due[seq] = None
-        if self.records is not None:
-            self.records.add(seq, KIND_POS if body["type"] == "pos" else KIND_SCAN, now)
+        rec = self.records
+        if rec is not None:
+            rec.add(seq, KIND_POS if body["type"] == "pos" else KIND_SCAN, now)
         return seq
 
     def connected(self, welcome: dict[str, Any], now: float) -> None:

@@ -369,14 +369,29 @@ class Route:
             self.bearings.append(bearing_deg(a, b))
         self.length = self.cum[-1]
 
-    def at(self, d: float) -> tuple[float, float, float]:
-        """(lat, lon, bearing) at distance d metres from the start, clamped to the route."""
-        d = min(max(d, 0.0), self.length)
-        i = min(bisect.bisect_right(self.cum, d) - 1, len(self.points) - 2)
-        span = self.cum[i + 1] - self.cum[i]
-        f = (d - self.cum[i]) / span if span > 0 else 0.0
+    def at(self, d: float, hint: int = 0) -> tuple[float, float, float]:
+        """(lat, lon, bearing) at distance d metres from the start, clamped to the route.
+
+        ``hint`` is a segment index to try first (a driver is usually where it last was).
+        """
+        cum = self.cum
+        last = len(cum) - 2
+        if d <= 0.0:
+            d, i = 0.0, 0
+        elif d >= self.length:
+            d, i = self.length, last
+        elif cum[hint] <= d < cum[hint + 1]:
+            i = hint
+        else:
+            i = min(bisect.bisect_right(cum, d) - 1, last)
+        span = cum[i + 1] - cum[i]
+        f = (d - cum[i]) / span if span > 0 else 0.0
         (la, loa), (lb, lob) = self.points[i], self.points[i + 1]
         return la + (lb - la) * f, loa + (lob - loa) * f, self.bearings[i]
+
+    def segment(self, d: float) -> int:
+        """Index of the segment holding distance d (clamped)."""
+        return min(max(bisect.bisect_right(self.cum, d) - 1, 0), len(self.cum) - 2)
 
 
 ROUTES: tuple[tuple[City, Route], ...] = tuple(
@@ -432,6 +447,7 @@ class DriverModel:
         self.acc = self.rng.uniform(3.0, 10.0)
         self.m_per_deg_lon = 111_320.0 * math.cos(math.radians(self.route.points[0][0]))
         self._noise = self.rng.randrange(NOISE_MASK + 1)
+        self._seg = 0
         self.packages: list[tuple[str, bool]] = []  # (id, cold chain) on board
         self.stops: list[float] = []  # delivery distances ahead, in driving order
         self.to_pick: list[tuple[str, bool]] = []
@@ -449,7 +465,7 @@ class DriverModel:
         events: list[dict[str, Any]] = []
         remaining = dt
         while remaining > 1e-9:
-            h = remaining if remaining <= 1.0 else 1.0
+            h = remaining if remaining <= 2.0 else 2.0
             self._advance(h, events)
             remaining -= h
         self.bat -= dt * 4e-5 * (0.5 + self.rng.random())
@@ -460,7 +476,11 @@ class DriverModel:
 
     def _position(self) -> dict[str, Any]:
         # Hot path (one call per position): table noise instead of rng.gauss, few round() calls.
-        lat, lon, hdg = self.route.at(self.d)
+        route = self.route
+        seg = self._seg
+        if not route.cum[seg] <= self.d < route.cum[seg + 1]:
+            self._seg = seg = route.segment(self.d)
+        lat, lon, hdg = route.at(self.d, seg)
         k = self._noise
         self._noise = (k + 5) & NOISE_MASK
         n = NORMALS
@@ -509,7 +529,7 @@ class DriverModel:
     def _advance(self, h: float, events: list[dict[str, Any]]) -> None:
         if self.phase is not Phase.DRIVING:
             if self.phase is Phase.LOADING and self.to_pick:
-                pkg, cold = self.to_pick.pop(0)  # one pickup scan per second of loading
+                pkg, cold = self.to_pick.pop(0)  # one pickup scan per step of loading
                 self.packages.append((pkg, cold))
                 events.append(self._scan("pickup", pkg, cold))
             self.wait -= h
@@ -533,12 +553,14 @@ class DriverModel:
             self.d += self.direction * move
 
     def _next_goal(self) -> float:
-        end = self.route.length if self.direction > 0 else 0.0
-        candidates = [end]
-        if self.stops:
-            candidates.append(self.stops[0])
-        candidates.append(self.next_light)
-        return min(candidates) if self.direction > 0 else max(candidates)
+        """The nearest of: the road's end, the next delivery, the next light (in driving order)."""
+        light = self.next_light
+        if self.direction > 0:
+            goal = self.route.length
+            if self.stops and self.stops[0] < goal:
+                goal = self.stops[0]
+            return light if light < goal else goal
+        return light if light > 0.0 else 0.0
 
     def _arrive(self, at: float, events: list[dict[str, Any]]) -> None:
         if self.stops and at == self.stops[0]:

@@ -426,7 +426,7 @@ def test_report_counts_unacked_and_unstored_as_lost() -> None:
         views=[view],
         dashboard_connects=[1],
         stored={"d-1": [1, 2, 3], "d-2": [1]},
-        stats={"bytes_out": 600},
+        stats={"bytes_out": 600, "started": 2},
         counts={},
         errors={},
         stopped={},

@@ -62,6 +62,7 @@ class View:
         self.counts: dict[str, int] = dict.fromkeys(("snapshot", "batch", "error", *LIVE_KINDS), 0)
         self.logs: dict[str, SeqLog] = {}
         self.duplicates = 0
+        self.duplicate_sample: list[str] = []
         self.snapshot_done = False
         self.snapshot_drivers = 0
         self.errors: list[str] = []
@@ -98,6 +99,8 @@ class View:
             log = self.logs[driver] = SeqLog(seq)
         if not log.put(seq, now - self.epoch):
             self.duplicates += 1
+            if len(self.duplicate_sample) < 20:
+                self.duplicate_sample.append(f"{driver}#{seq}({kind})")
 
     @property
     def events(self) -> int:

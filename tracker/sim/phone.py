@@ -438,6 +438,7 @@ class SimPhone:
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
         self.welcome = loop.create_future()
+        self.welcome.add_done_callback(_retrieved)  # may fail after we stopped waiting
         self.closed = loop.create_future()
         sources = self.fleet.sources
         link = await open_link(
@@ -488,6 +489,8 @@ class SimPhone:
             self.link = None
         if self.closed is not None and not self.closed.done():
             self.closed.set_result(code)
+        if self.welcome is not None and not self.welcome.done():  # closed while waiting for welcome
+            self.welcome.set_exception(ConnectionError(f"closed before welcome: {code} {reason}"))
 
     # faults (flaky mode)
     def fault(self, fault: Fault, loop: asyncio.AbstractEventLoop) -> None:
@@ -507,6 +510,11 @@ class SimPhone:
         self.delay = delay
         if self.link is not None:
             self.link.delay = delay
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 class Fleet:

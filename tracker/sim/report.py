@@ -65,6 +65,7 @@ class DashboardResult:
     scans: int
     presence: int
     duplicates: int
+    duplicate_sample: list[str]
     missing_scans: int  # acknowledged scans never seen live (scans are always fanned out)
     pos_seen: float  # fraction of acknowledged positions seen live (late ones are not fanned out)
     connects: int
@@ -134,6 +135,7 @@ class Report:
     steady_cpu_us_per_event: float  # all simulator CPU per event once every phone is connected
     skipped_ticks: int  # > 0: the simulator could not keep its schedule (it was the bottleneck)
     connects: int
+    never_connected: int  # phones that were never welcomed (bad token? server full?): they generated nothing
     dashboard_results: list[DashboardResult] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
@@ -141,8 +143,8 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        """Nothing lost (the exit code of ``tracker simulate``)."""
-        return self.lost == 0
+        """Nothing lost, and every phone took part (the exit code of ``tracker simulate``)."""
+        return self.lost == 0 and self.never_connected == 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -198,7 +200,9 @@ class Report:
                     f"dashboard {d.index}",
                     f"{d.frames} frames, {d.events} events ({d.pos} pos, {d.scans} scans, {d.presence} presence), "
                     f"dup {d.duplicates}, missing scans {d.missing_scans}, pos seen {d.pos_seen:.1%}, "
-                    f"connects {d.connects}" + (f", errors {d.errors}" if d.errors else ""),
+                    f"connects {d.connects}"
+                    + (f", errors {d.errors}" if d.errors else "")
+                    + (f", e.g. dup {', '.join(d.duplicate_sample[:3])}" if d.duplicate_sample else ""),
                 )
             )
         if self.errors:
@@ -207,7 +211,10 @@ class Report:
             rows.append(("connections", ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))))
         if self.stopped:
             rows.append(("gave up", f"{len(self.stopped)} phones: {sorted(set(self.stopped.values()))}"))
-        rows.append(("verdict", "OK: nothing lost" if self.ok else "FAILED: events lost"))
+        if self.never_connected:
+            rows.append(("NEVER CONNECTED", f"{self.never_connected} phones (check --secret, --url, server limits)"))
+        verdict = "OK: nothing lost" if self.ok else "FAILED: " + ("events lost" if self.lost else "phones missing")
+        rows.append(("verdict", verdict))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -291,6 +298,7 @@ def build(opts: Any, data: RunData) -> Report:
         steady_cpu_us_per_event=steady_cpu,
         skipped_ticks=data.stats.get("skipped_ticks", 0),
         connects=data.stats.get("connects", 0),
+        never_connected=max(0, opts.drivers - data.stats.get("started", 0)),
         dashboard_results=dashboards,
         errors=dict(data.errors),
         counts=dict(data.counts),
@@ -343,6 +351,7 @@ def _dashboards(data: RunData) -> tuple[list[DashboardResult], list[float]]:
                 scans=view.counts["scan"],
                 presence=view.counts["presence"],
                 duplicates=view.duplicates,
+                duplicate_sample=list(view.duplicate_sample),
                 missing_scans=len(acked_scans) - seen_scans,
                 pos_seen=round(seen_pos / acked_pos, 4) if acked_pos else 0.0,
                 connects=data.dashboard_connects[i] if i < len(data.dashboard_connects) else 0,

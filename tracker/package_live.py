@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("tracker.packages")
 
 QUEUE_MAX = 200_000  # beyond it, scans are left to the sweep
+# A scan is committed within the writer's answer deadline of its receipt, or not at all: a sweep
+# of what was received before `now - custody_grace_s` sees every such scan that will ever exist.
+SWEEP_OVERLAP_MS = 60_000
 FOREVER = 2**62
 
 
@@ -41,6 +44,7 @@ class PackageLayer:
         self.stamps = Stamps(node)
         self._queue: list[Item] = []
         self._wake = asyncio.Event()
+        self._swept_until: int | None = None  # every scan received before it was found chained (or queued)
 
     def start(self) -> list[asyncio.Task[None]]:
         return [asyncio.create_task(self._processor(), name="custody"),
@@ -57,7 +61,8 @@ class PackageLayer:
 
     async def _processor(self) -> None:
         loop = asyncio.get_running_loop()
-        next_sweep = loop.time()
+        # The first sweep (the whole lookback) waits for the reconnection storm that follows a deploy.
+        next_sweep = loop.time() + min(5.0, self.node.settings.custody_sweep_s)
         while True:
             delay = next_sweep - loop.time()
             if not self._queue and delay > 0:
@@ -112,12 +117,18 @@ class PackageLayer:
     async def _sweep(self) -> None:
         s = self.node.settings
         now = now_ms()
+        since = now - int(s.custody_lookback_s * 1000)
+        if self._swept_until is not None:  # after the first sweep, only what came since (with a margin)
+            since = max(since, self._swept_until - SWEEP_OVERLAP_MS)
+        before = now - int(s.custody_grace_s * 1000)
+        limit = 10 * self.batch_max
         try:
-            rows = await ps.unchained_since(self.node.pool, now - int(s.custody_lookback_s * 1000),
-                                            now - int(s.custody_grace_s * 1000), 10 * self.batch_max)
+            rows = await ps.unchained_since(self.node.pool, since, before, limit)
         except PG_ERRORS as exc:
             log.debug("custody sweep skipped: %s", exc)
             return
+        if len(rows) < limit:
+            self._swept_until = before
         if rows:
             log.warning("chaining %d stored scans that no instance chained", len(rows))
             self._queue.extend(Item(r["org"], r["driver_id"], r["seq"], r["package"], recovered=True) for r in rows)

@@ -93,6 +93,11 @@ async def process(conn: ps.Tx, key: bytes, items: Sequence[Item], *, max_deliver
                   announce: Sequence[ps.Key] = ()) -> Outcome:
     """Chain `items` and update their packages (and those of `announce`, whose package frame is
     published even when unchanged: a new consignment). Idempotent: scans chained before are skipped."""
+    unique: dict[tuple[str, str, int], Item] = {}
+    for it in items:  # a resend, or a scan both swept and handed over live: once, live if it was
+        if (it.org, it.driver, it.seq) not in unique or not it.recovered:
+            unique[(it.org, it.driver, it.seq)] = it
+    items = list(unique.values())
     keys = sorted({(it.org, it.package) for it in items} | set(announce))
     out = Outcome()
     if not keys:

@@ -17,14 +17,24 @@ T = TypeVar("T")
 DEST = {"name": "St Mary's Hospital", "lat": -1.3, "lon": 36.8}
 
 
-async def http(inst: Instance, method: str, path: str, tok: str | None = None, body: Any = None,
-               query: dict[str, Any] | None = None) -> tuple[int, Any]:
+async def http(
+    inst: Instance,
+    method: str,
+    path: str,
+    tok: str | None = None,
+    body: Any = None,
+    query: dict[str, Any] | None = None,
+) -> tuple[int, Any]:
     """One request on its own connection; returns (status, decoded JSON body or None)."""
     if query:
         path += "?" + urlencode({k: v for k, v in query.items() if v is not None})
     data = b"" if body is None else (body if isinstance(body, bytes) else orjson.dumps(body))
-    head = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{inst.port}", "Connection: close",
-            f"Content-Length: {len(data)}"]
+    head = [
+        f"{method} {path} HTTP/1.1",
+        f"Host: 127.0.0.1:{inst.port}",
+        "Connection: close",
+        f"Content-Length: {len(data)}",
+    ]
     if data:
         head.append("Content-Type: application/json")
     if tok is not None:
@@ -51,7 +61,7 @@ def _dechunk(data: bytes) -> bytes:
         if size == 0:
             break
         out += data[:size]
-        data = data[size + 2:]
+        data = data[size + 2 :]
     return out
 
 
@@ -83,8 +93,9 @@ def frames_of(frames: list[dict[str, Any]], ftype: str, /, **match: Any) -> list
     return [f for f in frames if f["type"] == ftype and all(f.get(k) == v for k, v in match.items())]
 
 
-async def until_frame(dash: Dash, got: list[dict[str, Any]], ftype: str, /, timeout: float = 10.0,
-                      **match: Any) -> dict[str, Any]:
+async def until_frame(
+    dash: Dash, got: list[dict[str, Any]], ftype: str, /, timeout: float = 10.0, **match: Any
+) -> dict[str, Any]:
     """Read live frames into `got` until one of type `ftype` matching `match` arrives; return it."""
     async with asyncio.timeout(timeout):
         while True:

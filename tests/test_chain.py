@@ -23,14 +23,31 @@ TERMS = Consignment("st-marys", 1_764_000_000_000, "St Mary's", -1.3, 36.8, None
 
 
 def contents(n: int) -> list[Content]:
-    return [Content(PKG, f"d-{i % 2}", i + 1, 1_764_240_000_000 + i, 1_764_240_000_500 + i,
-                    "pickup" if i == 0 else "handover", -1.29, 36.82, 5.4 + i, None, None, None) for i in range(n)]
+    return [
+        Content(
+            PKG,
+            f"d-{i % 2}",
+            i + 1,
+            1_764_240_000_000 + i,
+            1_764_240_000_500 + i,
+            "pickup" if i == 0 else "handover",
+            -1.29,
+            36.82,
+            5.4 + i,
+            None,
+            None,
+            None,
+        )
+        for i in range(n)
+    ]
 
 
 def build(n: int) -> tuple[list[Record], int, bytes, bytes]:
     links = extend(KEY, ORG, PKG, 0, GENESIS, contents(n), 1_764_240_001_000, [False] * n)
-    records = [Record(i, c.driver, c.seq, 1_764_240_001_000, False, mac, c)
-               for c, (i, mac) in zip(contents(n), links, strict=True)]
+    records = [
+        Record(i, c.driver, c.seq, 1_764_240_001_000, False, mac, c)
+        for c, (i, mac) in zip(contents(n), links, strict=True)
+    ]
     head = links[-1][1] if links else GENESIS
     return records, n, head, head_tag(KEY, ORG, PKG, n, head, TERMS)
 
@@ -97,8 +114,12 @@ def test_inserting_deleting_or_reordering_records_is_detected() -> None:
     assert check(records[:4], 4, records[3].mac, tag)
     assert check(records[:4], 4, records[3].mac, head_tag(b"guessed", ORG, PKG, 4, records[3].mac, TERMS))
     # Swapping two records.
-    swapped = [records[0], dataclasses.replace(records[2], index=2), dataclasses.replace(records[1], index=3),
-               *records[3:]]
+    swapped = [
+        records[0],
+        dataclasses.replace(records[2], index=2),
+        dataclasses.replace(records[1], index=3),
+        *records[3:],
+    ]
     assert check(swapped, n, head, tag)
     # A missing scan row, a record naming another scan.
     assert check([*records[:2], dataclasses.replace(records[2], content=None), *records[3:]], n, head, tag)
@@ -159,8 +180,9 @@ async def test_tampering_in_the_database_fails_verify(instance: Instance, org: s
     # Delete the tail record (its custody row and its scan) and move the head back: the tag catches it.
     await db.execute("DELETE FROM custody WHERE org = $1 AND package_id = 'PKG-1' AND idx = 3", org)
     await db.execute("DELETE FROM scans WHERE org = $1 AND driver_id = 'd-b' AND seq = 2", org)
-    await db.execute("UPDATE packages SET chain_len = 2, chain_head = $2 WHERE org = $1 AND package_id = 'PKG-1'",
-                     org, prev)
+    await db.execute(
+        "UPDATE packages SET chain_len = 2, chain_head = $2 WHERE org = $1 AND package_id = 'PKG-1'", org, prev
+    )
     out = await _verify(instance, org)
     assert out["ok"] is False and out["length"] == 2
     assert [p["problem"] for p in out["problems"]] == ["the chain head or the consignment was altered"]
@@ -168,9 +190,16 @@ async def test_tampering_in_the_database_fails_verify(instance: Instance, org: s
     await db.execute("UPDATE custody SET idx = 3 WHERE org = $1 AND package_id = 'PKG-1' AND idx = 2", org)
     await db.execute(
         "INSERT INTO scans (org, driver_id, seq, ts, received_at, package, event) "
-        "VALUES ($1, 'd-x', 1, $2, $2, 'PKG-1', 'handover')", org, now_ms())
-    await db.execute("INSERT INTO custody (org, package_id, idx, driver_id, seq, chained_at, mac) "
-                     "VALUES ($1, 'PKG-1', 2, 'd-x', 1, 0, $2)", org, hashlib.sha256(b"x").digest())
+        "VALUES ($1, 'd-x', 1, $2, $2, 'PKG-1', 'handover')",
+        org,
+        now_ms(),
+    )
+    await db.execute(
+        "INSERT INTO custody (org, package_id, idx, driver_id, seq, chained_at, mac) "
+        "VALUES ($1, 'PKG-1', 2, 'd-x', 1, 0, $2)",
+        org,
+        hashlib.sha256(b"x").digest(),
+    )
     out = await _verify(instance, org)
     assert out["ok"] is False and 2 in {p["index"] for p in out["problems"]}
     # Change the cold-chain range on the package row.
@@ -195,9 +224,18 @@ async def test_two_instances_never_fork_a_chain(start_instance: Any, org: str, d
     t = now_ms() - 100_000
     n = 60
     # Both drivers scan the same package at once, through two instances: handovers back and forth.
-    await asyncio.gather(*(p.send({"type": "batch", "items": [scan(i + 1, "PKG-1", "handover", ts=t + 2 * i + k)
-                                                             for i in range(j, j + 10)]})
-                           for j in range(0, n, 10) for k, p in ((0, pa), (1, pb))))
+    await asyncio.gather(
+        *(
+            p.send(
+                {
+                    "type": "batch",
+                    "items": [scan(i + 1, "PKG-1", "handover", ts=t + 2 * i + k) for i in range(j, j + 10)],
+                }
+            )
+            for j in range(0, n, 10)
+            for k, p in ((0, pa), (1, pb))
+        )
+    )
     await acked(pa, *range(1, n + 1))
     await acked(pb, *range(1, n + 1))
 

@@ -38,8 +38,12 @@ def reasons(facts: list[Fact], terms: Terms = COLD) -> set[tuple[str, str, str, 
 
 
 def test_a_clean_journey_has_no_anomaly() -> None:
-    facts = [f("d1", 1, 10, "pickup", temp_c=5.0), f("d1", 2, 20, "handover"), f("d2", 1, 20, "handover"),
-             f("d2", 2, 30, "deliver", lat=-1.3001, lon=36.8001, temp_c=4.0)]
+    facts = [
+        f("d1", 1, 10, "pickup", temp_c=5.0),
+        f("d1", 2, 20, "handover"),
+        f("d2", 1, 20, "handover"),
+        f("d2", 2, 30, "deliver", lat=-1.3001, lon=36.8001, temp_c=4.0),
+    ]
     # d1 scanning "handover" of a package it holds is a duplicate; the receiver scans a handover.
     assert reasons(facts) == {(SCAN_ANOMALY, "duplicate", "d1", 2)}
     good = [facts[0], facts[2], facts[3]]
@@ -71,15 +75,20 @@ def test_scans_that_do_not_fit_are_anomalies_but_still_facts() -> None:
     assert reasons([f("d1", 1, 1, "deliver")]) == {(SCAN_ANOMALY, "not_picked_up", "d1", 1)}
     assert reasons([f("d1", 1, 1, "pickup"), f("d2", 1, 2, "pickup")]) == {(SCAN_ANOMALY, "held_by_other", "d2", 1)}
     unknown = replay(Terms(consigned=False), [f("d1", 1, 1, "pickup"), f("d1", 2, 2, "deliver")])
-    assert {a.key for a in unknown.anomalies} == {(SCAN_ANOMALY, "unknown_package", "d1", 1),
-                                                  (SCAN_ANOMALY, "unknown_package", "d1", 2)}
+    assert {a.key for a in unknown.anomalies} == {
+        (SCAN_ANOMALY, "unknown_package", "d1", 1),
+        (SCAN_ANOMALY, "unknown_package", "d1", 2),
+    }
 
 
 def test_temperature_and_distance() -> None:
     facts = [f("d1", 1, 1, "pickup", temp_c=9.5), f("d1", 2, 2, "deliver", lat=-1.31, lon=36.8, temp_c=1.9)]
     r = replay(COLD, facts)
-    assert {a.key for a in r.anomalies} == {(TEMPERATURE, "", "d1", 1), (TEMPERATURE, "", "d1", 2),
-                                            (FAR_DELIVERY, "", "d1", 2)}
+    assert {a.key for a in r.anomalies} == {
+        (TEMPERATURE, "", "d1", 1),
+        (TEMPERATURE, "", "d1", 2),
+        (FAR_DELIVERY, "", "d1", 2),
+    }
     far = next(a for a in r.anomalies if a.kind == FAR_DELIVERY)
     assert far.message == "delivered 1.1 km from the destination"
     assert 1100 < distance_m(-1.3, 36.8, -1.31, 36.8) < 1125
@@ -122,32 +131,43 @@ def journeys(draw: st.DrawFn) -> tuple[Terms, list[Fact]]:
     for _ in range(n):
         driver = draw(st.sampled_from(sorted(seqs)))
         seqs[driver] += 1
-        facts.append(Fact(driver, seqs[driver], T0 + draw(st.integers(0, 6)) * 1000,  # ties are common
-                          draw(st.sampled_from(EVENTS)),
-                          lat=draw(st.sampled_from([None, -1.3, -1.4])), lon=36.8,
-                          temp_c=draw(st.sampled_from([None, 5.0, 12.0]))))
+        facts.append(
+            Fact(
+                driver,
+                seqs[driver],
+                T0 + draw(st.integers(0, 6)) * 1000,  # ties are common
+                draw(st.sampled_from(EVENTS)),
+                lat=draw(st.sampled_from([None, -1.3, -1.4])),
+                lon=36.8,
+                temp_c=draw(st.sampled_from([None, 5.0, 12.0])),
+            )
+        )
     terms = draw(st.sampled_from([COLD, Terms(consigned=False), Terms()]))
     return terms, facts
 
 
 @settings(max_examples=150, deadline=None)
 @given(journeys(), st.randoms(use_true_random=False))
-def test_any_permutation_gives_the_same_state_and_anomalies(journey: tuple[Terms, list[Fact]],
-                                                            rnd: random.Random) -> None:
+def test_any_permutation_gives_the_same_state_and_anomalies(
+    journey: tuple[Terms, list[Fact]], rnd: random.Random
+) -> None:
     terms, facts = journey
     expected = replay(terms, facts)
     shuffled = facts[:]
     rnd.shuffle(shuffled)
     got = replay(terms, shuffled)
-    assert (got.state, got.holder, got.ts, got.windows) == (expected.state, expected.holder, expected.ts,
-                                                            expected.windows)
+    assert (got.state, got.holder, got.ts, got.windows) == (
+        expected.state,
+        expected.holder,
+        expected.ts,
+        expected.windows,
+    )
     assert {(a.key, a.message) for a in got.anomalies} == {(a.key, a.message) for a in expected.anomalies}
 
 
 @settings(max_examples=150, deadline=None)
 @given(journeys(), st.randoms(use_true_random=False))
-def test_alerts_converge_whatever_order_scans_arrive_in(journey: tuple[Terms, list[Fact]],
-                                                        rnd: random.Random) -> None:
+def test_alerts_converge_whatever_order_scans_arrive_in(journey: tuple[Terms, list[Fact]], rnd: random.Random) -> None:
     """Process scans one arrival at a time, as the service does (replay all, diff the alerts):
     the open alerts end up exactly the anomalies of the whole set, and only opened ones resolve."""
     terms, facts = journey

@@ -14,8 +14,14 @@ from .schema_check import assert_frame_valid
 
 async def test_consign_list_get_and_scope(instance: Instance, org: str) -> None:
     disp = token("dispatcher", "u-1", org)
-    body = {"id": "PKG-1", "client": "st-marys", "destination": DEST, "window": {"from": 1, "to": 2},
-            "cold_chain": {"min_c": 2, "max_c": 8}, "notes": "insulin, 2 boxes"}
+    body = {
+        "id": "PKG-1",
+        "client": "st-marys",
+        "destination": DEST,
+        "window": {"from": 1, "to": 2},
+        "cold_chain": {"min_c": 2, "max_c": 8},
+        "notes": "insulin, 2 boxes",
+    }
     status, out = await http(instance, "POST", "/v1/packages", disp, body)
     assert status == 201, out
     assert out["package"] == "PKG-1" and out["state"] == "created" and out["driver"] is None
@@ -26,8 +32,14 @@ async def test_consign_list_get_and_scope(instance: Instance, org: str) -> None:
     assert (await http(instance, "POST", "/v1/packages", disp, body))[0] == 200
     status, out = await http(instance, "POST", "/v1/packages", disp, {**body, "client": "other"})
     assert (status, out["error"]["code"]) == (409, "conflict")
-    for bad in ({**body, "id": ""}, {**body, "client": 'a"b'}, {**body, "destination": {"lat": 91, "lon": 0}},
-                {**body, "cold_chain": {"min_c": 9, "max_c": 8}}, {**body, "window": {"from": 5, "to": 1}}, [1]):
+    for bad in (
+        {**body, "id": ""},
+        {**body, "client": 'a"b'},
+        {**body, "destination": {"lat": 91, "lon": 0}},
+        {**body, "cold_chain": {"min_c": 9, "max_c": 8}},
+        {**body, "window": {"from": 5, "to": 1}},
+        [1],
+    ):
         status, out = await http(instance, "POST", "/v1/packages", disp, bad)
         assert (status, out["error"]["code"]) == (400, "invalid"), bad
     assert (await http(instance, "POST", "/v1/packages", disp, b"{not json"))[0] == 400
@@ -72,8 +84,14 @@ async def test_journey_live_frames_alerts_and_chain_of_custody(instance: Instanc
     d_got: list[dict[str, Any]] = []
     m_got: list[dict[str, Any]] = []
     created = await until_frame(disp_dash, d_got, "package", package="PKG-1")
-    assert created == {"type": "package", "package": "PKG-1", "state": "created", "driver": None,
-                       "client": "st-marys", "ts": created["ts"]}
+    assert created == {
+        "type": "package",
+        "package": "PKG-1",
+        "state": "created",
+        "driver": None,
+        "client": "st-marys",
+        "ts": created["ts"],
+    }
     assert_frame_valid(created, "package")
     await until_frame(mine, m_got, "package", package="PKG-1", state="created")
     phone = await Phone.connect(instance.url, token("driver", "d-1", org, name="Amina"))
@@ -82,21 +100,45 @@ async def test_journey_live_frames_alerts_and_chain_of_custody(instance: Instanc
     picked = await until_frame(mine, m_got, "package", package="PKG-1", state="picked_up")
     assert (picked["driver"], picked["client"], picked["ts"]) == ("d-1", "st-marys", t)
     sc = frames_of(m_got, "scan")[0]
-    assert sc == {"type": "scan", "driver": "d-1", "seq": 1, "ts": t, "package": "PKG-1", "event": "pickup",
-                  "lat": -1.29, "lon": 36.82, "temp_c": 5.4, "note": "cool box"}
+    assert sc == {
+        "type": "scan",
+        "driver": "d-1",
+        "seq": 1,
+        "ts": t,
+        "package": "PKG-1",
+        "event": "pickup",
+        "lat": -1.29,
+        "lon": 36.82,
+        "temp_c": 5.4,
+        "note": "cool box",
+    }
     assert m_got.index(sc) < m_got.index(picked)  # the scan, then the package change
     assert_frame_valid(sc, "live-scan")
     # A temperature excursion; then a delivery 2 km from the destination, outside the range too.
     await phone.send(scan(2, "PKG-1", "handover", ts=t + 1000, temp_c=9.0))  # d-1 already holds it: anomaly
     await phone.send(pos(3, ts=t + 2000, lat=-1.28, lon=36.81))
-    await phone.send(scan(4, "PKG-1", "deliver", ts=t + 3000, lat=-1.318, lon=36.8, temp_c=1.0,
-                          recipient="Dr. W. Kamau", pod="pod/PKG-1.png"))
+    await phone.send(
+        scan(
+            4,
+            "PKG-1",
+            "deliver",
+            ts=t + 3000,
+            lat=-1.318,
+            lon=36.8,
+            temp_c=1.0,
+            recipient="Dr. W. Kamau",
+            pod="pod/PKG-1.png",
+        )
+    )
     delivered = await until_frame(disp_dash, d_got, "package", package="PKG-1", state="delivered")
     await until_frame(disp_dash, d_got, "alert", kind="delivery_far_from_destination")
     alerts = frames_of(d_got, "alert")
     assert sorted((a["kind"], a["state"]) for a in alerts) == [
-        ("delivery_far_from_destination", "open"), ("scan_anomaly", "open"), ("temperature_excursion", "open"),
-        ("temperature_excursion", "open")]
+        ("delivery_far_from_destination", "open"),
+        ("scan_anomaly", "open"),
+        ("temperature_excursion", "open"),
+        ("temperature_excursion", "open"),
+    ]
     for frame in alerts:
         assert_frame_valid(frame, "alert")
         assert frame["package"] == "PKG-1" and frame["driver"] == "d-1"
@@ -106,17 +148,27 @@ async def test_journey_live_frames_alerts_and_chain_of_custody(instance: Instanc
     # The client sees its package's alerts, except operational scan anomalies; the other client nothing.
     await until_frame(mine, m_got, "alert", kind="delivery_far_from_destination")
     assert sorted(a["kind"] for a in frames_of(m_got, "alert")) == [
-        "delivery_far_from_destination", "temperature_excursion", "temperature_excursion"]
+        "delivery_far_from_destination",
+        "temperature_excursion",
+        "temperature_excursion",
+    ]
     assert frames_of(m_got, "pos") and all(f["seq"] == 3 for f in frames_of(m_got, "pos"))
     # HTTP: state and the full chain of custody, phone and server time, temperatures, proof of delivery.
     status, out = await http(instance, "GET", pkg_path("PKG-1"), token("dispatcher", "u", org))
     assert status == 200
     assert (out["state"], out["driver"], out["chain_length"]) == ("delivered", "d-1", 3)
     assert [(r["index"], r["event"], r["seq"], r["ts"], r["temp_c"]) for r in out["custody"]] == [
-        (1, "pickup", 1, t, 5.4), (2, "handover", 2, t + 1000, 9.0), (3, "deliver", 4, t + 3000, 1.0)]
+        (1, "pickup", 1, t, 5.4),
+        (2, "handover", 2, t + 1000, 9.0),
+        (3, "deliver", 4, t + 3000, 1.0),
+    ]
     last = out["custody"][2]
-    assert (last["recipient"], last["pod"], last["lat"], last["driver"]) == ("Dr. W. Kamau", "pod/PKG-1.png", -1.318,
-                                                                          "d-1")
+    assert (last["recipient"], last["pod"], last["lat"], last["driver"]) == (
+        "Dr. W. Kamau",
+        "pod/PKG-1.png",
+        -1.318,
+        "d-1",
+    )
     assert all(r["received_at"] >= t + 60_000 - 5_000 and not r["recovered"] for r in out["custody"])
     assert len(last["alerts"]) == 2 and len(out["alerts"]) == 4
     _, seen = await http(instance, "GET", pkg_path("PKG-1"), token("client", "c", org, client="st-marys"))
@@ -125,10 +177,14 @@ async def test_journey_live_frames_alerts_and_chain_of_custody(instance: Instanc
     assert verdict == {"package": "PKG-1", "ok": True, "length": 3, "problems": [], "recovered": 0, "unchained": 0}
     # Snapshot: the package and its open alerts, in scope.
     snap = await mine.subscribe({})
-    assert snap["packages"] == [{"package": "PKG-1", "state": "delivered", "driver": "d-1", "client": "st-marys",
-                                 "ts": t + 3000}]
+    assert snap["packages"] == [
+        {"package": "PKG-1", "state": "delivered", "driver": "d-1", "client": "st-marys", "ts": t + 3000}
+    ]
     assert sorted(a["kind"] for a in snap["alerts"]) == [
-        "delivery_far_from_destination", "temperature_excursion", "temperature_excursion"]
+        "delivery_far_from_destination",
+        "temperature_excursion",
+        "temperature_excursion",
+    ]
     assert snap["drivers"] == []  # d-1 holds none of st-marys' packages any more
     snap = await theirs.subscribe({})
     assert snap == {"drivers": [], "packages": [], "alerts": []}
@@ -161,8 +217,11 @@ async def test_late_scan_resolves_an_anomaly(instance: Instance, org: str) -> No
     snap = await disp.subscribe({})
     assert snap["alerts"] == []
     _, out = await http(instance, "GET", pkg_path("PKG-9"), token("dispatcher", "u", org))
-    assert [(r["event"], r["driver"]) for r in out["custody"]] == [("pickup", "d-a"), ("deliver", "d-b"),
-                                                                   ("handover", "d-b")]  # in the order stored
+    assert [(r["event"], r["driver"]) for r in out["custody"]] == [
+        ("pickup", "d-a"),
+        ("deliver", "d-b"),
+        ("handover", "d-b"),
+    ]  # in the order stored
     assert (out["state"], out["driver"]) == ("delivered", "d-b")
     assert [(x["kind"], x["state"]) for x in out["alerts"]] == [("scan_anomaly", "resolved")]
 
@@ -197,8 +256,9 @@ async def _stamp(inst: Instance, org: str, driver: str) -> bytes:
     return conn.stamp if conn is not None else b"?"
 
 
-async def test_scans_stored_before_a_crash_are_chained_by_the_sweep(start_instance: Any, org: str,
-                                                                     db: asyncpg.Connection) -> None:
+async def test_scans_stored_before_a_crash_are_chained_by_the_sweep(
+    start_instance: Any, org: str, db: asyncpg.Connection
+) -> None:
     inst: Instance = await start_instance(custody_grace_s=0.0, custody_sweep_s=3600.0)
     await consign(inst, org, "PKG-5", "st-marys")
     node = inst.node

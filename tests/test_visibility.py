@@ -103,7 +103,8 @@ class World:
     async def setup(self) -> None:
         for o in self.orgs:
             self.collectors[(o.name, "disp")] = Collector(
-                await Dash.connect(self.a.url, token("dispatcher", "u", o.name), subscribe={}), "disp")
+                await Dash.connect(self.a.url, token("dispatcher", "u", o.name), subscribe={}), "disp"
+            )
             for c, inst in zip(CLIENTS, (self.b, self.a), strict=True):
                 dash = await Dash.connect(inst.url, token("client", "adm-" + c, o.name, client=c), subscribe={})
                 assert dash.snapshot == {"drivers": [], "packages": [], "alerts": []}
@@ -111,7 +112,8 @@ class World:
                 o.presence[c] = []
             follow = {"packages": [f"{o.tag}-P1", f"{o.tag}-P2", f"MARK-{o.tag}-c1"]}  # P1 is c2's: ignored
             self.collectors[(o.name, "follow")] = Collector(
-                await Dash.connect(self.a.url, token("client", "adm-f", o.name, client="c1"), subscribe=follow), "c1")
+                await Dash.connect(self.a.url, token("client", "adm-f", o.name, client="c1"), subscribe=follow), "c1"
+            )
             for i, d in enumerate(DRIVERS):
                 o.where[d] = self.b if i == 1 else self.a
                 o.phones[d] = await Phone.connect(o.where[d].url, token("driver", d, o.name))
@@ -160,15 +162,20 @@ class World:
 
     async def settled(self) -> None:
         """Wait until every connected driver's stamp is what the model says (on either instance)."""
+
         def stamps() -> dict[tuple[str, str], bytes]:
-            return {(o.name, d): (conn.stamp if (conn := o.where[d].node.sessions.get((o.name, d))) else b"?")
-                    for o in self.orgs for d in DRIVERS}
+            return {
+                (o.name, d): (conn.stamp if (conn := o.where[d].node.sessions.get((o.name, d))) else b"?")
+                for o in self.orgs
+                for d in DRIVERS
+            }
 
         async def probe() -> dict[tuple[str, str], bytes]:
             return stamps()
 
-        expected = {(o.name, d): orjson.dumps(sorted(o.allowed(d))) if o.allowed(d) else b""
-                    for o in self.orgs for d in DRIVERS}
+        expected = {
+            (o.name, d): orjson.dumps(sorted(o.allowed(d))) if o.allowed(d) else b"" for o in self.orgs for d in DRIVERS
+        }
         await eventually(probe, lambda got: got == expected)
 
     async def reconnect(self, o: Org) -> None:
@@ -299,4 +306,3 @@ async def test_no_principal_sees_outside_its_scope(start_instance: Any, org: str
     # The journeys did open and close windows: the test proves something.
     assert any(s.allowed for s in world.sent) and any(not s.allowed for s in world.sent)
     assert any(s.required != s.allowed for s in world.sent)
-

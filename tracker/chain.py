@@ -46,8 +46,20 @@ class Content:
     pod: str | None
 
     def as_list(self) -> list[Any]:
-        return [self.package, self.driver, self.seq, self.ts, self.received_at, self.event, self.lat, self.lon,
-                self.temp_c, self.note, self.recipient, self.pod]
+        return [
+            self.package,
+            self.driver,
+            self.seq,
+            self.ts,
+            self.received_at,
+            self.event,
+            self.lat,
+            self.lon,
+            self.temp_c,
+            self.note,
+            self.recipient,
+            self.pod,
+        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +78,18 @@ class Consignment:
     notes: str | None = None
 
     def as_list(self) -> list[Any]:
-        return [self.client, self.consigned_at, self.dest_name, self.dest_lat, self.dest_lon, self.window_from,
-                self.window_to, self.temp_min, self.temp_max, self.notes]
+        return [
+            self.client,
+            self.consigned_at,
+            self.dest_name,
+            self.dest_lat,
+            self.dest_lon,
+            self.window_from,
+            self.window_to,
+            self.temp_min,
+            self.temp_max,
+            self.notes,
+        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +110,9 @@ def _mac(key: bytes, domain: bytes, parts: list[Any]) -> bytes:
     return hmac.new(key, domain + orjson.dumps(parts), hashlib.sha256).digest()
 
 
-def record_mac(key: bytes, org: str, package: str, index: int, prev: bytes, content: Content, chained_at: int,
-               recovered: bool) -> bytes:
+def record_mac(
+    key: bytes, org: str, package: str, index: int, prev: bytes, content: Content, chained_at: int, recovered: bool
+) -> bytes:
     return _mac(key, _RECORD, [org, package, index, prev.hex(), content.as_list(), chained_at, recovered])
 
 
@@ -97,8 +120,16 @@ def head_tag(key: bytes, org: str, package: str, length: int, head: bytes, consi
     return _mac(key, _HEAD, [org, package, length, head.hex(), consignment.as_list()])
 
 
-def extend(key: bytes, org: str, package: str, length: int, head: bytes, contents: Sequence[Content],
-           chained_at: int, recovered: Sequence[bool]) -> list[tuple[int, bytes]]:
+def extend(
+    key: bytes,
+    org: str,
+    package: str,
+    length: int,
+    head: bytes,
+    contents: Sequence[Content],
+    chained_at: int,
+    recovered: Sequence[bool],
+) -> list[tuple[int, bytes]]:
     """The (index, mac) of `contents` appended, in order, to a chain of `length` ending in `head`."""
     out = []
     for i, (content, rec) in enumerate(zip(contents, recovered, strict=True), start=length + 1):
@@ -116,8 +147,16 @@ class Problem:
         return {"index": self.index, "problem": self.problem}
 
 
-def verify(key: bytes, org: str, package: str, records: Sequence[Record], length: int, head: bytes | None,
-           tag: bytes | None, consignment: Consignment) -> list[Problem]:
+def verify(
+    key: bytes,
+    org: str,
+    package: str,
+    records: Sequence[Record],
+    length: int,
+    head: bytes | None,
+    tag: bytes | None,
+    consignment: Consignment,
+) -> list[Problem]:
     """Recompute the chain; every way it fails to match is a Problem (none: intact)."""
     problems: list[Problem] = []
     prev = GENESIS
@@ -125,15 +164,17 @@ def verify(key: bytes, org: str, package: str, records: Sequence[Record], length
     ordered = sorted(records, key=lambda r: r.index)
     for rec in ordered:
         if rec.index != expected:
-            problems.append(Problem(rec.index, f"record {expected} is missing" if rec.index > expected
-                                    else "duplicate index"))
+            problems.append(
+                Problem(rec.index, f"record {expected} is missing" if rec.index > expected else "duplicate index")
+            )
             expected = rec.index
         if rec.content is None:
             problems.append(Problem(rec.index, "the scan of this record is missing"))
         elif rec.content.driver != rec.driver or rec.content.seq != rec.seq:
             problems.append(Problem(rec.index, "the record names another scan"))
-        elif not hmac.compare_digest(record_mac(key, org, package, rec.index, prev, rec.content, rec.chained_at,
-                                                rec.recovered), rec.mac):
+        elif not hmac.compare_digest(
+            record_mac(key, org, package, rec.index, prev, rec.content, rec.chained_at, rec.recovered), rec.mac
+        ):
             problems.append(Problem(rec.index, "the record does not match its mac (altered, or chained elsewhere)"))
         prev = rec.mac
         expected += 1

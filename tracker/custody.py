@@ -31,8 +31,13 @@ TEMPERATURE: Final = "temperature_excursion"
 FAR_DELIVERY: Final = "delivery_far_from_destination"
 
 # The state each event leads to, whether or not it fits.
-EFFECT: Final[Mapping[str, str]] = {"pickup": PICKED_UP, "handover": PICKED_UP, "deliver": DELIVERED,
-                                    "fail": FAILED, "return": RETURNED}
+EFFECT: Final[Mapping[str, str]] = {
+    "pickup": PICKED_UP,
+    "handover": PICKED_UP,
+    "deliver": DELIVERED,
+    "fail": FAILED,
+    "return": RETURNED,
+}
 # Events after which the driver who scanned no longer holds the package for a client's view.
 CLOSING_EVENTS: Final = frozenset({"deliver", "fail", "return"})
 EARTH_RADIUS_M: Final = 6_371_008.8
@@ -138,14 +143,18 @@ def _temperature(terms: Terms, fact: Fact) -> Anomaly | None:
     if (terms.temp_min is not None and t < terms.temp_min) or (terms.temp_max is not None and t > terms.temp_max):
         lo = "" if terms.temp_min is None else f"{terms.temp_min:g}"
         hi = "" if terms.temp_max is None else f"{terms.temp_max:g}"
-        return Anomaly(TEMPERATURE, "", fact.driver, fact.seq, fact.ts,
-                       f"{t:.1f} °C, cold-chain range {lo}..{hi} °C")
+        return Anomaly(TEMPERATURE, "", fact.driver, fact.seq, fact.ts, f"{t:.1f} °C, cold-chain range {lo}..{hi} °C")
     return None
 
 
 def _far(terms: Terms, fact: Fact) -> Anomaly | None:
-    if (fact.event != "deliver" or fact.lat is None or fact.lon is None or terms.dest_lat is None
-            or terms.dest_lon is None):
+    if (
+        fact.event != "deliver"
+        or fact.lat is None
+        or fact.lon is None
+        or terms.dest_lat is None
+        or terms.dest_lon is None
+    ):
         return None
     d = distance_m(fact.lat, fact.lon, terms.dest_lat, terms.dest_lon)
     if d <= terms.max_delivery_m:
@@ -161,8 +170,16 @@ def replay(terms: Terms, scans: Iterable[Fact]) -> Replay:
     windows: list[tuple[str, int, int | None]] = []
     for fact in sorted(scans, key=lambda f: f.order):
         if not terms.consigned:
-            anomalies.add(Anomaly(SCAN_ANOMALY, "unknown_package", fact.driver, fact.seq, fact.ts,
-                                  f"{fact.driver} scanned {fact.event} of a package that was never consigned"))
+            anomalies.add(
+                Anomaly(
+                    SCAN_ANOMALY,
+                    "unknown_package",
+                    fact.driver,
+                    fact.seq,
+                    fact.ts,
+                    f"{fact.driver} scanned {fact.event} of a package that was never consigned",
+                )
+            )
         else:
             why = misfit(state, holder, fact.event, fact.driver)
             if why is not None:

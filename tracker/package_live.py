@@ -47,8 +47,10 @@ class PackageLayer:
         self._swept_until: int | None = None  # every scan received before it was found chained (or queued)
 
     def start(self) -> list[asyncio.Task[None]]:
-        return [asyncio.create_task(self._processor(), name="custody"),
-                asyncio.create_task(self.stamps.run(), name="stamps")]
+        return [
+            asyncio.create_task(self._processor(), name="custody"),
+            asyncio.create_task(self.stamps.run(), name="stamps"),
+        ]
 
     def on_stored_scans(self, stored: list[Pending]) -> None:
         """After a commit (never awaits): queue the scans for chaining, in the order stored."""
@@ -76,7 +78,7 @@ class PackageLayer:
                 await self._sweep()
                 self.stamps.expire()
             while self._queue:
-                batch, self._queue = self._queue[: self.batch_max], self._queue[self.batch_max:]
+                batch, self._queue = self._queue[: self.batch_max], self._queue[self.batch_max :]
                 if not await self._run(batch):
                     self._queue[:0] = batch
                     await asyncio.sleep(1.0)  # PostgreSQL is away: retry, the scans are safe
@@ -144,10 +146,18 @@ class PackageLayer:
         packages, drivers = sorted(flt.packages or ()), sorted(flt.drivers or ())
         recent = now_ms() - int(node.settings.package_recent_s * 1000)
         try:
-            rows = await ps.scope_packages(node.pool, p.org, client=client, follow_all=flt.follows_all,
-                                           packages=packages, drivers=drivers, recent_since=recent)
-            alerts = await ps.scope_alerts(node.pool, p.org, client=client, follow_all=flt.follows_all,
-                                           packages=packages, drivers=drivers)
+            rows = await ps.scope_packages(
+                node.pool,
+                p.org,
+                client=client,
+                follow_all=flt.follows_all,
+                packages=packages,
+                drivers=drivers,
+                recent_since=recent,
+            )
+            alerts = await ps.scope_alerts(
+                node.pool, p.org, client=client, follow_all=flt.follows_all, packages=packages, drivers=drivers
+            )
             visible = None
             if client is not None:
                 visible = {r["holder"] for r in await ps.client_holders(node.pool, p.org, client)}
@@ -157,10 +167,29 @@ class PackageLayer:
             return (set() if client is not None else None), [], []
         dash.carriers.clear()
         dash.carriers.update(carriers)
-        out_packages = [{"package": r["package_id"], "state": r["state"], "driver": r["holder"], "client": r["client"],
-                         "ts": r["ts"]} for r in rows]
-        out_alerts = [{"type": "alert", "id": a["id"], "kind": a["kind"], "state": a["state"], "ts": a["ts"],
-                       "driver": a["driver_id"], "package": a["package_id"], "message": a["message"]} for a in alerts]
+        out_packages = [
+            {
+                "package": r["package_id"],
+                "state": r["state"],
+                "driver": r["holder"],
+                "client": r["client"],
+                "ts": r["ts"],
+            }
+            for r in rows
+        ]
+        out_alerts = [
+            {
+                "type": "alert",
+                "id": a["id"],
+                "kind": a["kind"],
+                "state": a["state"],
+                "ts": a["ts"],
+                "driver": a["driver_id"],
+                "package": a["package_id"],
+                "message": a["message"],
+            }
+            for a in alerts
+        ]
         return visible, out_packages, out_alerts
 
     async def trail_windows(self, principal: Principal, driver: str) -> list[tuple[int, int]]:
@@ -170,7 +199,8 @@ class PackageLayer:
         by_package: dict[str, list[custody.Fact]] = {}
         for row in await ps.client_scans_with(self.node.pool, principal.org, principal.client, driver):
             by_package.setdefault(row["package"], []).append(
-                custody.Fact(row["driver_id"], row["seq"], row["ts"], row["event"]))
+                custody.Fact(row["driver_id"], row["seq"], row["ts"], row["event"])
+            )
         windows: list[tuple[int, int]] = []
         for facts in by_package.values():
             replayed = custody.replay(custody.Terms(), facts)

@@ -59,8 +59,14 @@ def _f32(value: float | None) -> float | None:
 
 
 def scan_frame(row: asyncpg.Record) -> dict[str, Any]:
-    frame: dict[str, Any] = {"type": "scan", "driver": row["driver_id"], "seq": row["seq"], "ts": row["ts"],
-                             "package": row["package"], "event": row["event"]}
+    frame: dict[str, Any] = {
+        "type": "scan",
+        "driver": row["driver_id"],
+        "seq": row["seq"],
+        "ts": row["ts"],
+        "package": row["package"],
+        "event": row["event"],
+    }
     for key in ("lat", "lon", "note", "recipient", "pod"):
         if row[key] is not None:
             frame[key] = row[key]
@@ -73,24 +79,41 @@ def package_frame(package: str, state: str, holder: str | None, client: str | No
     return {"type": "package", "package": package, "state": state, "driver": holder, "client": client, "ts": ts}
 
 
-def alert_frame(id_: str, kind: str, state: str, ts: int, driver: str | None, package: str | None,
-                message: str | None) -> dict[str, Any]:
-    return {"type": "alert", "id": id_, "kind": kind, "state": state, "ts": ts, "driver": driver, "package": package,
-            "message": message}
+def alert_frame(
+    id_: str, kind: str, state: str, ts: int, driver: str | None, package: str | None, message: str | None
+) -> dict[str, Any]:
+    return {
+        "type": "alert",
+        "id": id_,
+        "kind": kind,
+        "state": state,
+        "ts": ts,
+        "driver": driver,
+        "package": package,
+        "message": message,
+    }
 
 
 def terms(row: asyncpg.Record, max_delivery_m: float) -> custody.Terms:
-    return custody.Terms(consigned=row["consigned_at"] is not None, dest_lat=row["dest_lat"], dest_lon=row["dest_lon"],
-                         temp_min=row["temp_min"], temp_max=row["temp_max"], max_delivery_m=max_delivery_m)
+    return custody.Terms(
+        consigned=row["consigned_at"] is not None,
+        dest_lat=row["dest_lat"],
+        dest_lon=row["dest_lon"],
+        temp_min=row["temp_min"],
+        temp_max=row["temp_max"],
+        max_delivery_m=max_delivery_m,
+    )
 
 
 def fact(row: asyncpg.Record) -> custody.Fact:
-    return custody.Fact(row["driver_id"], row["seq"], row["ts"], row["event"], row["lat"], row["lon"],
-                        _f32(row["temp_c"]))
+    return custody.Fact(
+        row["driver_id"], row["seq"], row["ts"], row["event"], row["lat"], row["lon"], _f32(row["temp_c"])
+    )
 
 
-async def process(conn: ps.Tx, key: bytes, items: Sequence[Item], *, max_delivery_m: float,
-                  announce: Sequence[ps.Key] = ()) -> Outcome:
+async def process(
+    conn: ps.Tx, key: bytes, items: Sequence[Item], *, max_delivery_m: float, announce: Sequence[ps.Key] = ()
+) -> Outcome:
     """Chain `items` and update their packages (and those of `announce`, whose package frame is
     published even when unchanged: a new consignment). Idempotent: scans chained before are skipped."""
     unique: dict[tuple[str, str, int], Item] = {}
@@ -134,17 +157,41 @@ async def process(conn: ps.Tx, key: bytes, items: Sequence[Item], *, max_deliver
         package_rows: list[tuple[Any, ...]] = []
         order = sorted(keys, key=lambda k: min((r["received_at"] for r in by_package.get(k, ())), default=0))
         for k in order:
-            _update(k, locked[k], scans.get(k, []), stored.get(k, {}), by_package.get(k, []), heads, key, now,
-                    max_delivery_m, k in announce, out, alert_rows, package_rows)
+            _update(
+                k,
+                locked[k],
+                scans.get(k, []),
+                stored.get(k, {}),
+                by_package.get(k, []),
+                heads,
+                key,
+                now,
+                max_delivery_m,
+                k in announce,
+                out,
+                alert_rows,
+                package_rows,
+            )
         await ps.upsert_alerts(conn, alert_rows, now)
         await ps.update_packages(conn, package_rows)
     return out
 
 
-def _update(k: ps.Key, pkg: asyncpg.Record, scans: list[asyncpg.Record],
-            stored: dict[custody.AlertKey, tuple[str, str, str | None]], fresh: list[asyncpg.Record],
-            heads: dict[ps.Key, tuple[int, bytes]], key: bytes, now: int, max_delivery_m: float, announce: bool,
-            out: Outcome, alert_rows: list[tuple[Any, ...]], package_rows: list[tuple[Any, ...]]) -> None:
+def _update(
+    k: ps.Key,
+    pkg: asyncpg.Record,
+    scans: list[asyncpg.Record],
+    stored: dict[custody.AlertKey, tuple[str, str, str | None]],
+    fresh: list[asyncpg.Record],
+    heads: dict[ps.Key, tuple[int, bytes]],
+    key: bytes,
+    now: int,
+    max_delivery_m: float,
+    announce: bool,
+    out: Outcome,
+    alert_rows: list[tuple[Any, ...]],
+    package_rows: list[tuple[Any, ...]],
+) -> None:
     org, package = k
     client = pkg["client"] if pkg["consigned_at"] is not None else None
     stamp = stamp_of(client)
@@ -163,8 +210,9 @@ def _update(k: ps.Key, pkg: asyncpg.Record, scans: list[asyncpg.Record],
     to_open, to_resolve = custody.plan_alerts({a: s[0] for a, s in stored.items()}, result.anomalies)
     for anomaly in to_open:
         id_ = alert_id(org, package, anomaly.key)
-        alert_rows.append((org, id_, anomaly.kind, anomaly.reason, "open", package, anomaly.driver, anomaly.seq,
-                           anomaly.message))
+        alert_rows.append(
+            (org, id_, anomaly.kind, anomaly.reason, "open", package, anomaly.driver, anomaly.seq, anomaly.message)
+        )
         frame = alert_frame(id_, anomaly.kind, "open", now, anomaly.driver, package, anomaly.message)
         a_stamp = b"" if anomaly.kind == custody.SCAN_ANOMALY else stamp
         out.live.append((org, ("a", anomaly.driver, now, a_stamp, frames.encode(frame))))
@@ -177,5 +225,4 @@ def _update(k: ps.Key, pkg: asyncpg.Record, scans: list[asyncpg.Record],
         out.live.append((org, ("a", driver, now, a_stamp, frames.encode(frame))))
     length, head = heads.get(k, (pkg["chain_len"], bytes(pkg["chain_head"]) if pkg["chain_head"] else chain.GENESIS))
     tag = chain.head_tag(key, org, package, length, head, ps.consignment(pkg))
-    package_rows.append((org, package, result.state, result.holder, result.ts, length,
-                         head if length else None, tag))
+    package_rows.append((org, package, result.state, result.holder, result.ts, length, head if length else None, tag))

@@ -138,7 +138,8 @@ class Stamps:
                 self.closing[pk] = waiting
             else:
                 del self.closing[pk]
-        self.refresh(list(self.node.sessions) + [k for k in self.held if k not in self.node.sessions])
+        gone = [k for k in self.held.keys() | self._applied.keys() if k not in self.node.sessions]
+        self.refresh([*self.node.sessions, *gone])
 
     async def run(self) -> None:
         while True:

@@ -61,13 +61,35 @@ WHERE p.org = u.org AND p.package_id = u.package_id
 
 
 def consignment(row: asyncpg.Record | dict[str, Any]) -> Consignment:
-    return Consignment(row["client"], row["consigned_at"], row["dest_name"], row["dest_lat"], row["dest_lon"],
-                       row["window_from"], row["window_to"], row["temp_min"], row["temp_max"], row["notes"])
+    return Consignment(
+        row["client"],
+        row["consigned_at"],
+        row["dest_name"],
+        row["dest_lat"],
+        row["dest_lon"],
+        row["window_from"],
+        row["window_to"],
+        row["temp_min"],
+        row["temp_max"],
+        row["notes"],
+    )
 
 
 def content(row: asyncpg.Record) -> Content:
-    return Content(row["package"], row["driver_id"], row["seq"], row["ts"], row["received_at"], row["event"],
-                   row["lat"], row["lon"], row["temp_c"], row["note"], row["recipient"], row["pod"])
+    return Content(
+        row["package"],
+        row["driver_id"],
+        row["seq"],
+        row["ts"],
+        row["received_at"],
+        row["event"],
+        row["lat"],
+        row["lon"],
+        row["temp_c"],
+        row["note"],
+        row["recipient"],
+        row["pod"],
+    )
 
 
 def _cols(keys: Sequence[Key]) -> tuple[list[str], list[str]]:
@@ -118,7 +140,8 @@ async def held_by(conn: Conn, drivers: Sequence[tuple[str, str]]) -> list[asyncp
         SELECT p.org, p.holder, p.package_id, p.client FROM unnest($1::text[], $2::text[]) AS k(org, d)
         JOIN packages p ON p.org = k.org AND p.holder = k.d AND p.state = 'picked_up' AND p.client IS NOT NULL
         """,
-        [d[0] for d in drivers], [d[1] for d in drivers],
+        [d[0] for d in drivers],
+        [d[1] for d in drivers],
     )
 
 
@@ -131,7 +154,9 @@ async def unchained_since(conn: Conn, since: int, before: int, limit: int) -> li
           AND NOT EXISTS (SELECT 1 FROM custody c WHERE c.org = s.org AND c.driver_id = s.driver_id AND c.seq = s.seq)
         ORDER BY s.received_at LIMIT $3
         """,
-        since, before, limit,
+        since,
+        before,
+        limit,
     )
 
 
@@ -149,8 +174,19 @@ async def consign(conn: Tx, org: str, package: str, c: Consignment, by: str) -> 
         WHERE packages.consigned_at IS NULL
         RETURNING *
         """,
-        org, package, c.client, c.consigned_at, by, c.dest_name, c.dest_lat, c.dest_lon, c.window_from, c.window_to,
-        c.temp_min, c.temp_max, c.notes,
+        org,
+        package,
+        c.client,
+        c.consigned_at,
+        by,
+        c.dest_name,
+        c.dest_lat,
+        c.dest_lon,
+        c.window_from,
+        c.window_to,
+        c.temp_min,
+        c.temp_max,
+        c.notes,
     )
 
 
@@ -158,8 +194,9 @@ async def get_package(conn: Conn, org: str, package: str) -> asyncpg.Record | No
     return await conn.fetchrow("SELECT * FROM packages WHERE org = $1 AND package_id = $2", org, package)
 
 
-async def list_packages(conn: Conn, org: str, *, client: str | None, state: str | None, driver: str | None,
-                        after: str, limit: int) -> list[asyncpg.Record]:
+async def list_packages(
+    conn: Conn, org: str, *, client: str | None, state: str | None, driver: str | None, after: str, limit: int
+) -> list[asyncpg.Record]:
     return await conn.fetch(
         """
         SELECT * FROM packages
@@ -167,7 +204,12 @@ async def list_packages(conn: Conn, org: str, *, client: str | None, state: str 
           AND ($4::text IS NULL OR holder = $4) AND package_id > $5
         ORDER BY package_id LIMIT $6
         """,
-        org, client, state, driver, after, limit,
+        org,
+        client,
+        state,
+        driver,
+        after,
+        limit,
     )
 
 
@@ -180,10 +222,24 @@ async def custody_records(conn: Conn, org: str, package: str) -> list[tuple[Reco
         FROM custody c LEFT JOIN scans s ON s.org = c.org AND s.driver_id = c.driver_id AND s.seq = c.seq
         WHERE c.org = $1 AND c.package_id = $2 ORDER BY c.idx
         """,
-        org, package,
+        org,
+        package,
     )
-    return [(Record(r["idx"], r["c_driver"], r["c_seq"], r["chained_at"], r["recovered"], bytes(r["mac"]),
-                    content(r) if r["present"] else None), r) for r in rows]
+    return [
+        (
+            Record(
+                r["idx"],
+                r["c_driver"],
+                r["c_seq"],
+                r["chained_at"],
+                r["recovered"],
+                bytes(r["mac"]),
+                content(r) if r["present"] else None,
+            ),
+            r,
+        )
+        for r in rows
+    ]
 
 
 async def count_unchained(conn: Conn, org: str, package: str) -> int:
@@ -192,7 +248,8 @@ async def count_unchained(conn: Conn, org: str, package: str) -> int:
         SELECT count(*) FROM scans s WHERE s.org = $1 AND s.package = $2
           AND NOT EXISTS (SELECT 1 FROM custody c WHERE c.org = s.org AND c.driver_id = s.driver_id AND c.seq = s.seq)
         """,
-        org, package,
+        org,
+        package,
     )
     return int(value)
 
@@ -201,12 +258,21 @@ async def package_alerts(conn: Conn, org: str, package: str) -> list[asyncpg.Rec
     return await conn.fetch(
         "SELECT id, kind, reason, state, driver_id, seq, message, opened_at, ts FROM alerts "
         "WHERE org = $1 AND package_id = $2 ORDER BY opened_at, id",
-        org, package,
+        org,
+        package,
     )
 
 
-async def scope_packages(conn: Conn, org: str, *, client: str | None, follow_all: bool, packages: Sequence[str],
-                         drivers: Sequence[str], recent_since: int) -> list[asyncpg.Record]:
+async def scope_packages(
+    conn: Conn,
+    org: str,
+    *,
+    client: str | None,
+    follow_all: bool,
+    packages: Sequence[str],
+    drivers: Sequence[str],
+    recent_since: int,
+) -> list[asyncpg.Record]:
     """A snapshot's packages: in scope (a client's own), followed, and on their way or finished recently."""
     return await conn.fetch(
         """
@@ -216,12 +282,18 @@ async def scope_packages(conn: Conn, org: str, *, client: str | None, follow_all
           AND (state IN ('created', 'picked_up', 'failed') OR state_ts >= $6 OR package_id = ANY($4::text[]))
         ORDER BY package_id
         """,
-        org, client, follow_all, list(packages), list(drivers), recent_since,
+        org,
+        client,
+        follow_all,
+        list(packages),
+        list(drivers),
+        recent_since,
     )
 
 
-async def scope_alerts(conn: Conn, org: str, *, client: str | None, follow_all: bool, packages: Sequence[str],
-                       drivers: Sequence[str]) -> list[asyncpg.Record]:
+async def scope_alerts(
+    conn: Conn, org: str, *, client: str | None, follow_all: bool, packages: Sequence[str], drivers: Sequence[str]
+) -> list[asyncpg.Record]:
     """Open alerts in scope; a client sees those of its packages, except scan anomalies (operations)."""
     return await conn.fetch(
         """
@@ -232,7 +304,11 @@ async def scope_alerts(conn: Conn, org: str, *, client: str | None, follow_all: 
           AND ($3 OR a.package_id = ANY($4::text[]) OR a.driver_id = ANY($5::text[]))
         ORDER BY a.opened_at, a.id
         """,
-        org, client, follow_all, list(packages), list(drivers),
+        org,
+        client,
+        follow_all,
+        list(packages),
+        list(drivers),
     )
 
 
@@ -240,7 +316,8 @@ async def client_holders(conn: Conn, org: str, client: str) -> list[asyncpg.Reco
     """(package_id, holder) of a client's packages on their way now."""
     return await conn.fetch(
         "SELECT package_id, holder FROM packages WHERE org = $1 AND client = $2 AND state = 'picked_up'",
-        org, client,
+        org,
+        client,
     )
 
 
@@ -248,7 +325,9 @@ async def holders_of(conn: Conn, org: str, packages: Sequence[str], client: str 
     rows = await conn.fetch(
         "SELECT DISTINCT holder FROM packages WHERE org = $1 AND package_id = ANY($2::text[]) "
         "AND state = 'picked_up' AND ($3::text IS NULL OR client = $3)",
-        org, list(packages), client,
+        org,
+        list(packages),
+        client,
     )
     return [r["holder"] for r in rows]
 
@@ -262,5 +341,7 @@ async def client_scans_with(conn: Conn, org: str, client: str, driver: str) -> l
             SELECT p.package_id FROM packages p WHERE p.org = $1 AND p.client = $2
               AND p.package_id IN (SELECT package_id FROM custody WHERE org = $1 AND driver_id = $3))
         """,
-        org, client, driver,
+        org,
+        client,
+        driver,
     )

@@ -92,10 +92,17 @@ def _layer(request: Request) -> PackageLayer:
 def package_json(row: asyncpg.Record, principal: Principal) -> dict[str, Any]:
     consigned = row["consigned_at"] is not None
     out: dict[str, Any] = {
-        "package": row["package_id"], "client": row["client"], "consigned": consigned,
-        "consigned_at": row["consigned_at"], "state": row["state"], "driver": row["holder"],
+        "package": row["package_id"],
+        "client": row["client"],
+        "consigned": consigned,
+        "consigned_at": row["consigned_at"],
+        "state": row["state"],
+        "driver": row["holder"],
         "ts": row["state_ts"] if row["state_ts"] is not None else row["consigned_at"],
-        "destination": None, "window": None, "cold_chain": None, "notes": row["notes"],
+        "destination": None,
+        "window": None,
+        "cold_chain": None,
+        "notes": row["notes"],
         "chain_length": row["chain_len"],
     }
     if row["dest_lat"] is not None:
@@ -173,8 +180,9 @@ def parse_consignment(body: Any, consigned_at: int) -> tuple[str, chain.Consignm
     tmax = _number(cold, "max_c", -80, 80, where="cold_chain.")
     if tmin is not None and tmax is not None and tmin > tmax:
         raise ApiError(400, "invalid", "cold_chain: min_c must not exceed max_c")
-    return package, chain.Consignment(client, consigned_at, _text(dest, "name", 200), lat, lon, start, end, tmin, tmax,
-                                      _text(body, "notes", 1000))
+    return package, chain.Consignment(
+        client, consigned_at, _text(dest, "name", 200), lat, lon, start, end, tmin, tmax, _text(body, "notes", 1000)
+    )
 
 
 @api
@@ -231,8 +239,15 @@ async def list_packages(request: Request) -> Response:
         raise ApiError(400, "invalid", "limit: must be an integer") from None
     limit = max(1, min(limit, LIST_MAX))
     node = _layer(request).node
-    rows = await ps.list_packages(node.pool, p.org, client=client, state=state, driver=q.get("driver") or None,
-                                  after=q.get("after") or "", limit=limit)
+    rows = await ps.list_packages(
+        node.pool,
+        p.org,
+        client=client,
+        state=state,
+        driver=q.get("driver") or None,
+        after=q.get("after") or "",
+        limit=limit,
+    )
     if p.role == "client":
         rows = [r for r in rows if r["consigned_at"] is not None]
     out = [package_json(r, p) for r in rows]
@@ -240,8 +255,14 @@ async def list_packages(request: Request) -> Response:
 
 
 def _record_json(rec: chain.Record, row: asyncpg.Record, alerts: dict[tuple[str, int], list[str]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"index": rec.index, "driver": rec.driver, "seq": rec.seq, "chained_at": rec.chained_at,
-                           "recovered": rec.recovered, "alerts": alerts.get((rec.driver, rec.seq), [])}
+    out: dict[str, Any] = {
+        "index": rec.index,
+        "driver": rec.driver,
+        "seq": rec.seq,
+        "chained_at": rec.chained_at,
+        "recovered": rec.recovered,
+        "alerts": alerts.get((rec.driver, rec.seq), []),
+    }
     if rec.content is None:
         out["missing"] = True
         return out
@@ -264,8 +285,19 @@ async def get_package(request: Request) -> Response:
         by_scan.setdefault((a["driver_id"], a["seq"]), []).append(a["id"])
     out = package_json(row, p)
     out["custody"] = [_record_json(rec, r, by_scan) for rec, r in records]
-    out["alerts"] = [{"id": a["id"], "kind": a["kind"], "state": a["state"], "ts": a["ts"], "opened_at": a["opened_at"],
-                      "driver": a["driver_id"], "seq": a["seq"], "message": a["message"]} for a in alerts]
+    out["alerts"] = [
+        {
+            "id": a["id"],
+            "kind": a["kind"],
+            "state": a["state"],
+            "ts": a["ts"],
+            "opened_at": a["opened_at"],
+            "driver": a["driver_id"],
+            "seq": a["seq"],
+            "message": a["message"],
+        }
+        for a in alerts
+    ]
     return OrjsonResponse(out)
 
 
@@ -280,9 +312,13 @@ async def verify_package(request: Request) -> Response:
     head = bytes(row["chain_head"]) if row["chain_head"] is not None else None
     tag = bytes(row["head_tag"]) if row["head_tag"] is not None else None
     problems = chain.verify(layer.key, p.org, package, records, row["chain_len"], head, tag, ps.consignment(row))
-    return OrjsonResponse({
-        "package": package, "ok": not problems, "length": len(records),
-        "problems": [pr.as_dict() for pr in problems],
-        "recovered": sum(r.recovered for r in records),
-        "unchained": await ps.count_unchained(pool, p.org, package),
-    })
+    return OrjsonResponse(
+        {
+            "package": package,
+            "ok": not problems,
+            "length": len(records),
+            "problems": [pr.as_dict() for pr in problems],
+            "recovered": sum(r.recovered for r in records),
+            "unchained": await ps.count_unchained(pool, p.org, package),
+        }
+    )

@@ -280,3 +280,27 @@ async def test_scans_stored_before_a_crash_are_chained_by_the_sweep(
     assert [f["seq"] for f in frames_of(got, "scan")] == [1, 2]  # scans are always fanned out
     _, verdict = await http(inst, "GET", pkg_path("PKG-5", "/verify"), token("dispatcher", "u", org))
     assert (verdict["ok"], verdict["length"], verdict["recovered"]) == (True, 2, 2)
+
+
+async def test_delivery_distance_and_custody_key_are_settings(start_instance: Any, org: str) -> None:
+    from tracker.config import Settings
+
+    env = Settings.from_env({"TRACKER_DELIVERY_MAX_M": "5000", "TRACKER_CUSTODY_KEY": "k" * 40})
+    assert (env.delivery_max_m, env.custody_key) == (5000.0, "k" * 40)
+    inst: Instance = await start_instance(delivery_max_m=5000.0, custody_key="key-one-" + "x" * 32)
+    disp = await Dash.connect(inst.url, token("dispatcher", "u", org), subscribe={})
+    await consign(inst, org, "PKG-1", "st-marys")
+    phone = await Phone.connect(inst.url, token("driver", "d-1", org))
+    await phone.send(scan(1, "PKG-1", "pickup"))
+    await phone.send(scan(2, "PKG-1", "deliver", lat=-1.318, lon=36.8))  # 2 km away: within 5 km
+    got: list[dict[str, Any]] = []
+    await until_frame(disp, got, "package", state="delivered")
+    assert frames_of(got, "alert") == []
+    _, out = await http(inst, "GET", pkg_path("PKG-1"), token("dispatcher", "u", org))
+    assert (out["state"], out["alerts"]) == ("delivered", [])
+    _, verdict = await http(inst, "GET", pkg_path("PKG-1", "/verify"), token("dispatcher", "u", org))
+    assert verdict["ok"] is True
+    # The key lives outside the database: an instance with another key cannot vouch for the chain.
+    other: Instance = await start_instance(custody_key="key-two-" + "x" * 32)
+    _, verdict = await http(other, "GET", pkg_path("PKG-1", "/verify"), token("dispatcher", "u", org))
+    assert verdict["ok"] is False and verdict["length"] == 2

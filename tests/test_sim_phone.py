@@ -26,6 +26,7 @@ from tracker.sim.flaky import (
     check_handshake,
     encode_frame,
     handshake_request,
+    loopback_sources,
     parse_close,
 )
 from tracker.sim.phone import BATCH_HEAD, Entry, Phone, Records, pack
@@ -366,6 +367,14 @@ def test_handshake_request_and_accept_check() -> None:
         check_handshake(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0", key)
     with pytest.raises(WsError):
         check_handshake(b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: nope", key)
+
+
+def test_loopback_targets_get_many_source_addresses_remote_ones_none() -> None:
+    sources = loopback_sources("ws://127.0.0.1:8080")
+    assert len(sources) == 32 and len(set(sources)) == 32
+    assert all(s.startswith("127.0.1.") for s in sources)
+    assert loopback_sources("ws://localhost:8080/prefix") == sources
+    assert loopback_sources("ws://tracker.example:8080") == []
 
 
 # --- dashboards and the report's sums --------------------------------------------------------

@@ -166,7 +166,6 @@ class Phone:
         self.due: dict[int, None] = {}  # an ordered set: what the next poll sends
         self.held: dict[int, float] = {}  # seq -> retry_at, after unavailable / rate_limited
         self.online = False
-        self.fresh = False  # just (re)connected: newest fix first
         self.max_frame = 65536
         self.max_batch = 300
         self.split = 1 << 30  # halved on each too_large for a batch
@@ -205,7 +204,6 @@ class Phone:
             for s in stale:
                 self._renumber(s)
         self.online = True
-        self.fresh = True
         self.held.clear()
         self.due = dict.fromkeys(sorted(self.outbox))
         self.next_sweep = now + self.resend_after
@@ -256,7 +254,6 @@ class Phone:
             e.sent_at = now
             if rec is not None:
                 rec.sent(e.seq, now)
-        self.fresh = False
         return frames
 
     @property
@@ -606,12 +603,14 @@ class Fleet:
                 skip = int((loop.time() - due) / tick)
                 self.skipped_ticks += skip
                 k, due = k + skip, due + skip * tick
-            while due <= loop.time():
+            if due <= loop.time():
                 now = time.time() * 1000.0
                 generate = now < gen_until * 1000.0
                 for p in buckets[k % n]:
                     self.generated += p.tick(now, generate)
                 k, due = k + 1, due + tick
+            # One bucket at a time, then let the loop read: when behind, acks are still taken
+            # as they come (latency stays the service's), and generation is what slows down.
             await asyncio.sleep(max(0.0, due - loop.time()))
 
     def _plan_faults(self, loop: asyncio.AbstractEventLoop, span: float) -> None:

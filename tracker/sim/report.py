@@ -211,6 +211,14 @@ class Report:
             rows.append(("connections", ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))))
         if self.stopped:
             rows.append(("gave up", f"{len(self.stopped)} phones: {sorted(set(self.stopped.values()))}"))
+        if self.skipped_ticks:
+            rows.append(
+                (
+                    "WARNING",
+                    "the simulator fell behind its schedule (skipped ticks): it was the bottleneck, so the load "
+                    "was lower than asked and latencies include its own delay; use --processes",
+                )
+            )
         if self.never_connected:
             rows.append(("NEVER CONNECTED", f"{self.never_connected} phones (check --secret, --url, server limits)"))
         verdict = "OK: nothing lost" if self.ok else "FAILED: " + ("events lost" if self.lost else "phones missing")

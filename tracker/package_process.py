@@ -120,32 +120,17 @@ async def process(
     for it in items:  # a resend, or a scan both swept and handed over live: once, live if it was
         if (it.org, it.driver, it.seq) not in unique or not it.recovered:
             unique[(it.org, it.driver, it.seq)] = it
-    items = list(unique.values())
-    keys = sorted({(it.org, it.package) for it in items} | set(announce))
-    out = Outcome()
+    keys = sorted({(it.org, it.package) for it in unique.values()} | set(announce))
+    batch = _Batch(key, now_ms(), max_delivery_m)
     if not keys:
-        return out
-    now = now_ms()
+        return batch.out
     async with conn.transaction():
         locked = await ps.lock_packages(conn, keys)
-        recovered = {(it.org, it.driver, it.seq): it.recovered for it in items}
-        fresh = await ps.unchained(conn, [(it.org, it.driver, it.seq) for it in items])
+        fresh = await ps.unchained(conn, list(unique))
         fresh.sort(key=lambda r: (r["received_at"], r["driver_id"], r["seq"]))  # the order they were stored
-        by_package: dict[ps.Key, list[asyncpg.Record]] = {}
         for row in fresh:
-            by_package.setdefault((row["org"], row["package"]), []).append(row)
-        custody_rows: list[tuple[str, str, int, str, int, int, bool, bytes]] = []
-        heads: dict[ps.Key, tuple[int, bytes]] = {}
-        for (org, package), rows in by_package.items():
-            pkg = locked[(org, package)]
-            flags = [recovered[(org, r["driver_id"], r["seq"])] for r in rows]
-            head = bytes(pkg["chain_head"]) if pkg["chain_head"] is not None else chain.GENESIS
-            links = chain.extend(key, org, package, pkg["chain_len"], head, [ps.content(r) for r in rows], now, flags)
-            for row, flag, (index, mac) in zip(rows, flags, links, strict=True):
-                custody_rows.append((org, package, index, row["driver_id"], row["seq"], now, flag, mac))
-            heads[(org, package)] = links[-1]
-        await ps.insert_custody(conn, custody_rows)
-        out.chained = len(custody_rows)
+            batch.fresh.setdefault((row["org"], row["package"]), []).append(row)
+        await ps.insert_custody(conn, batch.chain(locked, {k: it.recovered for k, it in unique.items()}))
         scans: dict[ps.Key, list[asyncpg.Record]] = {}
         for row in await ps.chained_scans(conn, keys):
             scans.setdefault((row["org"], row["package"]), []).append(row)
@@ -153,76 +138,87 @@ async def process(
         for a in await ps.alerts_of(conn, keys):
             akey = (a["kind"], a["reason"], a["driver_id"], a["seq"])
             stored.setdefault((a["org"], a["package_id"]), {})[akey] = (a["state"], a["id"], a["message"])
-        alert_rows: list[tuple[Any, ...]] = []
-        package_rows: list[tuple[Any, ...]] = []
-        order = sorted(keys, key=lambda k: min((r["received_at"] for r in by_package.get(k, ())), default=0))
-        for k in order:
-            _update(
-                k,
-                locked[k],
-                scans.get(k, []),
-                stored.get(k, {}),
-                by_package.get(k, []),
-                heads,
-                key,
-                now,
-                max_delivery_m,
-                k in announce,
-                out,
-                alert_rows,
-                package_rows,
-            )
-        await ps.upsert_alerts(conn, alert_rows, now)
-        await ps.update_packages(conn, package_rows)
-    return out
+        first = {k: rows[0]["received_at"] for k, rows in batch.fresh.items()}
+        for k in sorted(keys, key=lambda k: first.get(k, 0)):  # publish in the order scans were stored
+            batch.update(k, locked[k], scans.get(k, []), stored.get(k, {}), announce=k in announce)
+        await ps.upsert_alerts(conn, batch.alert_rows, batch.now)
+        await ps.update_packages(conn, batch.package_rows)
+    return batch.out
 
 
-def _update(
-    k: ps.Key,
-    pkg: asyncpg.Record,
-    scans: list[asyncpg.Record],
-    stored: dict[custody.AlertKey, tuple[str, str, str | None]],
-    fresh: list[asyncpg.Record],
-    heads: dict[ps.Key, tuple[int, bytes]],
-    key: bytes,
-    now: int,
-    max_delivery_m: float,
-    announce: bool,
-    out: Outcome,
-    alert_rows: list[tuple[Any, ...]],
-    package_rows: list[tuple[Any, ...]],
-) -> None:
-    org, package = k
-    client = pkg["client"] if pkg["consigned_at"] is not None else None
-    stamp = stamp_of(client)
-    for row in fresh:
-        out.live.append((org, ("a", row["driver_id"], row["ts"], stamp, frames.encode(scan_frame(row)))))
-    result = custody.replay(terms(pkg, max_delivery_m), [fact(r) for r in scans])
-    ts = result.ts if result.ts is not None else pkg["consigned_at"] or now
-    was = pkg["holder"] if pkg["state"] == custody.PICKED_UP else None
-    held = result.holder if result.state == custody.PICKED_UP else None
-    if (result.state, result.holder) != (pkg["state"], pkg["holder"]) or announce:
-        out.changed.add(k)
-        frame = package_frame(package, result.state, result.holder, client, ts)
-        out.live.append((org, ("a", result.holder or "", ts, stamp, frames.encode(frame))))
-    if was != held or announce:
-        out.holders.update((org, d) for d in (was, held) if d is not None)
-    to_open, to_resolve = custody.plan_alerts({a: s[0] for a, s in stored.items()}, result.anomalies)
-    for anomaly in to_open:
-        id_ = alert_id(org, package, anomaly.key)
-        alert_rows.append(
-            (org, id_, anomaly.kind, anomaly.reason, "open", package, anomaly.driver, anomaly.seq, anomaly.message)
+class _Batch:
+    """What one transaction computes: chain records, package updates, alerts, frames to publish."""
+
+    def __init__(self, key: bytes, now: int, max_delivery_m: float) -> None:
+        self.key, self.now, self.max_delivery_m = key, now, max_delivery_m
+        self.out = Outcome()
+        self.fresh: dict[ps.Key, list[asyncpg.Record]] = {}  # scans chained now, per package, in order
+        self.heads: dict[ps.Key, tuple[int, bytes]] = {}
+        self.alert_rows: list[tuple[Any, ...]] = []
+        self.package_rows: list[tuple[Any, ...]] = []
+
+    def chain(
+        self, locked: dict[ps.Key, asyncpg.Record], recovered: dict[tuple[str, str, int], bool]
+    ) -> list[tuple[str, str, int, str, int, int, bool, bytes]]:
+        """The custody records of the fresh scans, each package's appended to its chain."""
+        rows: list[tuple[str, str, int, str, int, int, bool, bytes]] = []
+        for (org, package), scans in self.fresh.items():
+            pkg = locked[(org, package)]
+            flags = [recovered[(org, r["driver_id"], r["seq"])] for r in scans]
+            head = bytes(pkg["chain_head"]) if pkg["chain_head"] is not None else chain.GENESIS
+            contents = [ps.content(r) for r in scans]
+            links = chain.extend(self.key, org, package, pkg["chain_len"], head, contents, self.now, flags)
+            for row, flag, (index, mac) in zip(scans, flags, links, strict=True):
+                rows.append((org, package, index, row["driver_id"], row["seq"], self.now, flag, mac))
+            self.heads[(org, package)] = links[-1]
+        self.out.chained = len(rows)
+        return rows
+
+    def update(
+        self,
+        k: ps.Key,
+        pkg: asyncpg.Record,
+        scans: list[asyncpg.Record],
+        stored: dict[custody.AlertKey, tuple[str, str, str | None]],
+        *,
+        announce: bool,
+    ) -> None:
+        """Replay one package from all its chained scans; queue its new row, alerts and frames."""
+        org, package = k
+        out = self.out
+        client = pkg["client"] if pkg["consigned_at"] is not None else None
+        stamp = stamp_of(client)
+        for row in self.fresh.get(k, ()):
+            out.live.append((org, ("a", row["driver_id"], row["ts"], stamp, frames.encode(scan_frame(row)))))
+        result = custody.replay(terms(pkg, self.max_delivery_m), [fact(r) for r in scans])
+        ts = result.ts if result.ts is not None else pkg["consigned_at"] or self.now
+        was = pkg["holder"] if pkg["state"] == custody.PICKED_UP else None
+        held = result.holder if result.state == custody.PICKED_UP else None
+        if (result.state, result.holder) != (pkg["state"], pkg["holder"]) or announce:
+            out.changed.add(k)
+            frame = package_frame(package, result.state, result.holder, client, ts)
+            out.live.append((org, ("a", result.holder or "", ts, stamp, frames.encode(frame))))
+        if was != held or announce:
+            out.holders.update((org, d) for d in (was, held) if d is not None)
+        to_open, to_resolve = custody.plan_alerts({a: s[0] for a, s in stored.items()}, result.anomalies)
+        for anomaly in to_open:
+            self._alert(k, stamp, anomaly.key, "open", alert_id(org, package, anomaly.key), anomaly.message)
+        for akey in to_resolve:
+            _, id_, message = stored[akey]
+            self._alert(k, stamp, akey, "resolved", id_, message)
+        length, head = self.heads.get(k, (pkg["chain_len"], bytes(pkg["chain_head"] or chain.GENESIS)))
+        tag = chain.head_tag(self.key, org, package, length, head, ps.consignment(pkg))
+        self.package_rows.append(
+            (org, package, result.state, result.holder, result.ts, length, head if length else None, tag)
         )
-        frame = alert_frame(id_, anomaly.kind, "open", now, anomaly.driver, package, anomaly.message)
-        a_stamp = b"" if anomaly.kind == custody.SCAN_ANOMALY else stamp
-        out.live.append((org, ("a", anomaly.driver, now, a_stamp, frames.encode(frame))))
-    for akey in to_resolve:
-        _, id_, message = stored[akey]
+
+    def _alert(
+        self, k: ps.Key, stamp: bytes, akey: custody.AlertKey, state: str, id_: str, message: str | None
+    ) -> None:
+        org, package = k
         kind, reason, driver, seq = akey
-        alert_rows.append((org, id_, kind, reason, "resolved", package, driver, seq, message))
-        frame = alert_frame(id_, kind, "resolved", now, driver, package, message)
+        self.alert_rows.append((org, id_, kind, reason, state, package, driver, seq, message))
+        frame = alert_frame(id_, kind, state, self.now, driver, package, message)
+        # Scan anomalies are operations (who scanned what, wrongly): for the org's dispatchers only.
         a_stamp = b"" if kind == custody.SCAN_ANOMALY else stamp
-        out.live.append((org, ("a", driver, now, a_stamp, frames.encode(frame))))
-    length, head = heads.get(k, (pkg["chain_len"], bytes(pkg["chain_head"]) if pkg["chain_head"] else chain.GENESIS))
-    tag = chain.head_tag(key, org, package, length, head, ps.consignment(pkg))
-    package_rows.append((org, package, result.state, result.holder, result.ts, length, head if length else None, tag))
+        self.out.live.append((org, ("a", driver, self.now, a_stamp, frames.encode(frame))))

@@ -27,7 +27,7 @@ __all__ = ["SimOptions", "driver_id", "mint_token"]
 class SimOptions:
     """Everything a run needs. ``resolved()`` fills the seed, org and secret defaults."""
 
-    url: str = "ws://127.0.0.1:8000"
+    url: str = "ws://127.0.0.1:8080"  # tracker serve's default
     drivers: int = 100
     interval: float = 1.0  # seconds between a driver's positions
     dashboards: int = 1

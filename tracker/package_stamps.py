@@ -63,6 +63,8 @@ class Stamps:
         """At receipt (never awaits): close the holder's window here, and tell the other instances."""
         org, driver = conn.key
         self._closing(org, scan.package, driver, scan.seq, scan.event)
+        if not self.node.broker.live:
+            return  # no live feed to leak through (and no Redis to tell the others through)
         if not self._notices:
             asyncio.get_running_loop().call_soon(self._send_notices)
         self._notices.append([org, scan.package, driver, scan.seq, scan.event])

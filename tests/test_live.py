@@ -50,6 +50,7 @@ async def test_other_org_sees_nothing_and_same_driver_id_is_separate(
     await p2.send(pos(3, ts=t + 2, lat=6.7))
     await p2.until(lambda p: 3 in p.acked)
     await p1.send(pos(2, ts=t + 3, lat=-1.1))
+    await p1.until(lambda p: 2 in p.acked)
     more = await mine.collect(lambda fs: any(f["type"] == "pos" for f in fs))
     assert [f["lat"] for f in more if f["type"] == "pos"] == [-1.1]
     assert await db.fetchval("SELECT count(*) FROM positions WHERE org=$1", org) == 2

@@ -116,51 +116,81 @@ async def driver_endpoint(ws: WebSocket) -> None:
                                  "server_time": now_ms(), "max_frame": settings.max_frame,
                                  "max_batch": settings.max_batch}))
     conn.expiry = _schedule_expiry(channel, principal.exp, settings.jwt_leeway_s)
+    session = DriverSession(node, conn, verifier)
+    # Frames now go straight from the transport to the session where the server allows it; then
+    # this loop only sees frames that were queued before the switch, and the end of the connection.
+    channel.receive_directly(session.on_frame)
     try:
-        await _driver_loop(ws, node, conn, verifier)
-    except ProtocolError as exc:
-        channel.write(frames.error("protocol", str(exc)))
-        await channel.close(exc.close_code, str(exc)[:100])
+        while True:
+            session.on_frame(await _receive_text(ws))
     except WebSocketDisconnect:
         pass
     finally:
         await node.driver_disconnected(conn)
 
 
-async def _driver_loop(ws: WebSocket, node: Node, conn: DriverConn, verifier: TokenVerifier) -> None:
-    settings = node.settings
-    max_frame, max_batch = settings.max_frame, settings.max_batch
-    channel = conn.channel
-    while not conn.closed:
-        data = await _receive_text(ws)
-        if len(data) > max_frame:
-            raise ProtocolError("frame too large", close_code=1009)
-        obj = frames.decode(data)
-        kind = obj["type"]
-        if kind == "pos" or kind == "scan":
-            node.ingest(conn, [obj])
-        elif kind == "batch":
-            items = obj.get("items")
-            if type(items) is not list:
-                channel.write(frames.error("invalid", "batch: items must be an array"))
-            elif len(items) > max_batch:
-                seqs = [s for it in items if type(it) is dict and type(s := it.get("seq")) is int]
-                channel.write(frames.error("too_large", f"a batch carries at most {max_batch} items", seqs=seqs))
+class DriverSession:
+    """Handles one driver's frames after `hello`. `on_frame` never awaits: it runs per frame,
+    straight from the connection's transport when wsio can arrange it."""
+
+    def __init__(self, node: Node, conn: DriverConn, verifier: TokenVerifier) -> None:
+        self.node = node
+        self.conn = conn
+        self.verifier = verifier
+        self.max_frame = node.settings.max_frame
+        self.max_batch = node.settings.max_batch
+        self.done = False
+
+    def close(self, code: int, reason: str) -> None:
+        self.done = True
+        self.node.spawn(self.conn.channel.close(code, reason[:100]))
+
+    def on_frame(self, data: str | bytes) -> None:
+        if self.done:
+            return
+        conn, channel = self.conn, self.conn.channel
+        try:
+            if len(data) > self.max_frame:
+                raise ProtocolError("frame too large", close_code=1009)
+            obj = frames.decode(data)
+            kind = obj["type"]
+            if kind == "pos" or kind == "scan":
+                self.node.ingest(conn, [obj])
+            elif kind == "batch":
+                self._batch(obj)
+            elif kind == "refresh":
+                self._refresh(obj)
             else:
-                node.ingest(conn, items)
-        elif kind == "refresh":
-            fresh = _refresh(obj, conn.principal, verifier, channel)
-            if fresh is None:
-                await channel.close(4000, "refresh refused")
-                return
-            conn.principal = fresh
-            if conn.expiry is not None:
-                conn.expiry.cancel()
-            conn.expiry = _schedule_expiry(channel, fresh.exp, settings.jwt_leeway_s)
-            channel.write(frames.encode({"type": "welcome", "driver": fresh.sub, "refreshed": True,
-                                         "server_time": now_ms(), "max_frame": max_frame, "max_batch": max_batch}))
+                raise ProtocolError(f"unknown frame type {kind!r}")
+        except ProtocolError as exc:
+            channel.write(frames.error("protocol", str(exc)))
+            self.close(exc.close_code, str(exc))
+
+    def _batch(self, obj: dict[str, Any]) -> None:
+        items = obj.get("items")
+        if type(items) is not list:
+            self.conn.channel.write(frames.error("invalid", "batch: items must be an array"))
+        elif len(items) > self.max_batch:
+            seqs = [s for it in items if type(it) is dict and type(s := it.get("seq")) is int]
+            self.conn.channel.write(frames.error("too_large", f"a batch carries at most {self.max_batch} items",
+                                                 seqs=seqs))
         else:
-            raise ProtocolError(f"unknown frame type {kind!r}")
+            self.node.ingest(self.conn, items)
+
+    def _refresh(self, obj: dict[str, Any]) -> None:
+        conn = self.conn
+        fresh = _refresh(obj, conn.principal, self.verifier, conn.channel)
+        if fresh is None:
+            self.close(4000, "refresh refused")
+            return
+        conn.principal = fresh
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+        settings = self.node.settings
+        conn.expiry = _schedule_expiry(conn.channel, fresh.exp, settings.jwt_leeway_s)
+        conn.channel.write(frames.encode({"type": "welcome", "driver": fresh.sub, "refreshed": True,
+                                          "server_time": now_ms(), "max_frame": self.max_frame,
+                                          "max_batch": self.max_batch}))
 
 
 def parse_subscribe(obj: dict[str, Any]) -> Filter:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 CONNECTIONS = Gauge("tracker_connections", "Open websocket connections", ["role"])
-EVENTS_RECEIVED = Counter("tracker_events_received_total", "Driver events received", ["kind"])
+EVENTS_RECEIVED = Counter("tracker_events_received_total", "Driver events accepted for storage", ["kind"])
+POSITIONS_RECEIVED = EVENTS_RECEIVED.labels("pos")  # bound once: .labels() costs a lock and a lookup
+SCANS_RECEIVED = EVENTS_RECEIVED.labels("scan")
 EVENTS_STORED = Counter("tracker_events_stored_total", "Driver events acknowledged after commit")
 EVENTS_REFUSED = Counter("tracker_events_refused_total", "Driver events refused, by error code", ["code"])
 ACK_SECONDS = Histogram("tracker_ack_latency_seconds", "Receipt to ack sent",

@@ -262,8 +262,9 @@ class Node:
         pending, self._pending = self._pending, []
         live, self._live = self._live, {}
         if pending:
-            for ev in pending:
-                metrics.EVENTS_RECEIVED.labels(ev.event.kind).inc()
+            scans = sum(1 for it in pending if type(it.event) is Scan)
+            metrics.POSITIONS_RECEIVED.inc(len(pending) - scans)
+            metrics.SCANS_RECEIVED.inc(scans)
             rejected = self.writer.submit(pending)
             if rejected:
                 self._answered([], [(it, "unavailable", "the write buffer is full; resend later") for it in rejected])

@@ -73,6 +73,23 @@ class Channel:
                 self.closed = True
                 self._queue.clear()
 
+    def receive_directly(self, on_frame: Callable[[bytes], None]) -> bool:
+        """Hand every further data frame straight to `on_frame`, from the transport's callback:
+        no ASGI message, queue, task wake-up or read pause per frame. The ASGI `receive` then only
+        reports the end of the connection. False where this server does not allow it."""
+        proto = self._proto
+        if proto is None or not hasattr(proto, "send_receive_event_to_app") or not hasattr(proto, "frames"):
+            return False
+
+        def deliver() -> None:
+            data = proto.frames[0] if len(proto.frames) == 1 else b"".join(proto.frames)
+            proto.frames = []
+            if not proto.close_sent:
+                on_frame(data)
+
+        proto.send_receive_event_to_app = deliver
+        return True
+
     def buffered(self) -> int:
         """Bytes written but not yet accepted by the peer's TCP window (or still queued)."""
         if self._proto is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any
 
@@ -26,6 +27,17 @@ def uvicorn_config(app: Starlette, settings: Settings, **overrides: Any) -> uvic
     return uvicorn.Config(asgi(app), **options)
 
 
+def tune_gc() -> None:
+    """Fewer, cheaper garbage collections. The hot path allocates many short-lived, acyclic
+    objects (frames, events) that reference counting frees at once; with CPython's default
+    thresholds the cyclic collector still runs every 700 allocations and, with tens of thousands
+    of connections' objects alive, a full collection costs milliseconds. Objects alive after
+    start-up are frozen out of collection altogether."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+
+
 class Server(uvicorn.Server):
     """uvicorn, but a shutdown (SIGTERM: a rolling deploy) first drains the node: stop accepting,
     commit and ack what is buffered, close connections with 1012, and only then let uvicorn go."""
@@ -42,6 +54,10 @@ class Server(uvicorn.Server):
             logging.getLogger("tracker").info("draining: committing buffered events, closing with 1012")
             await node.drain()
         await super().shutdown(sockets)
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        tune_gc()
 
     @property
     def port(self) -> int:

@@ -167,7 +167,9 @@ INSERT INTO positions (org, driver_id, seq, ts, received_at, lat, lon, acc, spd,
 SELECT t.* FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::float8[], $7::float8[],
                        $8::float4[], $9::float4[], $10::float4[], $11::float4[], $12::float4[])
     AS t(org, driver_id, seq, ts, received_at, lat, lon, acc, spd, hdg, alt, bat)
-WHERE NOT EXISTS (SELECT 1 FROM scans s WHERE s.org = t.org AND s.driver_id = t.driver_id AND s.seq = t.seq)
+-- OFFSET 0 keeps this a per-row index probe: flattened into an anti-join, the planner hashes
+-- the whole other table for every batch.
+WHERE NOT EXISTS (SELECT 1 FROM scans s WHERE s.org = t.org AND s.driver_id = t.driver_id AND s.seq = t.seq OFFSET 0)
 ON CONFLICT DO NOTHING
 """
 
@@ -176,7 +178,8 @@ INSERT INTO scans (org, driver_id, seq, ts, received_at, package, event, lat, lo
 SELECT t.* FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::text[], $7::text[],
                        $8::float8[], $9::float8[], $10::float4[], $11::text[], $12::text[], $13::text[])
     AS t(org, driver_id, seq, ts, received_at, package, event, lat, lon, temp_c, note, recipient, pod)
-WHERE NOT EXISTS (SELECT 1 FROM positions p WHERE p.org = t.org AND p.driver_id = t.driver_id AND p.seq = t.seq)
+WHERE NOT EXISTS (SELECT 1 FROM positions p WHERE p.org = t.org AND p.driver_id = t.driver_id AND p.seq = t.seq
+                  OFFSET 0)
 ON CONFLICT DO NOTHING
 """
 

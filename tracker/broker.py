@@ -117,6 +117,7 @@ class FastUnixConnection(FastPacking, aioredis.UnixDomainSocketConnection):
 # presence line, kicks an older connection of the driver on another instance, and returns each
 # driver's newest live position ("<live ts>\\t<frame>", or false).
 PRESENCE_ON_LUA: Final = """
+local find, sub = string.find, string.sub
 local exp = ARGV[1]
 local out = {}
 for i = 2, #ARGV, 5 do
@@ -124,6 +125,7 @@ for i = 2, #ARGV, 5 do
   local pconn = 'trk:pconn:' .. org
   local prev = redis.call('HGET', pconn, driver)
   redis.call('HSET', pconn, driver, conn)
+  redis.call('HSET', 'trk:pstamp:' .. org, driver, sub(line, 1, find(line, '\\t', 1, true) - 1))
   redis.call('ZADD', 'trk:presence:' .. org, exp, driver)
   redis.call('SADD', 'trk:orgs', org)
   if name ~= '' then redis.call('HSET', 'trk:names:' .. org, driver, name) end
@@ -145,6 +147,7 @@ for i = 1, #ARGV, 4 do
   local pconn = 'trk:pconn:' .. org
   if redis.call('HGET', pconn, driver) == conn then
     redis.call('HDEL', pconn, driver)
+    redis.call('HDEL', 'trk:pstamp:' .. org, driver)
     redis.call('ZREM', 'trk:presence:' .. org, driver)
     redis.call('PUBLISH', 'trk:live:' .. org, line)
     out[#out + 1] = 1
@@ -156,17 +159,22 @@ return out
 """
 
 # Keeps this instance's connections online; re-creates them after Redis lost its state.
+# Also records each driver's current stamp, so that an expiry published by the sweep reaches the
+# client dashboards entitled to that driver's presence.
 REFRESH_LUA: Final = """
 local exp = ARGV[1]
-for i = 2, #ARGV, 3 do
-  local org, driver, conn = ARGV[i], ARGV[i+1], ARGV[i+2]
+for i = 2, #ARGV, 4 do
+  local org, driver, conn, stamp = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3]
   local cur = redis.call('HGET', 'trk:pconn:' .. org, driver)
   if not cur then
     redis.call('HSET', 'trk:pconn:' .. org, driver, conn)
     redis.call('SADD', 'trk:orgs', org)
     cur = conn
   end
-  if cur == conn then redis.call('ZADD', 'trk:presence:' .. org, exp, driver) end
+  if cur == conn then
+    redis.call('ZADD', 'trk:presence:' .. org, exp, driver)
+    redis.call('HSET', 'trk:pstamp:' .. org, driver, stamp)
+  end
 end
 return 1
 """
@@ -181,8 +189,10 @@ for _, org in ipairs(redis.call('SMEMBERS', 'trk:orgs')) do
   for _, driver in ipairs(redis.call('ZRANGEBYSCORE', zkey, '-inf', now)) do
     redis.call('ZREM', zkey, driver)
     redis.call('HDEL', 'trk:pconn:' .. org, driver)
+    local stamp = redis.call('HGET', 'trk:pstamp:' .. org, driver) or ''
+    redis.call('HDEL', 'trk:pstamp:' .. org, driver)
     local frame = '{"type":"presence","driver":' .. cjson.encode(driver) .. ',"online":false,"ts":' .. now .. '}'
-    redis.call('PUBLISH', 'trk:live:' .. org, '\\t' .. frame)
+    redis.call('PUBLISH', 'trk:live:' .. org, stamp .. '\\t' .. frame)
     n = n + 1
   end
 end
@@ -271,12 +281,13 @@ class RedisBroker:
             args += item
         return [bool(v) for v in await self._off(args=args)]
 
-    async def refresh_presence(self, conns: list[tuple[str, str, str]]) -> None:
+    async def refresh_presence(self, conns: list[tuple[str, str, str, bytes]]) -> None:
+        """Keep (org, driver, conn id, stamp) online for another TTL."""
         exp = int(time.time() * 1000) + self.presence_ttl_ms
         for start in range(0, len(conns), 5000):
             args: list[Any] = [exp]
-            for org, driver, conn in conns[start:start + 5000]:
-                args += (org, driver, conn)
+            for item in conns[start:start + 5000]:
+                args += item
             await self._refresh(args=args)
 
     async def sweep(self) -> int:

@@ -204,7 +204,7 @@ class Node:
         while True:
             await asyncio.sleep(interval)
             try:
-                conns = [(c.principal.org, c.principal.sub, c.conn_id) for c in self.sessions.values()]
+                conns = [(c.principal.org, c.principal.sub, c.conn_id, c.stamp) for c in self.sessions.values()]
                 await self.broker.refresh_presence(conns)
                 await self.broker.sweep()
             except (RedisError, OSError) as exc:

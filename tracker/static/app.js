@@ -1339,13 +1339,21 @@ function drawNames(ctx, W) {
   ctx.lineJoin = 'round';
   ctx.strokeStyle = 'rgba(255, 255, 255, 0.9)';
   ctx.fillStyle = '#1f2328';
-  for (const d of state.drivers.values()) {
-    if (!(d.mx === d.mx)) continue;
+  // A name that would overlap one already drawn is left out: two drivers side by side would
+  // otherwise smear both names into one unreadable word. The selected driver's name goes first.
+  const placed = [];
+  const selected = state.selected ? state.drivers.get(state.selected) : null;
+  const drivers = selected ? [selected, ...state.drivers.values()] : state.drivers.values();
+  for (const d of drivers) {
+    if (!(d.mx === d.mx) || (d !== selected && d.id === state.selected)) continue;
     // Clear of the selection ring for the selected driver.
     const x = toScreenX(d.mx, W) + MARKER_R + (d.id === state.selected ? 12 : 4);
     const y = toScreenY(d.my, W);
     if (x < 0 || y < 0 || x > view.width || y > view.height) continue;
     const label = d.name || d.id;
+    const box = [x - 2, y - 8, x + ctx.measureText(label).width + 2, y + 8];
+    if (placed.some((b) => b[0] < box[2] && box[0] < b[2] && b[1] < box[3] && box[1] < b[3])) continue;
+    placed.push(box);
     ctx.strokeText(label, x, y);
     ctx.fillText(label, x, y);
   }

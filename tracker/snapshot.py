@@ -9,6 +9,7 @@ read or among the waiting frames (or both, which the replay filter resolves).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,26 @@ async def no_extras(node: Node, dash: Dashboard) -> tuple[set[str] | None, list[
     return (set() if dash.principal.role == "client" else None), [], []
 
 
+# Set in Redis (a hash: org -> 1) once PostgreSQL's newest positions of an org have been merged
+# into Redis. A restarted Redis has lost it along with the positions, so the next snapshot of that
+# org merges again (fault test: tests/test_faults_redis.py).
+SYNCED_KEY = "trk:pgsynced"
+
+# One PostgreSQL read per org however many dashboards want a snapshot at once (all of them do,
+# right after the live feed comes back).
+_reading: dict[tuple[int, str], asyncio.Future[list[dict[str, Any]]]] = {}
+
+
+async def _stored_positions(node: Node, org: str) -> list[dict[str, Any]]:
+    key = (id(node), org)
+    future = _reading.get(key)
+    if future is None:
+        future = asyncio.ensure_future(store.last_positions(node.pool, org))
+        _reading[key] = future
+        future.add_done_callback(lambda _: _reading.pop(key, None))
+    return await asyncio.shield(future)
+
+
 async def _positions(node: Node, org: str) -> tuple[dict[str, tuple[int, bytes]], dict[str, str], set[str]]:
     from .node import pos_frame
 
@@ -45,30 +66,36 @@ async def _positions(node: Node, org: str) -> tuple[dict[str, tuple[int, bytes]]
     redis_ok = True
     try:
         positions, names, online = await node.broker.live_state(org)
+        if positions and await node.broker.redis.hexists(SYNCED_KEY, org):
+            return positions, names, online
     except (RedisError, OSError) as exc:
         redis_ok = False
         log.debug("snapshot without Redis: %s", exc)
-    if positions:
-        return positions, names, online
-    # Redis has lost the live state (restarted) or is down: PostgreSQL has every stored position.
+    # Redis is down, or has lost the live state (restarted): PostgreSQL has every stored position.
+    # A restarted Redis may already hold the newest positions of drivers that sent since, but not
+    # those of drivers that went quiet: merge, the newer (by live ts) winning.
     try:
-        rows = await store.last_positions(node.pool, org)
+        rows = await _stored_positions(node, org)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        log.warning("snapshot has no positions: Redis and PostgreSQL both failed (%s)", exc)
+        log.warning("snapshot has no stored positions: PostgreSQL failed (%s)", exc)
         return positions, names, online
     restore = []
     for row in rows:
+        driver = row["driver_id"]
+        if row["name"] and driver not in names:
+            names[driver] = row["name"]
+        lts = live_ts(row["ts"], row["received_at"])
+        if driver in positions and positions[driver][0] >= lts:
+            continue
         ev = Position(row["seq"], row["ts"], row["lat"], row["lon"], row["acc"], row["spd"], row["hdg"], row["alt"],
                       row["bat"])
-        frame = pos_frame(row["driver_id"], ev)
-        lts = live_ts(row["ts"], row["received_at"])
-        positions[row["driver_id"]] = (lts, frame)
-        if row["name"]:
-            names[row["driver_id"]] = row["name"]
-        restore.append((row["driver_id"], lts, frame))
-    if redis_ok and restore:
+        frame = pos_frame(driver, ev)
+        positions[driver] = (lts, frame)
+        restore.append((driver, lts, frame))
+    if redis_ok:
         try:
             await node.broker.restore_positions(org, restore)
+            await node.broker.redis.hset(SYNCED_KEY, org, 1)  # type: ignore[misc]
         except (RedisError, OSError):
             pass
     return positions, names, online

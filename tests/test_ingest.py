@@ -233,3 +233,23 @@ async def test_rate_limit(start_instance: Any, org: str) -> None:
     assert phone.acked == set(range(1, 6))
     assert phone.refused("rate_limited") == set(range(6, 11))
     assert all(e["retry_ms"] > 0 for e in phone.errors)
+
+
+async def test_own_frame_reader_handles_fragments_pings_and_close(instance: Instance, org: str) -> None:
+    from tracker.wire import FrameReader
+
+    phone = await Phone.connect(instance.url, token("driver", "d-1", org))
+    conn = instance.node.sessions[(org, "d-1")]
+    assert isinstance(conn.channel._proto.transport.get_protocol(), FrameReader)
+    # A message in three fragments is one frame to the protocol.
+    text = orjson.dumps(pos(1)).decode()
+    await phone.ws.send(iter([text[:10], text[10:20], text[20:]]))
+    await phone.until(lambda p: p.acked == {1})
+    pong = await phone.ws.ping(b"are you there")
+    await asyncio.wait_for(pong, 5)  # answered by the reader
+    await phone.send(pos(2))
+    await phone.until(lambda p: p.acked == {1, 2})
+    await phone.close()  # the closing handshake completes and the driver goes offline
+    async with asyncio.timeout(5):
+        while (org, "d-1") in instance.node.sessions:
+            await asyncio.sleep(0.01)

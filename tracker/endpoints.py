@@ -12,11 +12,13 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from . import metrics
 from .auth import AuthError, Principal, TokenVerifier
 from .hub import Dashboard, Filter
+from .limits import Admission, Bucket
 from .node import DriverConn, Node
 from .protocol import frames
 from .protocol.frames import ProtocolError
 from .snapshot import send_snapshot
 from .writer import now_ms
+from .wire import take_over
 from .wsio import Channel
 
 log = logging.getLogger("tracker.endpoints")
@@ -51,7 +53,20 @@ async def _receive_text(ws: WebSocket) -> str | bytes:
 
 async def _hello(ws: WebSocket, channel: Channel, verifier: TokenVerifier, timeout: float, *,
                  role_ok: tuple[str, ...]) -> tuple[Principal, dict[str, Any]] | None:
-    """The first frame must be `hello` within `timeout`; returns the principal, or None (closed)."""
+    """The first frame must be `hello` within `timeout`; returns the principal, or None (closed).
+    At most `max_pending` sockets of the instance wait for their hello at once; beyond: 1013."""
+    admission: Admission = ws.app.state.admission
+    if not admission.begin_hello():
+        await channel.close(1013, "too many connections waiting for hello")
+        return None
+    try:
+        return await _await_hello(ws, channel, verifier, timeout, role_ok=role_ok)
+    finally:
+        admission.end_hello()
+
+
+async def _await_hello(ws: WebSocket, channel: Channel, verifier: TokenVerifier, timeout: float, *,
+                       role_ok: tuple[str, ...]) -> tuple[Principal, dict[str, Any]] | None:
     try:
         data = await asyncio.wait_for(_receive_text(ws), timeout)
     except TimeoutError:
@@ -106,6 +121,7 @@ async def driver_endpoint(ws: WebSocket) -> None:
         return
     await ws.accept()
     channel = Channel(ws._send)
+    reader = take_over(ws._send, settings.max_frame)  # our own frame parser, where the server allows
     hello = await _hello(ws, channel, verifier, settings.hello_timeout_s, role_ok=("driver",))
     if hello is None:
         return
@@ -119,7 +135,10 @@ async def driver_endpoint(ws: WebSocket) -> None:
     session = DriverSession(node, conn, verifier)
     # Frames now go straight from the transport to the session where the server allows it; then
     # this loop only sees frames that were queued before the switch, and the end of the connection.
-    channel.receive_directly(session.on_frame)
+    if reader is not None:
+        reader.deliver_to(session.on_frame)
+    else:
+        channel.receive_directly(session.on_frame)
     try:
         while True:
             session.on_frame(await _receive_text(ws))
@@ -193,8 +212,9 @@ class DriverSession:
                                           "max_batch": self.max_batch}))
 
 
-def parse_subscribe(obj: dict[str, Any]) -> Filter:
-    """A subscription's filters; malformed values are a protocol error, ids are just strings."""
+def parse_subscribe(obj: dict[str, Any], *, max_ids: int = 10_000) -> Filter:
+    """A subscription's filters; malformed values are a protocol error, ids are just strings.
+    `drivers` and `packages` together name at most `max_ids` ids."""
     def ids(key: str) -> frozenset[str] | None:
         value = obj.get(key)
         if value is None:
@@ -202,6 +222,10 @@ def parse_subscribe(obj: dict[str, Any]) -> Filter:
         if type(value) is not list or len(value) > 10_000 or not all(type(v) is str and len(v) <= 64 for v in value):
             raise ProtocolError(f"subscribe: {key} must be an array of ids")
         return frozenset(value)
+
+    named = sum(len(v) for v in (obj.get("drivers"), obj.get("packages")) if type(v) is list)
+    if named > max_ids:
+        raise ProtocolError(f"subscribe: at most {max_ids} drivers and packages")
 
     bbox = obj.get("bbox")
     if bbox is not None:
@@ -225,55 +249,116 @@ async def live_endpoint(ws: WebSocket) -> None:
     if hello is None:
         return
     principal, _ = hello
-    welcome: dict[str, Any] = {"type": "welcome", "role": principal.role, "org": principal.org}
-    if principal.client:
-        welcome["client"] = principal.client
-    channel.write(frames.encode(welcome))
-    dash = Dashboard(principal, channel, node.hub)
-    expiry = _schedule_expiry(channel, principal.exp, settings.jwt_leeway_s)
-    metrics.CONNECTIONS.labels(principal.role).inc()
-    snapshotting: asyncio.Task[None] | None = None
-    subscribed = False
+    admission: Admission = ws.app.state.admission
+    refused = admission.admit_dashboard(principal.key)
+    if refused is not None:
+        await channel.close(1013, refused)
+        return
     try:
-        while True:
-            data = await _receive_text(ws)
-            if len(data) > settings.max_frame:
-                raise ProtocolError("frame too large", close_code=1009)
-            obj = frames.decode(data)
-            kind = obj["type"]
-            if kind == "subscribe":
-                dash.flt = parse_subscribe(obj)
-                dash.live = False
-                dash.pre.clear()
-                dash.take()
-                dash.inside.clear()
-                if not subscribed:
-                    node.hub.add(dash)
-                    subscribed = True
-                if snapshotting is not None:
-                    snapshotting.cancel()
-                snapshotting = asyncio.create_task(send_snapshot(node, dash))
-            elif kind == "refresh":
-                fresh = _refresh(obj, dash.principal, verifier, channel)
-                if fresh is None:
-                    await channel.close(4000, "refresh refused")
-                    return
-                dash.principal = fresh
-                expiry.cancel()
-                expiry = _schedule_expiry(channel, fresh.exp, settings.jwt_leeway_s)
-                channel.write(frames.encode({**welcome, "refreshed": True}))
-            else:
-                raise ProtocolError(f"unknown frame type {kind!r}")
-    except ProtocolError as exc:
-        channel.write(frames.error("protocol", str(exc)))
-        await channel.close(exc.close_code, str(exc)[:100])
-    except WebSocketDisconnect:
-        pass
+        await LiveSession(node, principal, channel, verifier).run(ws)
     finally:
-        expiry.cancel()
-        metrics.CONNECTIONS.labels(principal.role).dec()
-        if snapshotting is not None:
-            snapshotting.cancel()
+        admission.release_dashboard(principal.key)
+
+
+class LiveSession:
+    """One dashboard after `hello`: subscriptions, refresh, and the token's expiry (4003).
+
+    A subscribe costs a snapshot (PostgreSQL and Redis reads), so a dashboard gets at most
+    `subscribe_rate_per_s` of them a second after a burst of `subscribe_burst`; a faster subscribe
+    waits for its turn and the newest waiting one wins (the older ones get no snapshot of their own)."""
+
+    def __init__(self, node: Node, principal: Principal, channel: Channel, verifier: TokenVerifier) -> None:
+        self.node = node
+        self.settings = node.settings
+        self.channel = channel
+        self.verifier = verifier
+        self.dash = Dashboard(principal, channel, node.hub)
+        self.welcome: dict[str, Any] = {"type": "welcome", "role": principal.role, "org": principal.org}
+        if principal.client:
+            self.welcome["client"] = principal.client
+        self.bucket = Bucket(self.settings.subscribe_rate_per_s, self.settings.subscribe_burst)
+        self.waiting: Filter | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.snapshotting: asyncio.Task[None] | None = None
+        self.subscribed = False
+        self.expiry: asyncio.TimerHandle | None = None
+
+    async def run(self, ws: WebSocket) -> None:
+        channel, settings, role = self.channel, self.settings, self.dash.principal.role
+        channel.write(frames.encode(self.welcome))
+        self.expiry = _schedule_expiry(channel, self.dash.principal.exp, settings.jwt_leeway_s)
+        metrics.CONNECTIONS.labels(role).inc()
+        try:
+            while True:
+                data = await _receive_text(ws)
+                if len(data) > settings.max_frame:
+                    raise ProtocolError("frame too large", close_code=1009)
+                obj = frames.decode(data)
+                kind = obj["type"]
+                if kind == "subscribe":
+                    self.subscribe(parse_subscribe(obj, max_ids=settings.subscribe_max_ids))
+                elif kind == "refresh":
+                    if not self.refresh(obj):
+                        await channel.close(4000, "refresh refused")
+                        return
+                else:
+                    raise ProtocolError(f"unknown frame type {kind!r}")
+        except ProtocolError as exc:
+            channel.write(frames.error("protocol", str(exc)))
+            await channel.close(exc.close_code, str(exc)[:100])
+        except WebSocketDisconnect:
+            pass
+        finally:
+            metrics.CONNECTIONS.labels(role).dec()
+            await self.stop()
+
+    def subscribe(self, flt: Filter) -> None:
+        self.waiting = flt
+        if self.timer is None:
+            self._apply()
+
+    def _apply(self) -> None:
+        self.timer = None
+        wait = self.bucket.take()
+        if wait > 0:
+            self.timer = asyncio.get_running_loop().call_later(wait, self._apply)
+            return
+        flt, self.waiting = self.waiting, None
+        if flt is None:
+            return
+        dash = self.dash
+        dash.flt = flt
+        dash.live = False
+        dash.pre.clear()
+        dash.take()
+        dash.inside.clear()
+        if not self.subscribed:
+            self.node.hub.add(dash)
+            self.subscribed = True
+        if self.snapshotting is not None:
+            self.snapshotting.cancel()
+        self.snapshotting = asyncio.create_task(send_snapshot(self.node, dash))
+
+    def refresh(self, obj: dict[str, Any]) -> bool:
+        """A new token for the same identity; False means: close."""
+        fresh = _refresh(obj, self.dash.principal, self.verifier, self.channel)
+        if fresh is None:
+            return False
+        self.dash.principal = fresh
+        if self.expiry is not None:
+            self.expiry.cancel()
+        self.expiry = _schedule_expiry(self.channel, fresh.exp, self.settings.jwt_leeway_s)
+        self.channel.write(frames.encode({**self.welcome, "refreshed": True}))
+        return True
+
+    async def stop(self) -> None:
+        if self.expiry is not None:
+            self.expiry.cancel()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.snapshotting is not None:
+            self.snapshotting.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await snapshotting
-        await node.hub.stop(dash)
+                await self.snapshotting
+        await self.node.hub.stop(self.dash)

@@ -11,6 +11,7 @@ from typing import Any
 
 import asyncpg
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
@@ -26,9 +27,12 @@ from .config import Settings
 from .embedded import Embedded
 from .endpoints import driver_endpoint, live_endpoint
 from .hub import Hub
+from .limits import Admission
 from .node import Node
 
 log = logging.getLogger("tracker")
+
+HTTP_CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:{tiles}; "
        "connect-src 'self' ws: wss:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
@@ -83,8 +87,10 @@ def jwt_secret(settings: Settings) -> str:
 
 def make_verifier(settings: Settings) -> TokenVerifier:
     if settings.jwt_alg == "HS256":
-        return TokenVerifier(alg="HS256", secret=jwt_secret(settings), leeway_s=settings.jwt_leeway_s)
-    return TokenVerifier(alg=settings.jwt_alg, public_key=settings.jwt_public_key, leeway_s=settings.jwt_leeway_s)
+        return TokenVerifier(alg="HS256", secret=jwt_secret(settings), leeway_s=settings.jwt_leeway_s,
+                             max_ttl_s=settings.jwt_max_ttl_s)
+    return TokenVerifier(alg=settings.jwt_alg, public_key=settings.jwt_public_key, leeway_s=settings.jwt_leeway_s,
+                         max_ttl_s=settings.jwt_max_ttl_s)
 
 
 async def connect_postgres(url: str, settings: Settings, *, wait_s: float = 60.0) -> asyncpg.Pool:
@@ -163,14 +169,22 @@ def create_app(settings: Settings) -> Starlette:
     async def not_found(request: Request, exc: Exception) -> Response:
         return http_api.error_response(404, "not_found", "no such resource")
 
+    async def http_error(request: Request, exc: Exception) -> Response:
+        # Any other HTTPException Starlette raises (405 above all) is JSON too, never plain text.
+        status = getattr(exc, "status_code", 400)
+        response = http_api.error_response(status, HTTP_CODES.get(status, "invalid"), str(getattr(exc, "detail", "")))
+        response.headers.update(getattr(exc, "headers", None) or {})
+        return response
+
     async def server_error(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return http_api.error_response(500, "internal", "internal error")
 
     app = Starlette(routes=routes, lifespan=lifespan,
                     middleware=[Middleware(SecurityHeaders, tile_url=settings.tile_url)],
-                    exception_handlers={404: not_found, 500: server_error})
+                    exception_handlers={HTTPException: http_error, 404: not_found, 500: server_error})
     app.state.verifier = verifier
+    app.state.admission = Admission(settings)
     app.state.settings = settings
     return app
 

@@ -44,9 +44,10 @@ class TokenVerifier:
     """Verifies tokens with the configured, pinned algorithm and key(s)."""
 
     def __init__(self, *, alg: str, secret: str | None = None, public_key: str | None = None,
-                 leeway_s: float = 30.0) -> None:
+                 leeway_s: float = 30.0, max_ttl_s: float = 0.0) -> None:
         self.alg = alg
         self.leeway_s = leeway_s
+        self.max_ttl_s = max_ttl_s  # a token issued for longer (exp - iat) is refused; 0: no cap
         self._keys: dict[str | None, Any] = {}
         if alg == "HS256":
             if not secret:
@@ -58,6 +59,9 @@ class TokenVerifier:
             self._keys = _load_public_keys(public_key, alg)
 
     def verify(self, token: object) -> Principal:
+        """The token's Principal, or AuthError; never raises anything else (malformed keys and
+        headers included): `iat` in the future beyond the leeway, a lifetime over `max_ttl_s`,
+        another algorithm or an unknown `kid` are refused."""
         if not isinstance(token, str) or not token or len(token) > 8192:
             raise AuthError("missing token")
         try:
@@ -76,7 +80,15 @@ class TokenVerifier:
             raise AuthError("token expired") from None
         except jwt.PyJWTError as exc:
             raise AuthError(f"bad token: {exc}") from None
-        return _principal(claims)
+        except (TypeError, ValueError, KeyError, ArithmeticError) as exc:  # e.g. a key of another type, exp: 1e999
+            raise AuthError(f"bad token: {type(exc).__name__}") from None
+        principal = _principal(claims)
+        iat: Any = claims.get("iat")
+        if type(iat) not in (int, float):
+            raise AuthError("iat must be a number")
+        if self.max_ttl_s and principal.exp - iat > self.max_ttl_s:
+            raise AuthError(f"token lifetime exceeds {self.max_ttl_s:g} s")
+        return principal
 
 
 def _principal(claims: dict[str, Any]) -> Principal:

@@ -81,6 +81,16 @@ class Settings:
     custody_lookback_s: float = 7 * 86_400.0  # ...and at most this long ago
     package_recent_s: float = 86_400.0  # a snapshot lists finished packages changed this recently
 
+    # Abuse limits (SECURITY.md). Counts are per instance.
+    jwt_max_ttl_s: float = 86_400.0  # a token whose exp - iat is longer is refused; 0: no cap
+    handshake_timeout_s: float = 10.0  # a TCP connection must send its HTTP request head within this
+    max_pending: int = 10_000  # accepted websockets still waiting for hello (both endpoints)
+    max_dashboards: int = 10_000  # open /v1/live connections
+    max_dashboards_per_user: int = 50  # open /v1/live connections of one (org, sub)
+    subscribe_max_ids: int = 10_000  # drivers + packages named in one subscribe; beyond: protocol error
+    subscribe_rate_per_s: float = 2.0  # snapshots per second per dashboard; faster subscribes are coalesced
+    subscribe_burst: int = 20
+
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -110,6 +120,13 @@ class Settings:
             raise ConfigError(f"TRACKER_JWT_ALG={self.jwt_alg} needs TRACKER_JWT_PUBLIC_KEY")
         if not 1 <= self.max_batch <= 10_000 or self.max_frame < 1024:
             raise ConfigError("TRACKER_MAX_BATCH must be 1..10000 and TRACKER_MAX_FRAME at least 1024")
+        if not 0 <= self.jwt_leeway_s <= 300:
+            raise ConfigError("TRACKER_JWT_LEEWAY_S must be 0..300 (a small clock skew allowance)")
+        if self.jwt_max_ttl_s < 0 or self.handshake_timeout_s <= 0 or self.subscribe_rate_per_s <= 0:
+            raise ConfigError("TRACKER_JWT_MAX_TTL_S must be >= 0; handshake timeout and subscribe rate > 0")
+        if min(self.max_pending, self.max_dashboards, self.max_dashboards_per_user, self.subscribe_max_ids,
+               self.subscribe_burst) < 1:
+            raise ConfigError("connection, subscription and burst limits must be at least 1")
 
 
 def _parse(name: str, raw: str, type_: Any) -> Any:

@@ -70,6 +70,9 @@ def api(handler: Handler) -> Handler:
             return await handler(request)
         except ApiError as exc:
             return error_response(exc.status, exc.code, exc.message)
+        except asyncpg.DataError as exc:  # a value PostgreSQL cannot take (NUL in text, out of bigint range)
+            log.info("%s %s: refused by PostgreSQL: %s", request.method, request.url.path, exc)
+            return error_response(400, "invalid", "a value in the request is out of range or not storable")
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RedisError) as exc:
             log.warning("%s %s: storage unavailable: %s", request.method, request.url.path, exc)
             return error_response(503, "unavailable", "storage is unavailable; retry later")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from typing import Any
@@ -11,11 +12,14 @@ from starlette.applications import Starlette
 
 from .config import Settings
 
+HEAD_MAX = 65_536  # bytes of request line and headers
+
 
 def uvicorn_config(app: Starlette, settings: Settings, **overrides: Any) -> uvicorn.Config:
     """Not uvicorn's defaults: 64 KiB frames, no compression unless configured, keepalive pings."""
     options: dict[str, Any] = dict(
-        host=settings.host, port=settings.port, ws="websockets-sansio", http="httptools", loop="uvloop",
+        host=settings.host, port=settings.port, ws="websockets-sansio", http=head_deadline_protocol(settings),
+        loop="uvloop",
         ws_max_size=settings.max_frame, ws_per_message_deflate=settings.ws_deflate,
         ws_ping_interval=settings.ping_interval_s, ws_ping_timeout=settings.ping_timeout_s,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5, log_config=None,
@@ -36,6 +40,62 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
+
+
+def head_deadline_protocol(settings: Settings) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol, with what it lacks against slowloris: a connection must send a
+    complete request head (request line and headers, a websocket upgrade included) within
+    `handshake_timeout_s` of opening, or of its first byte after a previous response, else it is
+    closed; a head over HEAD_MAX bytes is refused (400). uvicorn itself waits for a head forever."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    timeout = settings.handshake_timeout_s
+
+    class HeadDeadline(HttpToolsProtocol):
+        head_timer: asyncio.TimerHandle | None = None
+        head_bytes = 0
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.head_timer = self.loop.call_later(timeout, self._head_expired)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self.head_bytes = 0
+            if self.head_timer is None:
+                self.head_timer = self.loop.call_later(timeout, self._head_expired)
+
+        def on_url(self, url: bytes) -> None:
+            self._count(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count(len(name) + len(value))
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _count(self, n: int) -> None:
+            self.head_bytes += n
+            if self.head_bytes > HEAD_MAX:
+                raise ValueError("request head too large")  # the parser answers 400 and closes
+
+        def _disarm(self) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
+
+        def _head_expired(self) -> None:
+            self.head_timer = None
+            self.transport.close()
+
+    return HeadDeadline
 
 
 class Server(uvicorn.Server):

@@ -31,6 +31,7 @@ log = logging.getLogger("tracker.broker")
 
 LIVE_PREFIX: Final = "trk:live:"
 CTL_CHANNEL: Final = "trk:ctl"
+PUBLISH_CHUNK: Final = 2_000  # live items per published message
 
 # One call per org per tick. ARGV: org, np, then np drivers, np live ts and np lines of positions,
 # then lines always published. A line is "<stamp>\\t<frame>". A position is kept (and published)
@@ -254,7 +255,10 @@ class RedisBroker:
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for org, items in pending.items():
-                        await self._live(args=live_args(org, items), client=pipe)
+                        # Bounded messages: a backlog after a slow round trip must not become one
+                        # multi-megabyte message that every instance and dashboard chokes on.
+                        for start in range(0, len(items), PUBLISH_CHUNK):
+                            await self._live(args=live_args(org, items[start:start + PUBLISH_CHUNK]), client=pipe)
                     await pipe.execute()
                 metrics.LIVE_PUBLISHED.inc(n)
             except (RedisError, OSError) as exc:

@@ -58,7 +58,7 @@ class Settings:
 
     # Dashboards
     live_flush_ms: int = 25
-    dashboard_backlog: int = 2_000  # frames waiting before positions are conflated
+    dashboard_backlog: int = 5_000  # frames waiting before positions are conflated (~750 KB)
     dashboard_queue_max: int = 10_000  # non-position frames waiting before slow_consumer
     snapshot_chunk: int = 2_000
     allowed_origins: tuple[str, ...] = ()  # empty: same-origin pages and originless clients only

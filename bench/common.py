@@ -1,0 +1,452 @@
+"""What the benchmark scripts share: the machine, CPU from /proc, the servers under test (tracker,
+the Socket.IO peers, a private Redis), the Node load generator, and the loss check against
+PostgreSQL. Every process started here is stopped by the context managers that started it.
+
+CPU is read from /proc/<pid>/stat (utime + stime), so a number holds on a busy machine: it is the
+work a process did, not the wall time it waited for a core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+LOAD_JS = BENCH / "load" / "load.js"
+NODE_PEER = BENCH / "peers" / "node-socketio"
+PY_PEER = BENCH / "peers" / "python-socketio" / "server.py"
+PEERS_VENV = BENCH / ".peers-venv"
+PG_BASE = os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PG_AUX = ("checkpointer", "background writer", "walwriter", "autovacuum", "logical replication", "stats collector")
+
+
+def log(*parts: object) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *parts, file=sys.stderr, flush=True)
+
+
+# --- the machine ---------------------------------------------------------------------------
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def machine() -> dict[str, Any]:
+    """nproc, CPU model, RAM, kernel, date, load average: printed beside every number."""
+    model = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "load": load_average(),
+        "fd_hard_limit": _hard_nofile(),
+    }
+
+
+def _hard_nofile() -> int:
+    import resource
+
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
+# --- CPU from /proc ------------------------------------------------------------------------
+
+
+def ticks(pid: int) -> int:
+    """utime + stime of one process, in clock ticks (0 if it is gone)."""
+    user, system = ticks2(pid)
+    return user + system
+
+
+def ticks2(pid: int) -> tuple[int, int]:
+    """(utime, stime) of one process, in clock ticks ((0, 0) if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0, 0
+    return int(fields[11]), int(fields[12])
+
+
+def tree(pid: int) -> list[int]:
+    try:
+        p = psutil.Process(pid)
+        return [pid, *(c.pid for c in p.children(recursive=True))]
+    except psutil.Error:
+        return [pid]
+
+
+def postgres_pids(database: str) -> tuple[list[int], list[int]]:
+    """(backends connected to ``database``, the cluster's shared auxiliary processes).
+
+    Other databases' backends (other engineers' tests on the same cluster) are left out; the
+    WAL writer, checkpointer and background writer work for everybody and are counted whole.
+    """
+    backends, aux = [], []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+        except psutil.Error:
+            continue
+        if not cmd.startswith("postgres:"):
+            continue
+        rest = cmd.split(":", 2)[-1].strip()
+        if rest.split(" ")[:2] and len(rest.split()) >= 2 and rest.split()[1] == database:
+            backends.append(p.pid)
+        elif any(rest.startswith(a) for a in PG_AUX):
+            aux.append(p.pid)
+    return backends, aux
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds of named groups of processes between ``start()`` and ``stop()``.
+
+    A group is a function returning its pids at the moment of sampling, so processes born
+    during the window (a new PostgreSQL backend) are counted whole; one that ends during the
+    window loses its share (an undercount, never someone else's work).
+    """
+
+    groups: dict[str, Callable[[], list[int]]]
+    _t0: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)
+    _wall0: float = 0.0
+    result: dict[str, float] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+    def _sample(self) -> dict[str, dict[int, tuple[int, int]]]:
+        return {name: {pid: ticks2(pid) for pid in fn()} for name, fn in self.groups.items()}
+
+    def start(self) -> None:
+        self._t0 = self._sample()
+        self._wall0 = time.monotonic()
+
+    def stop(self) -> dict[str, float]:
+        t1 = self._sample()
+        self.wall_s = time.monotonic() - self._wall0
+        self.result = {}
+        for name, now in t1.items():
+            before = self._t0.get(name, {})
+            user = sum(u - before.get(pid, (0, 0))[0] for pid, (u, _) in now.items()) / CLK_TCK
+            system = sum(s - before.get(pid, (0, 0))[1] for pid, (_, s) in now.items()) / CLK_TCK
+            self.result[name] = user + system
+            self.result[name + "_kernel"] = system
+        return self.result
+
+
+# --- services ------------------------------------------------------------------------------
+
+
+def py_spy() -> str:
+    here = Path(sys.executable).parent / "py-spy"
+    return str(here) if here.exists() else (shutil.which("py-spy") or "py-spy")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 60.0, proc: subprocess.Popen[Any] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float = 20.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def psql(sql: str, db: str = "postgres") -> None:
+    subprocess.run(["psql", f"{PG_BASE}/{db}", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql], check=True,
+                   capture_output=True, timeout=60)
+
+
+def fresh_database(name: str) -> str:
+    """Drop and create ``name`` on the benchmark cluster; returns its DSN."""
+    psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    psql(f'CREATE DATABASE "{name}"')
+    return f"{PG_BASE}/{name}"
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[tuple[str, int]]:
+    """A redis-server of our own (so its CPU is ours alone): (url, pid). Nothing kept on disk."""
+    port = free_port()
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise RuntimeError("redis-server not found (apt-get install redis-server)")
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--protected-mode", "yes", "--loglevel", "warning", "--maxclients", "1000"],
+                            stdout=subprocess.DEVNULL)
+    try:
+        wait_port(port, 20, proc)
+        yield f"redis://127.0.0.1:{port}", proc.pid
+    finally:
+        stop_process(proc, 5)
+
+
+@dataclass
+class Server:
+    """A server under test: its kind, URL, the pid whose CPU and memory are its own."""
+
+    kind: str  # tracker | node | python
+    url: str
+    pid: int
+    dsn: str
+    database: str
+    proc: subprocess.Popen[Any]
+    table: str = "positions"
+
+    def rss(self) -> int:
+        return int(psutil.Process(self.pid).memory_info().rss)
+
+
+SECRET = os.environ.get("BENCH_JWT_SECRET") or "bench-" + secrets.token_hex(24)
+
+
+def tracker_source(ref: str = "HEAD") -> tuple[Path, str]:
+    """A clean copy of tracker at git ``ref`` (``git archive``; the work tree, which others may be
+    editing, is not used), and the commit it names. ``ref`` "." means the work tree as it is."""
+    if ref == ".":
+        return ROOT, "work tree"
+    sha = subprocess.run(["git", "rev-parse", "--short=12", ref], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    dest = Path(f"/tmp/tracker-bench-src-{sha}")
+    if not (dest / "tracker").is_dir():
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", sha, "tracker"], cwd=ROOT, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest, sha
+
+
+TRACKER_REF = os.environ.get("BENCH_TRACKER_REF", "HEAD")
+
+
+@contextlib.contextmanager
+def start_server(kind: str, redis_url: str, *, env: dict[str, str] | None = None,
+                 log_file: Path | None = None) -> Iterator[Server]:
+    """Start tracker (one process, one worker) or a Socket.IO peer on a free port, with a fresh
+    database of its own; stop it on exit."""
+    database = f"bench_{kind}"
+    dsn = fresh_database(database)
+    port = free_port()
+    out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    base = {**os.environ, **(env or {})}
+    if kind == "tracker":
+        cmd = [sys.executable, "-m", "tracker", "serve"]
+        base.update(DATABASE_URL=dsn, REDIS_URL=redis_url, TRACKER_JWT_SECRET=SECRET, TRACKER_PORT=str(port),
+                    TRACKER_HOST="127.0.0.1", TRACKER_LOG_LEVEL=base.get("TRACKER_LOG_LEVEL", "warning"))
+    elif kind == "node":
+        cmd = ["node", str(NODE_PEER / "server.js")]
+        base.update(DATABASE_URL=dsn, REDIS_URL=redis_url, JWT_SECRET=SECRET, PORT=str(port))
+    elif kind == "python":
+        cmd = [str(PEERS_VENV / "bin" / "python"), str(PY_PEER)]
+        base.update(DATABASE_URL=dsn, REDIS_URL=redis_url, JWT_SECRET=SECRET, PORT=str(port))
+    else:
+        raise ValueError(kind)
+    cwd = ROOT
+    if kind == "tracker":
+        cwd, sha = tracker_source(TRACKER_REF)
+        base["PYTHONPATH"] = str(cwd)
+        log(f"tracker from {sha} ({cwd})")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=base, stdout=out, stderr=out)
+    try:
+        wait_port(port, 90, proc)
+        if kind == "tracker":
+            _wait_ready(port, proc)
+        yield Server(kind, f"ws://127.0.0.1:{port}", proc.pid, dsn, database, proc)
+    finally:
+        stop_process(proc)
+        if log_file:
+            out.close()  # type: ignore[union-attr]
+
+
+def _wait_ready(port: int, proc: subprocess.Popen[Any], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tracker exited with {proc.returncode}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        time.sleep(0.3)
+    raise TimeoutError("tracker not ready")
+
+
+# --- peers and the load generator: installed on first use ----------------------------------
+
+
+def ensure_node_modules() -> None:
+    """npm install the load generator's and the Node peer's packages (into gitignored folders)."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        raise RuntimeError("node and npm are needed (apt-get install nodejs npm)")
+    for folder in (LOAD_JS.parent, NODE_PEER):
+        if not (folder / "node_modules").is_dir():
+            log(f"npm install in {folder.relative_to(ROOT)}")
+            subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=folder, check=True,
+                           timeout=600)
+
+
+def ensure_peers_venv() -> None:
+    """python-socketio and friends in a venv of their own (not a dependency of tracker)."""
+    py = PEERS_VENV / "bin" / "python"
+    if not py.exists():
+        log("creating bench/.peers-venv")
+        subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True, timeout=300)
+    probe = subprocess.run([str(py), "-c", "import socketio, uvicorn, asyncpg, redis, jwt, uvloop, websockets"],
+                           capture_output=True)
+    if probe.returncode:
+        log("pip install python-socketio into bench/.peers-venv")
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "python-socketio>=5.11", "uvicorn>=0.30", "uvloop",
+                        "httptools", "websockets", "asyncpg", "redis[hiredis]>=5", "pyjwt"], check=True, timeout=900)
+
+
+@dataclass
+class LoadRun:
+    events: list[dict[str, Any]]
+    returncode: int
+    pid: int
+
+
+def run_load(args: list[str], on_event: Callable[[dict[str, Any]], None] | None = None, *,
+             timeout: float = 1800.0, stdin_open: bool = False,
+             on_start: Callable[[subprocess.Popen[str]], None] | None = None) -> LoadRun:
+    """Run ``node load.js ARGS``; call ``on_event`` for each JSON line as it arrives (so CPU can be
+    sampled at the generator's markers). Killed after ``timeout`` seconds."""
+    proc = subprocess.Popen(["node", str(LOAD_JS), *args], stdout=subprocess.PIPE, text=True, bufsize=1,
+                            stdin=subprocess.PIPE if stdin_open else subprocess.DEVNULL)
+    if on_start:
+        on_start(proc)
+    events: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    killer = _Killer(proc, timeout)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            ev = json.loads(line)
+            events.append(ev)
+            if on_event:
+                on_event(ev)
+            if time.monotonic() > deadline:
+                break
+        proc.wait(30)
+    finally:
+        killer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    return LoadRun(events, proc.returncode or 0, proc.pid)
+
+
+class _Killer:
+    def __init__(self, proc: subprocess.Popen[Any], timeout: float) -> None:
+        import threading
+
+        self.timer = threading.Timer(timeout, lambda: proc.poll() is None and proc.kill())
+        self.timer.daemon = True
+        self.timer.start()
+
+    def cancel(self) -> None:
+        self.timer.cancel()
+
+
+# --- loss: sets over (driver, seq) ---------------------------------------------------------
+
+
+def _expand(ranges: list[list[int]]) -> set[int]:
+    out: set[int] = set()
+    for a, b in ranges:
+        out.update(range(a, b + 1))
+    return out
+
+
+async def _stored(dsn: str, org: str, table: str) -> dict[str, list[int]]:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(f"SELECT driver_id, array_agg(seq) FROM {table} WHERE org = $1 GROUP BY driver_id",  # noqa: S608
+                                org)
+    finally:
+        await conn.close()
+    return {r[0]: list(r[1]) for r in rows}
+
+
+def loss(acked_file: Path, dsn: str, table: str = "positions") -> dict[str, Any]:
+    """Sent minus acknowledged, and acknowledged minus stored, as sets over (driver, seq); and
+    stored rows counted twice (duplicates)."""
+    data = json.loads(acked_file.read_text())
+    stored = asyncio.run(_stored(dsn, data["org"], table))
+    sent_n = acked_n = unacked = unstored = dup = stored_n = 0
+    sample: list[str] = []
+    for driver, d in data["drivers"].items():
+        sent = set(range(1, d["sent"] + 1))
+        acked = _expand(d["acked"])
+        seqs = stored.get(driver, [])
+        have = set(seqs)
+        dup += len(seqs) - len(have)
+        stored_n += len(seqs)
+        sent_n += len(sent)
+        acked_n += len(acked)
+        miss = sent - acked
+        unacked += len(miss)
+        gone = acked - have
+        unstored += len(gone)
+        if (miss or gone) and len(sample) < 10:
+            sample.append(f"{driver}: unacked {sorted(miss)[:5]} unstored {sorted(gone)[:5]}")
+    return {"sent": sent_n, "acked": acked_n, "stored": stored_n, "lost_unacked": unacked, "lost_unstored": unstored,
+            "lost": unacked + unstored, "stored_duplicates": dup, "sample": sample}
+
+
+def save(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = RESULTS / f"{name}-{stamp}.json"
+    path.write_text(json.dumps(payload, indent=2))
+    return path

@@ -199,8 +199,12 @@ def stop_process(proc: subprocess.Popen[Any], grace: float = 20.0) -> None:
 
 
 def psql(sql: str, db: str = "postgres") -> None:
-    subprocess.run(["psql", f"{PG_BASE}/{db}", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql], check=True,
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        ["psql", f"{PG_BASE}/{db}", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
 
 
 def fresh_database(name: str) -> str:
@@ -217,9 +221,26 @@ def private_redis() -> Iterator[tuple[str, int]]:
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("redis-server not found (apt-get install redis-server)")
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--protected-mode", "yes", "--loglevel", "warning", "--maxclients", "1000"],
-                            stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--loglevel",
+            "warning",
+            "--maxclients",
+            "1000",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     try:
         wait_port(port, 20, proc)
         yield f"redis://127.0.0.1:{port}", proc.pid
@@ -251,8 +272,9 @@ def tracker_source(ref: str = "HEAD") -> tuple[Path, str]:
     editing, is not used), and the commit it names. ``ref`` "." means the work tree as it is."""
     if ref == ".":
         return ROOT, "work tree"
-    sha = subprocess.run(["git", "rev-parse", "--short=12", ref], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout.strip()
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short=12", ref], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
     dest = Path(f"/tmp/tracker-bench-src-{sha}")
     if not (dest / "tracker").is_dir():
         dest.mkdir(parents=True, exist_ok=True)
@@ -265,19 +287,26 @@ TRACKER_REF = os.environ.get("BENCH_TRACKER_REF", "HEAD")
 
 
 @contextlib.contextmanager
-def start_server(kind: str, redis_url: str, *, env: dict[str, str] | None = None,
-                 log_file: Path | None = None) -> Iterator[Server]:
+def start_server(
+    kind: str, redis_url: str, *, env: dict[str, str] | None = None, log_file: Path | None = None
+) -> Iterator[Server]:
     """Start tracker (one process, one worker) or a Socket.IO peer on a free port, with a fresh
     database of its own; stop it on exit."""
     database = f"bench_{kind}"
     dsn = fresh_database(database)
     port = free_port()
-    out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    out = open(log_file, "ab") if log_file else subprocess.DEVNULL
     base = {**os.environ, **(env or {})}
     if kind == "tracker":
         cmd = [sys.executable, "-m", "tracker", "serve"]
-        base.update(DATABASE_URL=dsn, REDIS_URL=redis_url, TRACKER_JWT_SECRET=SECRET, TRACKER_PORT=str(port),
-                    TRACKER_HOST="127.0.0.1", TRACKER_LOG_LEVEL=base.get("TRACKER_LOG_LEVEL", "warning"))
+        base.update(
+            DATABASE_URL=dsn,
+            REDIS_URL=redis_url,
+            TRACKER_JWT_SECRET=SECRET,
+            TRACKER_PORT=str(port),
+            TRACKER_HOST="127.0.0.1",
+            TRACKER_LOG_LEVEL=base.get("TRACKER_LOG_LEVEL", "warning"),
+        )
     elif kind == "node":
         cmd = ["node", str(NODE_PEER / "server.js")]
         base.update(DATABASE_URL=dsn, REDIS_URL=redis_url, JWT_SECRET=SECRET, PORT=str(port))
@@ -326,8 +355,9 @@ def ensure_node_modules() -> None:
     for folder in (LOAD_JS.parent, NODE_PEER):
         if not (folder / "node_modules").is_dir():
             log(f"npm install in {folder.relative_to(ROOT)}")
-            subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=folder, check=True,
-                           timeout=600)
+            subprocess.run(
+                ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=folder, check=True, timeout=600
+            )
 
 
 def ensure_peers_venv() -> None:
@@ -336,12 +366,30 @@ def ensure_peers_venv() -> None:
     if not py.exists():
         log("creating bench/.peers-venv")
         subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True, timeout=300)
-    probe = subprocess.run([str(py), "-c", "import socketio, uvicorn, asyncpg, redis, jwt, uvloop, websockets"],
-                           capture_output=True)
+    probe = subprocess.run(
+        [str(py), "-c", "import socketio, uvicorn, asyncpg, redis, jwt, uvloop, websockets"], capture_output=True
+    )
     if probe.returncode:
         log("pip install python-socketio into bench/.peers-venv")
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "python-socketio>=5.11", "uvicorn>=0.30", "uvloop",
-                        "httptools", "websockets", "asyncpg", "redis[hiredis]>=5", "pyjwt"], check=True, timeout=900)
+        subprocess.run(
+            [
+                str(py),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "python-socketio>=5.11",
+                "uvicorn>=0.30",
+                "uvloop",
+                "httptools",
+                "websockets",
+                "asyncpg",
+                "redis[hiredis]>=5",
+                "pyjwt",
+            ],
+            check=True,
+            timeout=900,
+        )
 
 
 @dataclass
@@ -351,13 +399,23 @@ class LoadRun:
     pid: int
 
 
-def run_load(args: list[str], on_event: Callable[[dict[str, Any]], None] | None = None, *,
-             timeout: float = 1800.0, stdin_open: bool = False,
-             on_start: Callable[[subprocess.Popen[str]], None] | None = None) -> LoadRun:
+def run_load(
+    args: list[str],
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    *,
+    timeout: float = 1800.0,
+    stdin_open: bool = False,
+    on_start: Callable[[subprocess.Popen[str]], None] | None = None,
+) -> LoadRun:
     """Run ``node load.js ARGS``; call ``on_event`` for each JSON line as it arrives (so CPU can be
     sampled at the generator's markers). Killed after ``timeout`` seconds."""
-    proc = subprocess.Popen(["node", str(LOAD_JS), *args], stdout=subprocess.PIPE, text=True, bufsize=1,
-                            stdin=subprocess.PIPE if stdin_open else subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["node", str(LOAD_JS), *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+        stdin=subprocess.PIPE if stdin_open else subprocess.DEVNULL,
+    )
     if on_start:
         on_start(proc)
     events: list[dict[str, Any]] = []
@@ -411,8 +469,10 @@ async def _stored(dsn: str, org: str, table: str) -> dict[str, list[int]]:
 
     conn = await asyncpg.connect(dsn)
     try:
-        rows = await conn.fetch(f"SELECT driver_id, array_agg(seq) FROM {table} WHERE org = $1 GROUP BY driver_id",  # noqa: S608
-                                org)
+        rows = await conn.fetch(
+            f"SELECT driver_id, array_agg(seq) FROM {table} WHERE org = $1 GROUP BY driver_id",  # noqa: S608
+            org,
+        )
     finally:
         await conn.close()
     return {r[0]: list(r[1]) for r in rows}
@@ -440,8 +500,16 @@ def loss(acked_file: Path, dsn: str, table: str = "positions") -> dict[str, Any]
         unstored += len(gone)
         if (miss or gone) and len(sample) < 10:
             sample.append(f"{driver}: unacked {sorted(miss)[:5]} unstored {sorted(gone)[:5]}")
-    return {"sent": sent_n, "acked": acked_n, "stored": stored_n, "lost_unacked": unacked, "lost_unstored": unstored,
-            "lost": unacked + unstored, "stored_duplicates": dup, "sample": sample}
+    return {
+        "sent": sent_n,
+        "acked": acked_n,
+        "stored": stored_n,
+        "lost_unacked": unacked,
+        "lost_unstored": unstored,
+        "lost": unacked + unstored,
+        "stored_duplicates": dup,
+        "sample": sample,
+    }
 
 
 def save(name: str, payload: dict[str, Any]) -> Path:

@@ -69,8 +69,20 @@ async def drive(args: argparse.Namespace, idx: int, org: str, ready: mp.Queue, g
         for _ in range(k):
             j = (j + 1) % n
             seq[j] += 1
-            await phones[j].send(orjson.dumps({"type": "pos", "seq": seq[j], "ts": now, "lat": -1.29 + j * 1e-5,
-                                               "lon": 36.82, "spd": 8.5, "bat": 0.8, "acc": 5.0}).decode())
+            await phones[j].send(
+                orjson.dumps(
+                    {
+                        "type": "pos",
+                        "seq": seq[j],
+                        "ts": now,
+                        "lat": -1.29 + j * 1e-5,
+                        "lon": 36.82,
+                        "spd": 8.5,
+                        "bat": 0.8,
+                        "acc": 5.0,
+                    }
+                ).decode()
+            )
             sent += 1
         await asyncio.sleep(max(0.0, t0 + (sent / per_proc_rate) - time.monotonic()))
     out.put(("sent", sent))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import subprocess
 import sys
 import time
@@ -31,8 +30,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
-from common import CpuMeter, log  # noqa: E402
+import common
+from common import CpuMeter, log
 
 SYSTEMS = ("tracker", "node", "python")
 
@@ -44,17 +43,24 @@ def run_system(kind: str, dashboards: int, args: argparse.Namespace) -> dict[str
     acked_file = common.RESULTS / f"acked-{tag}.json"
     server_log = common.RESULTS / f"server-{tag}.log"
     steps: list[dict[str, Any]] = []
-    with common.private_redis() as (redis_url, redis_pid), \
-            common.start_server(kind, redis_url, log_file=server_log) as srv:
-        log(f"{kind}: {srv.url} pid {srv.pid}, redis pid {redis_pid}, database {srv.database}; load {common.load_average()}")
+    with (
+        common.private_redis() as (redis_url, redis_pid),
+        common.start_server(kind, redis_url, log_file=server_log) as srv,
+    ):
+        log(
+            f"{kind}: {srv.url} pid {srv.pid}, redis pid {redis_pid}, database {srv.database}; "
+            f"load {common.load_average()}"
+        )
         load_pid: list[int] = []
-        meter = CpuMeter({
-            "server": lambda: [srv.pid],
-            "redis": lambda: [redis_pid],
-            "postgres": lambda: common.postgres_pids(srv.database)[0],
-            "postgres_shared": lambda: common.postgres_pids(srv.database)[1],
-            "load": lambda: common.tree(load_pid[0]) if load_pid else [],
-        })
+        meter = CpuMeter(
+            {
+                "server": lambda: [srv.pid],
+                "redis": lambda: [redis_pid],
+                "postgres": lambda: common.postgres_pids(srv.database)[0],
+                "postgres_shared": lambda: common.postgres_pids(srv.database)[1],
+                "load": lambda: common.tree(load_pid[0]) if load_pid else [],
+            }
+        )
         marks: dict[int, dict[str, Any]] = {}
         spy: list[subprocess.Popen[Any]] = []
 
@@ -64,9 +70,25 @@ def run_system(kind: str, dashboards: int, args: argparse.Namespace) -> dict[str
                 meter.start()
                 if args.py_spy and kind == "tracker" and not spy:
                     out = common.RESULTS / f"pyspy-{tag}-step{ev['step']}.txt"
-                    spy.append(subprocess.Popen([common.py_spy(), "record", "-p", str(srv.pid), "-d", str(int(args.py_spy)),
-                                                 "-f", "raw", "-o", str(out), "--nonblocking"],
-                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                    spy.append(
+                        subprocess.Popen(
+                            [
+                                common.py_spy(),
+                                "record",
+                                "-p",
+                                str(srv.pid),
+                                "-d",
+                                str(int(args.py_spy)),
+                                "-f",
+                                "raw",
+                                "-o",
+                                str(out),
+                                "--nonblocking",
+                            ],
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                        )
+                    )
                     marks[ev["step"]]["py_spy"] = str(out)
             elif ev["ev"] == "measure_end":
                 cpu = meter.stop()
@@ -81,23 +103,45 @@ def run_system(kind: str, dashboards: int, args: argparse.Namespace) -> dict[str
                 ev.pop("dashboards", None)
                 steps.append(ev)
                 us = ev["cpu_us_per_pos"]
-                log(f"{kind} {dashboards}d {ev['rate']}/s: achieved {ev['achieved_per_s']:.0f}/s live p99 "
+                log(
+                    f"{kind} {dashboards}d {ev['rate']}/s: achieved {ev['achieved_per_s']:.0f}/s live p99 "
                     f"{(ev['live_ms'] or {}).get('p99')} ms, ack p99 {ev['ack_ms']['p99']} ms, delivered "
                     f"{ev['delivered_ratio']}, unacked {ev['lost_unacked']}; us/pos server {us.get('server')} "
                     f"redis {us.get('redis')} pg {us.get('postgres')} (+shared {us.get('postgres_shared')}) "
-                    f"load {us.get('load')}  {'OK' if ev['ok'] else 'FAIL'}")
+                    f"load {us.get('load')}  {'OK' if ev['ok'] else 'FAIL'}"
+                )
             elif ev["ev"] == "connected":
                 log(f"{kind}: {ev['drivers']} drivers connected in {ev['ms'] / 1000:.1f} s ({ev['per_s']:.0f}/s)")
 
-        load_args = ["--proto", "tracker" if kind == "tracker" else "socketio", "--url", srv.url,
-                     "--secret", common.SECRET, "--mode", "rate", "--drivers", str(args.drivers),
-                     "--dashboards", str(dashboards), "--rates", args.rates, "--warmup", str(args.warmup),
-                     "--measure", str(args.measure), "--workers", str(args.workers),
-                     "--dash-workers", str(args.dash_workers), "--out", str(acked_file)]
+        load_args = [
+            "--proto",
+            "tracker" if kind == "tracker" else "socketio",
+            "--url",
+            srv.url,
+            "--secret",
+            common.SECRET,
+            "--mode",
+            "rate",
+            "--drivers",
+            str(args.drivers),
+            "--dashboards",
+            str(dashboards),
+            "--rates",
+            args.rates,
+            "--warmup",
+            str(args.warmup),
+            "--measure",
+            str(args.measure),
+            "--workers",
+            str(args.workers),
+            "--dash-workers",
+            str(args.dash_workers),
+            "--out",
+            str(acked_file),
+        ]
         if args.keep_going:
             load_args.append("--no-stop-on-fail")
-        run = common.run_load(load_args, on_event, timeout=args.timeout,
-                              on_start=lambda p: load_pid.append(p.pid))
+        run = common.run_load(load_args, on_event, timeout=args.timeout, on_start=lambda p: load_pid.append(p.pid))
         for p in spy:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(30)
@@ -107,21 +151,35 @@ def run_system(kind: str, dashboards: int, args: argparse.Namespace) -> dict[str
     held = [s for s in steps if s["ok"]]
     best = max(held, key=lambda s: s["rate"]) if held else None
     log(f"{kind} {dashboards}d: highest step held {best['rate'] if best else None}/s; lost over the run {lost}")
-    return {"system": kind, "dashboards": dashboards, "drivers": args.drivers, "connected": connected,
-            "steps": steps, "highest_held": best["rate"] if best else 0, "best_step": best, "loss": lost,
-            "client_errors": errors, "load_returncode": run.returncode}
+    return {
+        "system": kind,
+        "dashboards": dashboards,
+        "drivers": args.drivers,
+        "connected": connected,
+        "steps": steps,
+        "highest_held": best["rate"] if best else 0,
+        "best_step": best,
+        "loss": lost,
+        "client_errors": errors,
+        "load_returncode": run.returncode,
+    }
 
 
 def summary(results: list[dict[str, Any]]) -> str:
-    lines = ["| system | dashboards | highest rate held | achieved/s | live p99 ms | server us/pos | redis us/pos | "
-             "pg us/pos (+shared) | load gen us/pos | lost (run) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| system | dashboards | highest rate held | achieved/s | live p99 ms | server us/pos | redis us/pos | "
+        "pg us/pos (+shared) | load gen us/pos | lost (run) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         b = r["best_step"] or {}
         us = b.get("cpu_us_per_pos", {})
         lost = r["loss"].get("lost", "?")
-        lines.append(f"| {r['system']} | {r['dashboards']} | {r['highest_held']} | {b.get('achieved_per_s', 0):.0f} | "
-                     f"{(b.get('live_ms') or {}).get('p99', '-')} | {us.get('server', '-')} | {us.get('redis', '-')} | "
-                     f"{us.get('postgres', '-')} (+{us.get('postgres_shared', '-')}) | {us.get('load', '-')} | {lost} |")
+        lines.append(
+            f"| {r['system']} | {r['dashboards']} | {r['highest_held']} | {b.get('achieved_per_s', 0):.0f} | "
+            f"{(b.get('live_ms') or {}).get('p99', '-')} | {us.get('server', '-')} | {us.get('redis', '-')} | "
+            f"{us.get('postgres', '-')} (+{us.get('postgres_shared', '-')}) | {us.get('load', '-')} | {lost} |"
+        )
     return "\n".join(lines)
 
 

@@ -46,8 +46,13 @@ ON CONFLICT DO NOTHING
 """
 
 mgr = socketio.AsyncRedisManager(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-sio = socketio.AsyncServer(async_mode="asgi", client_manager=mgr, transports=["websocket"], cors_allowed_origins=None,
-                           max_http_buffer_size=65536)
+sio = socketio.AsyncServer(
+    async_mode="asgi",
+    client_manager=mgr,
+    transports=["websocket"],
+    cors_allowed_origins=None,
+    max_http_buffer_size=65536,
+)
 
 
 class BatchWriter:
@@ -93,7 +98,7 @@ class BatchWriter:
                 await conn.execute(INSERT, *cols)
             for f in futs:
                 f.set_result(True)
-        except Exception as exc:  # noqa: BLE001 - every waiting driver must be answered
+        except Exception as exc:
             for f in futs:
                 f.set_exception(exc)
         finally:
@@ -133,13 +138,25 @@ async def pos(sid: str, p: dict[str, Any]) -> Any:
     except (KeyError, TypeError, ValueError):
         return {"error": "invalid"}
     org, driver = who["org"], who["sub"]
-    row = (org, driver, seq, ts, int(time.time() * 1000), lat, lon, p.get("acc"), p.get("spd"), p.get("hdg"),
-           p.get("alt"), p.get("bat"))
+    row = (
+        org,
+        driver,
+        seq,
+        ts,
+        int(time.time() * 1000),
+        lat,
+        lon,
+        p.get("acc"),
+        p.get("spd"),
+        p.get("hdg"),
+        p.get("alt"),
+        p.get("bat"),
+    )
     stored = writer.submit(row)
     await sio.emit("pos", {"driver": driver, **p}, room="org:" + org)
     try:
         await stored
-    except Exception:  # noqa: BLE001
+    except Exception:
         return {"error": "unavailable"}
     return True
 
@@ -147,9 +164,18 @@ async def pos(sid: str, p: dict[str, Any]) -> Any:
 async def main() -> None:
     await writer.start()
     app = socketio.ASGIApp(sio)
-    config = uvicorn.Config(app, host="127.0.0.1", port=int(os.environ.get("PORT", "8102")), loop="uvloop",
-                            http="httptools", ws="websockets-sansio", ws_per_message_deflate=False, log_level="warning",
-                            backlog=4096, lifespan="off")
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=int(os.environ.get("PORT", "8102")),
+        loop="uvloop",
+        http="httptools",
+        ws="websockets-sansio",
+        ws_per_message_deflate=False,
+        log_level="warning",
+        backlog=4096,
+        lifespan="off",
+    )
     await uvicorn.Server(config).serve()
 
 

@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         sim = sub.add_parser("simulate", help="simulated drivers and dashboards against a running service")
         simulate.add_arguments(sim)
         sim.set_defaults(func=simulate.run)
+        from . import demo
+
+        dem = sub.add_parser("demo", help="the service, a simulated fleet and the dashboard URL, in one command")
+        demo.add_arguments(dem)
+        dem.set_defaults(func=demo.run)
     return parser
 
 

@@ -69,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--connect-rate", type=float, default=d.connect_rate, help="new connections/s (default %(default)s)")
     a("--drain-timeout", type=float, default=d.drain_timeout, help="max seconds to get everything acked")
     a("--resend-after", type=float, default=d.resend_after, help="resend unanswered events after S seconds")
+    a("--consign", action="store_true", help="consign each driver's packages first (POST /v1/packages as a dispatcher)")
     a("--no-progress", action="store_true", help="no live progress line on stderr")
 
 
@@ -90,6 +91,7 @@ def options_from_args(args: argparse.Namespace) -> SimOptions:
         connect_rate=args.connect_rate,
         drain_timeout=args.drain_timeout,
         resend_after=args.resend_after,
+        consign=args.consign,
         progress=not args.no_progress,
     )
 
@@ -307,7 +309,7 @@ class _LocalPhones:
         self.results: dict[str, Any] = {}
 
     async def ready(self) -> None:
-        return None
+        await self.fleet.prepare()
 
     async def go(self, gen_until: float, drain_until: float) -> None:
         await self.fleet.run(gen_until, drain_until)
@@ -413,6 +415,7 @@ async def _worker(conn: Connection, opts: SimOptions, indices: list[int], epoch_
     raise_fd_limit(len(indices) + 64)
     cpu0 = time.process_time()
     fleet = Fleet(opts, indices, epoch_ms=epoch_ms, connect_rate=rate)
+    await fleet.prepare()
     setup = time.process_time() - cpu0
     _quiet_gc()
     conn.send(("ready", setup))

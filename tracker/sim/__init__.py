@@ -43,6 +43,7 @@ class SimOptions:
     connect_rate: float = 1000.0  # new connections per second, all processes together
     drain_timeout: float = 60.0  # after the run, how long phones may take to get everything acked
     resend_after: float = 60.0  # seconds without an answer before resending on the same connection
+    consign: bool = False  # a dispatcher consigns each planned package (POST /v1/packages) before its pickup
     settle: float = 3.0  # after the drain, how long dashboards wait for the last frames
     progress: bool = True  # a live line on stderr, once per second
     extra: dict[str, str] = field(default_factory=dict)  # free-form labels copied into the report

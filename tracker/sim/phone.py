@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from tracker.sim import SimOptions, driver_id, mint_token
+from tracker.sim.consign import Consigner
 from tracker.sim.flaky import Fault, FaultPlan, Link, WsError, loopback_sources, open_link
 from tracker.sim.routes import DriverModel, driver_name
 
@@ -390,6 +391,9 @@ class SimPhone:
             for body in self.model.step(self.fleet.interval):
                 self.phone.record(body, now)
                 n += 1
+            if self.model.planned:  # a new load (with --consign): consign it before its pickups
+                self.fleet.consign_later(self.index, self.model.planned)
+                self.model.planned = []
         link = self.link
         if link is not None and link.open and self.phone.online:
             if self.fleet.batch_window and now - self.last_poll < self.fleet.batch_window and generate:
@@ -540,11 +544,37 @@ class Fleet:
         self.phones: list[SimPhone] = []
         for i in indices:
             name = driver_name(i, opts.seed)
-            model = DriverModel(i, org=opts.org, seed=opts.seed, dwell_scale=dwell)
+            model = DriverModel(i, org=opts.org, seed=opts.seed, dwell_scale=dwell, record_plans=opts.consign)
             rng = random.Random(f"reorder:{opts.seed}:{i}") if opts.flaky else None
             records = Records(epoch_ms)
             phone = Phone(driver_id(i), records=records, resend_after_ms=opts.resend_after * 1000, reorder=rng)
             self.phones.append(SimPhone(self, i, name, self.token_for(i, name), model, phone))
+        self.consigner: Consigner | None = None
+        if opts.consign:
+            ttl = opts.duration + opts.drain_timeout + 3600.0
+            token = mint_token(opts.secret, sub="sim-consigner", role="dispatcher", org=opts.org, ttl_s=ttl)
+            self.consigner = Consigner(opts.url, token)
+
+    async def prepare(self) -> None:
+        """Before the run: with ``--consign``, consign every driver's first load (and wait)."""
+        if self.consigner is None:
+            return
+        first: list[tuple[int, tuple[str, bool, float, float]]] = []
+        for p in self.phones:
+            first.extend((p.index, planned) for planned in p.model.planned or ())
+            p.model.planned = []
+        await self.consigner.post_all(first)
+        self._count_consigned()
+
+    def consign_later(self, index: int, planned: list[tuple[str, bool, float, float]]) -> None:
+        if self.consigner is not None:
+            self.consigner.post_later([(index, item) for item in planned])
+
+    def _count_consigned(self) -> None:
+        if self.consigner is not None:
+            self.counts["consigned"] = self.consigner.posted
+            if self.consigner.failed:
+                self.counts["consign_failed"] = self.consigner.failed
 
     def token_for(self, index: int, name: str) -> str:
         o = self.opts
@@ -589,6 +619,9 @@ class Fleet:
             for t in lives:
                 t.cancel()
             await asyncio.gather(ticker, *lives, return_exceptions=True)
+            if self.consigner is not None:
+                await self.consigner.close()
+                self._count_consigned()
 
     async def _ticker(self, gen_until: float) -> None:
         loop = asyncio.get_running_loop()

@@ -433,7 +433,9 @@ class DriverModel:
     every phase. Never reads the clock; ``step(dt)`` advances simulated time.
     """
 
-    def __init__(self, index: int, *, org: str, seed: int, dwell_scale: float = 1.0) -> None:
+    def __init__(
+        self, index: int, *, org: str, seed: int, dwell_scale: float = 1.0, record_plans: bool = False
+    ) -> None:
         self.index = index
         self.org = org
         self.rng = random.Random(f"driver:{seed}:{index}")
@@ -453,6 +455,10 @@ class DriverModel:
         self.to_pick: list[tuple[str, bool]] = []
         self.returns: list[tuple[str, bool]] = []
         self.pkg_counter = 0
+        # With ``record_plans``, every load's packages as planned: (id, cold chain, destination lat,
+        # lon), for a dispatcher to consign before the pickup scans (``tracker simulate --consign``);
+        # the caller drains it. None otherwise.
+        self.planned: list[tuple[str, bool, float, float]] | None = [] if record_plans else None
         self.next_light = self.rng.uniform(200.0, 800.0)
         # Drivers start at the depot at staggered points of their loading, so a fleet spreads out.
         self.phase = Phase.LOADING
@@ -608,5 +614,9 @@ class DriverModel:
             self.pkg_counter += 1
             self.to_pick.append((f"PKG-{self.org}-{self.index * 100_000 + self.pkg_counter}", self.rng.random() < 0.7))
         self.stops = sorted(self.rng.uniform(300.0, self.route.length - 50.0) for _ in range(n))
+        if self.planned is not None:
+            for (pkg, cold), stop in zip(self.to_pick, self.stops, strict=True):  # delivered in this order
+                lat, lon, _ = self.route.at(stop)
+                self.planned.append((pkg, cold, round(lat, 6), round(lon, 6)))
         self.direction = 1
         self.next_light = self.rng.uniform(200.0, 800.0)

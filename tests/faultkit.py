@@ -9,6 +9,7 @@ always waited on as an effect with a deadline (`wait_until`), never guessed with
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import glob
 import os
@@ -175,14 +176,27 @@ class Proxy:
             writer.transport.abort()
             return
         try:
-            up = await asyncio.open_connection(*self.target, limit=self.buffer)
+            up = await asyncio.open_connection(sock=await self._connect(), limit=self.buffer)
         except OSError:
             writer.transport.abort()
             return
-        if self.buffer < 65_536:  # a small window upstream too, so the server feels the slow link
-            sock = up[1].get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.buffer)
         self.pipes.add(_Pipe(self, (reader, writer), up))
+
+    async def _connect(self) -> socket.socket:
+        sock = socket.socket()
+        sock.setblocking(False)
+        if self.buffer < 65_536:
+            # A small window upstream too, so the server feels the slow link; and a mobile link's
+            # segment size: with loopback's 64 KB MSS a small window never reopens by a full
+            # segment, and the sender falls back to zero-window probes seconds apart.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.buffer)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1400)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, self.target)
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     def cut(self) -> None:
         self.refusing = True
@@ -576,7 +590,10 @@ class Driver:
         self.seq = 0
         self.generating = True
         self.ws: ClientConnection | None = None
-        self.url_index = random.randrange(len(urls)) if len(urls) > 1 else 0
+        self.url_index = 0
+        self.born: dict[int, float] = {}  # seq -> monotonic time it was generated
+        self.acked_at: dict[int, float] = {}  # seq -> monotonic time of its (first) ack
+        self.close_times: list[tuple[float, int]] = []  # (monotonic time, close code)
         self.ack_times: list[float] = []  # monotonic time of every ack frame
         self._retry: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
@@ -617,11 +634,11 @@ class Driver:
             self.ws = ws
             try:
                 await self._session(ws)
-                self.stats.closes[ws.close_code or 1006] += 1
+                self._closed(ws.close_code or 1006)
                 backoff = 0.05
             except ConnectionClosed as exc:
                 code = exc.rcvd.code if exc.rcvd else 1006
-                self.stats.closes[code] += 1
+                self._closed(code)
                 if code == 4001:
                     return
                 if code in (1012, 1013, 1006):
@@ -633,6 +650,10 @@ class Driver:
                 ws.transport.abort()
             await asyncio.sleep(random.uniform(0, backoff))
             backoff = min(backoff * 2, 1.0)
+
+    def _closed(self, code: int) -> None:
+        self.stats.closes[code] += 1
+        self.close_times.append((time.monotonic(), code))
 
     async def _session(self, ws: ClientConnection) -> None:
         await ws.send(orjson.dumps({"type": "hello", "token": self.token, "device": "fault", "app": "fault/1"}))
@@ -657,6 +678,7 @@ class Driver:
                         "spd": 9.5,
                     }
                     self.outbox[self.seq] = (event, time.monotonic())
+                    self.born[self.seq] = time.monotonic()
                     self.stats.generated += 1
                     await ws.send(orjson.dumps(event))
                 stale = [s for s, (_, at) in self.outbox.items() if time.monotonic() - at > self.resend_after]
@@ -696,7 +718,9 @@ class Driver:
                         item = self.outbox.pop(s, None)
                         if item is not None:
                             self.stats.ack_latency_ms.append((t - item[1]) * 1000)
-                        self.acked.add(s)
+                        if s not in self.acked:
+                            self.acked.add(s)
+                            self.acked_at[s] = t
             elif kind == "error":
                 code = frame.get("code", "?")
                 self.stats.errors[code] += 1
@@ -910,8 +934,89 @@ async def private_pg(pg_cluster: PgCluster) -> AsyncIterator[str]:
     await pg_cluster.start()  # a test that left it down must not break the next one
 
 
+Spawn = Callable[..., Awaitable[TrackerProc]]
+
+
+@pytest.fixture
+async def spawn() -> AsyncIterator[Spawn]:
+    """`await spawn(database_url, redis_url, TRACKER_X="...")`: a `tracker serve` subprocess, ready."""
+    from .conftest import SECRET
+
+    procs: list[TrackerProc] = []
+
+    async def start(database_url: str, redis_url: str, **env: str) -> TrackerProc:
+        settings = {"TRACKER_PRESENCE_REFRESH_S": "1", "TRACKER_PRESENCE_TTL_S": "5", **env}
+        proc = TrackerProc(database_url=database_url, redis_url=redis_url, secret=SECRET, env=settings)
+        procs.append(proc)
+        return await proc.start()
+
+    yield start
+    await asyncio.gather(*(p.close() for p in procs))
+
+
 @pytest.fixture
 async def private_redis() -> AsyncIterator[RedisServer]:
     server = await RedisServer().start()
     yield server
     server.close()
+
+
+# -- floods -----------------------------------------------------------------------------------
+
+
+class Flood:
+    """Many idle sockets against one port: `websockets` finish the upgrade and then say nothing
+    (no hello), `raw` connect and never send a byte. Each records when the server closed it."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.writers: list[asyncio.StreamWriter] = []
+        self.closed = 0
+        self.upgraded = 0
+        self.refused = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def open(self, n: int, *, upgrade: bool, path: str = "/v1/driver", concurrency: int = 200) -> None:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one() -> None:
+            async with gate:
+                try:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                except OSError:
+                    self.refused += 1
+                    return
+                self.writers.append(writer)
+                if upgrade:
+                    key = base64.b64encode(os.urandom(16)).decode()
+                    writer.write(
+                        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+                    )
+                    try:
+                        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+                    except (OSError, asyncio.IncompleteReadError, TimeoutError):
+                        self.closed += 1
+                        return
+                    if b" 101 " in head.split(b"\r\n", 1)[0]:
+                        self.upgraded += 1
+            self._tasks.append(asyncio.create_task(self._until_closed(reader)))
+
+        await asyncio.gather(*(one() for _ in range(n)))
+
+    async def _until_closed(self, reader: asyncio.StreamReader) -> None:
+        with contextlib.suppress(OSError):
+            while await reader.read(65_536):
+                pass
+        self.closed += 1
+
+    @property
+    def open_count(self) -> int:
+        return len(self.writers) - self.closed
+
+    async def close(self) -> None:
+        for writer in self.writers:
+            writer.transport.abort()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

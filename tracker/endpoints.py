@@ -116,11 +116,12 @@ async def driver_endpoint(ws: WebSocket) -> None:
     node: Node = ws.app.state.node
     settings = node.settings
     verifier: TokenVerifier = ws.app.state.verifier
-    if len(node.sessions) >= settings.max_connections:
-        await ws.close(1013, "too many connections")
-        return
+    full = len(node.sessions) >= settings.max_connections
     await ws.accept()
     channel = Channel(ws._send)
+    if full:  # accepted first: closed before accept, the phone would see HTTP 403, not 1013 (PROTOCOL.md)
+        await channel.close(1013, "too many connections")
+        return
     reader = take_over(ws._send, settings.max_frame)  # our own frame parser, where the server allows
     hello = await _hello(ws, channel, verifier, settings.hello_timeout_s, role_ok=("driver",))
     if hello is None:

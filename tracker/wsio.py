@@ -115,6 +115,15 @@ class Channel:
             await asyncio.wait_for(self._send({"type": "websocket.close", "code": code, "reason": reason}), timeout)
         except (TimeoutError, Exception):
             self.abort()
+            return
+        # uvicorn keeps the socket open 10 s for the peer's closing frame: a flood of sockets that
+        # never answer (closed at the hello deadline, say) would outlive that deadline six times
+        # over. Wait `timeout` instead (tests/test_faults_overload.py).
+        proto = self._proto
+        timer = getattr(proto, "close_timer", None)
+        if timer is not None and not proto.transport.is_closing():
+            timer.cancel()
+            proto.close_timer = proto.loop.call_later(timeout, proto.transport.close)
 
     def abort(self) -> None:
         self.closed = True

@@ -136,6 +136,7 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
     common.ensure_node_modules()
+    common.exit_on_sigterm()
     info = common.machine()
     log(f"machine: {info}")
     runs = [once(args) for _ in range(args.repeat)]

@@ -41,6 +41,11 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PG_AUX = ("checkpointer", "background writer", "walwriter", "autovacuum", "logical replication", "stats collector")
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM raises SystemExit, so the context managers stop the servers this script started."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def log(*parts: object) -> None:
     print(f"[{time.strftime('%H:%M:%S')}]", *parts, file=sys.stderr, flush=True)
 

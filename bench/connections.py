@@ -119,6 +119,7 @@ def main() -> int:
     systems = args.systems.split(",")
     if "python" in systems:
         common.ensure_peers_venv()
+    common.exit_on_sigterm()
     info = common.machine()
     log(f"machine: {info}")
     results: dict[str, list[dict[str, Any]]] = {}

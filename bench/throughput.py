@@ -166,20 +166,36 @@ def run_system(kind: str, dashboards: int, args: argparse.Namespace) -> dict[str
 
 
 def summary(results: list[dict[str, Any]]) -> str:
+    """Markdown: the highest step held per system, then every step."""
     lines = [
-        "| system | dashboards | highest rate held | achieved/s | live p99 ms | server us/pos | redis us/pos | "
-        "pg us/pos (+shared) | load gen us/pos | lost (run) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| system | dashboards | highest rate held (p99 <= 100 ms, 0 lost) | server us/pos there | lost (run) |",
+        "|---|---|---|---|---|",
     ]
     for r in results:
         b = r["best_step"] or {}
-        us = b.get("cpu_us_per_pos", {})
         lost = r["loss"].get("lost", "?")
         lines.append(
-            f"| {r['system']} | {r['dashboards']} | {r['highest_held']} | {b.get('achieved_per_s', 0):.0f} | "
-            f"{(b.get('live_ms') or {}).get('p99', '-')} | {us.get('server', '-')} | {us.get('redis', '-')} | "
-            f"{us.get('postgres', '-')} (+{us.get('postgres_shared', '-')}) | {us.get('load', '-')} | {lost} |"
+            f"| {r['system']} | {r['dashboards']} | {r['highest_held'] or 'none'} | "
+            f"{b.get('cpu_us_per_pos', {}).get('server', '-')} | {lost} |"
         )
+    lines += [
+        "",
+        "| system | dash | offered/s | achieved/s | live p50 / p95 / p99 ms | ack p99 ms | delivered | unacked | "
+        "server us/pos (kernel) | redis | pg (+shared) | load gen | held |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for st in r["steps"]:
+            us = st.get("cpu_us_per_pos", {})
+            live = st.get("live_ms") or {}
+            lines.append(
+                f"| {r['system']} | {r['dashboards']} | {st['rate']} | {st['achieved_per_s']:.0f} | "
+                f"{live.get('p50', '-')} / {live.get('p95', '-')} / {live.get('p99', '-')} | "
+                f"{st['ack_ms'].get('p99')} | {st['delivered_ratio']:.3f} | {st['lost_unacked']} | "
+                f"{us.get('server')} ({us.get('server_kernel')}) | {us.get('redis')} | "
+                f"{us.get('postgres')} (+{us.get('postgres_shared')}) | {us.get('load')} | "
+                f"{'yes' if st['ok'] else 'no'} |"
+            )
     return "\n".join(lines)
 
 
@@ -201,6 +217,7 @@ def main() -> int:
     systems = [s for s in args.systems.split(",") if s]
     if "python" in systems:
         common.ensure_peers_venv()
+    common.exit_on_sigterm()
     info = common.machine()
     log(f"machine: {info}")
     results = []

@@ -180,6 +180,7 @@ def main() -> int:
     p.add_argument("--methods", default="unnest,copy,executemany")
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
+    common.exit_on_sigterm()
     info = common.machine()
     log(f"machine: {info}")
     results = asyncio.run(run(args))

@@ -241,8 +241,6 @@ def private_redis() -> Iterator[tuple[str, int]]:
             "yes",
             "--loglevel",
             "warning",
-            "--maxclients",
-            "1000",
         ],
         stdout=subprocess.DEVNULL,
     )

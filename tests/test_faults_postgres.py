@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from .client import Phone, pos
 from .conftest import SECRET, token
 from .faultkit import (
     Fleet,
@@ -55,7 +56,11 @@ async def test_postgres_killed_mid_batch_then_down(
             await wait_until(lambda: writer.in_flight > 0, 5, "a batch in flight", interval=0)
             pg_cluster.kill()
             down_at = time.monotonic()
-            await asyncio.sleep(outage_s)  # hold the outage
+            # A driver connecting now is welcomed and its position goes live: the map does not freeze.
+            late = await Phone.connect(inst.url, token("driver", "late", org))
+            await late.send(pos(1, lat=3.0, lon=4.0))
+            await wait_until(lambda: "late" in watcher.positions, 5, "a new driver live while PostgreSQL is down")
+            await asyncio.sleep(max(0.0, outage_s - (time.monotonic() - down_at)))  # hold the outage
             up_at = time.monotonic()
             # Nothing is acknowledged while PostgreSQL is down (an ack of a commit that won the race
             # with the kill may still be on its way for a moment).

@@ -95,7 +95,7 @@ def _principal(claims: dict[str, Any]) -> Principal:
     role: Any = claims.get("role")
     sub: Any = claims.get("sub")
     org: Any = claims.get("org")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:  # a list or object is unhashable: no TypeError
         raise AuthError("role must be driver, dispatcher or client")
     for name, value in (("sub", sub), ("org", org)):
         if not isinstance(value, str) or not 1 <= len(value) <= ID_MAX or not value.isprintable():

@@ -309,6 +309,9 @@ class LiveSession:
             await channel.close(exc.close_code, str(exc)[:100])
         except WebSocketDisconnect:
             pass
+        except Exception:  # a bug: 1011 (PROTOCOL.md), the details stay in the log
+            log.exception("dashboard %s/%s: internal error", self.dash.principal.org, self.dash.principal.sub)
+            await channel.close(1011, "internal error")
         finally:
             metrics.CONNECTIONS.labels(role).dec()
             await self.stop()

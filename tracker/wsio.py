@@ -111,6 +111,9 @@ class Channel:
             with contextlib.suppress(asyncio.TimeoutError, Exception):
                 await asyncio.wait_for(asyncio.shield(self._task), timeout)
         self.closed = True
+        # A close frame carries at most 123 bytes of reason (RFC 6455); a longer one (a peer's frame type
+        # quoted in it, in emoji) made the close fail, and the connection was dropped without a code.
+        reason = reason.encode()[:123].decode("utf-8", "ignore")
         try:
             await asyncio.wait_for(self._send({"type": "websocket.close", "code": code, "reason": reason}), timeout)
         except (TimeoutError, Exception):

@@ -259,3 +259,15 @@ def test_error_codes_of_the_http_api_are_documented() -> None:
         "internal",
     }
     assert used <= known, used - known
+
+
+def test_dashboard_script_never_turns_data_into_html_or_code() -> None:
+    """Driver-supplied text (scan notes, recipients, package ids, names) reaches the dashboard: it must
+    be rendered as text. With the CSP above, no sink parses strings as HTML or code."""
+    from pathlib import Path
+
+    source = (Path(__file__).resolve().parent.parent / "tracker" / "static" / "app.js").read_text()
+    sinks = (
+        r"\.innerHTML\b|\.outerHTML\b|insertAdjacentHTML|document\.write|\beval\(|new Function\(|setTimeout\(\s*['\"`]"
+    )
+    assert re.findall(sinks, source) == []

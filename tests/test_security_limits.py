@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed
 
 from tracker.limits import Admission
 
@@ -149,10 +149,7 @@ async def test_drivers_per_instance_are_capped(start_instance: Any, org: str) ->
     """TRACKER_MAX_CONNECTIONS: a driver beyond it is closed with 1013 before its hello is read."""
     inst = await start_instance(max_connections=1)
     await Phone.connect(inst.url, token("driver", "d-1", org))
-    try:
-        peer = Peer(await connect(inst.url + "/v1/driver"))
-    except InvalidStatus:  # refused at the handshake instead (HTTP 403): refused all the same
-        return
+    peer = Peer(await connect(inst.url + "/v1/driver"))
     assert await close_of(peer) == (1013, "too many connections")
 
 
@@ -204,3 +201,18 @@ async def test_snapshots_per_dashboard_are_rate_limited(start_instance: Any, org
     for k in range(8):
         await dash.subscribe({"drivers": [f"d-{k}"]})  # each answered by its own snapshot
     assert loop.time() - started >= (8 - 2) / 10.0 * 0.9
+
+
+@pytest.mark.xfail(strict=True, reason="known gap (SECURITY.md): the event bucket lives in the connection")
+async def test_the_event_rate_survives_a_reconnect(start_instance: Any, org: str) -> None:
+    """A rogue driver app reconnecting to get a fresh burst each time: today every connection starts with
+    a full bucket, so N reconnects store N bursts. The limit should hold per driver, not per socket."""
+    inst = await start_instance(rate_per_s=0.1, rate_burst=5)
+    stored = 0
+    for first in (1, 11, 21):
+        phone = await Phone.connect(inst.url, token("driver", "d-1", org))
+        await phone.send({"type": "batch", "items": [pos(s) for s in range(first, first + 10)]})
+        await phone.until(lambda p: len(p.acked) + len(p.errors) >= 10)
+        stored += len(phone.acked)
+        await phone.close()
+    assert stored <= 6

@@ -290,3 +290,17 @@ async def test_refresh_postpones_the_4003_close(start_instance: Any, org: str, p
     else:
         assert isinstance(refreshed, Dash)
         assert (await refreshed.subscribe({}))["drivers"] == []
+
+
+def test_generated_secrets_are_owner_only_files(tmp_path: Any) -> None:
+    """Without TRACKER_JWT_SECRET / TRACKER_CUSTODY_KEY (development), the keys generated under the data
+    folder are readable by their owner only, and kept: the same key after a restart."""
+    from tracker.app import make_verifier
+    from tracker.packages import custody_key
+
+    settings = Settings(data_dir=tmp_path)
+    make_verifier(settings)
+    key = custody_key(settings)
+    for name in ("jwt-secret", "custody-key"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
+    assert custody_key(settings) == key

@@ -54,7 +54,7 @@ async def hello(inst: Instance, path: str, tok: str) -> Peer:
 @pytest.mark.parametrize("head", [b"", b"GET /v1/live HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"])
 async def test_connection_without_a_complete_request_head_is_closed(start_instance: Any, head: bytes) -> None:
     """Slowloris: uvicorn alone waits for a request head forever; the head deadline closes it."""
-    inst = await start_instance(handshake_timeout_s=0.3)
+    inst = await start_instance(handshake_timeout_s=1.0)
     reader, writer = await asyncio.open_connection("127.0.0.1", inst.port)
     try:
         writer.write(head)
@@ -174,6 +174,7 @@ async def test_subscribe_flood_is_coalesced_newest_wins(start_instance: Any, org
     await phone.send(pos(1, ts=now_ms(), lat=-1.25))
     await phone.until(lambda p: p.acked == {1})
     dash = await Dash.connect(inst.url, token("dispatcher", "u-1", org))
+    started = asyncio.get_running_loop().time()
     for k in range(30):
         await dash.send({"type": "subscribe", "drivers": [f"nobody-{k}"]})
     await dash.send({"type": "subscribe", "drivers": ["d-x"]})
@@ -184,7 +185,9 @@ async def test_subscribe_flood_is_coalesced_newest_wins(start_instance: Any, org
             if frame["type"] == "snapshot":
                 snapshots.append(frame)
     assert [d["driver"] for d in snapshots[-1]["drivers"]] == ["d-x"]
-    assert len(snapshots) <= 4, f"{len(snapshots)} snapshots for 31 subscribes with a burst of 3"
+    # At most the burst, what the rate refilled meanwhile (a loaded machine sends slowly), and the last.
+    allowed = 3 + int((asyncio.get_running_loop().time() - started) * 5.0) + 1
+    assert len(snapshots) <= allowed < 31, f"{len(snapshots)} snapshots for 31 subscribes (allowed {allowed})"
     # The dashboard is live on its newest filter.
     await phone.send(pos(2, ts=now_ms(), lat=-1.26))
     got = await dash.collect(lambda fs: any(f["type"] == "pos" for f in fs))

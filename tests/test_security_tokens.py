@@ -276,14 +276,14 @@ async def test_refresh_with_a_bad_token_is_unauthorized_and_closes(instance: Ins
 async def test_refresh_postpones_the_4003_close(start_instance: Any, org: str, path: str) -> None:
     inst = await start_instance(jwt_leeway_s=0.0)
     role = ROLE[path]
-    refreshed = await open_(inst, path, token(role, "u-1", org, ttl_s=2))
+    refreshed = await open_(inst, path, token(role, "u-1", org, ttl_s=3))
     await refreshed.send({"type": "refresh", "token": token(role, "u-1", org, ttl_s=600)})
     answer = await refreshed.recv()
     assert answer["type"] == "welcome" and answer["refreshed"] is True
     # A witness opened later with the same lifetime: when it is closed with 4003, the first
     # token has expired too (its timer was due no later), yet its connection stays usable.
-    witness = await open_(inst, path, token(role, "u-2", org, ttl_s=2))
-    assert await witness.closed(timeout=6) == 4003
+    witness = await open_(inst, path, token(role, "u-2", org, ttl_s=3))
+    assert await witness.closed(timeout=8) == 4003
     if isinstance(refreshed, Phone):
         await refreshed.send(pos(1))
         await refreshed.until(lambda p: p.acked == {1})

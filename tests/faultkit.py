@@ -316,20 +316,24 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def pg_bin_dir() -> Path:
-    """The PostgreSQL binaries the `pgserver` package ships, else Debian's."""
+def pg_bin_dir(user: str | None = None) -> Path:
+    """The PostgreSQL binaries the `pgserver` package ships, else Debian's: the first that `user`
+    (who runs the server) can execute: a checkout under a private folder hides pgserver's."""
+    candidates: list[Path] = []
     with contextlib.suppress(ImportError):
         import importlib.util
 
         spec = importlib.util.find_spec("pgserver")
         if spec is not None and spec.origin is not None:
-            candidate = Path(spec.origin).parent / "pginstall" / "bin"
-            if (candidate / "postgres").exists():
-                return candidate
-    for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
-        if Path(candidate, "postgres").exists():
-            return Path(candidate)
-    raise RuntimeError("no PostgreSQL binaries: install the pgserver package or postgresql")
+            candidates.append(Path(spec.origin).parent / "pginstall" / "bin")
+    candidates += [Path(c) for c in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]
+    for candidate in candidates:
+        if not (candidate / "postgres").exists():
+            continue
+        probe = subprocess.run([str(candidate / "postgres"), "--version"], user=user, capture_output=True, check=False)
+        if probe.returncode == 0:
+            return candidate
+    raise RuntimeError("no usable PostgreSQL binaries: install the pgserver package or postgresql")
 
 
 def _system_user() -> str | None:
@@ -352,8 +356,8 @@ class PgCluster:
     survives restarts: what was committed stays committed."""
 
     def __init__(self) -> None:
-        self.bin = pg_bin_dir()
         self.user = _system_user()
+        self.bin = pg_bin_dir(self.user)
         self.dir = Path(tempfile.mkdtemp(prefix="tracker-fault-pg-"))
         self.data = self.dir / "data"
         self.port = free_port()
@@ -427,7 +431,7 @@ class PgCluster:
         if self.proc.poll() is not None:
             raise RuntimeError(f"postgres exited with {self.proc.returncode}: see {self.dir / 'postgres.log'}")
         try:
-            conn = await asyncpg.connect(self.url(), timeout=1)
+            conn = await asyncpg.connect(self.url(), timeout=3)
         except (OSError, asyncpg.PostgresError, TimeoutError, asyncpg.InterfaceError):
             return False
         await conn.close()
@@ -596,6 +600,7 @@ class Driver:
         self.close_times: list[tuple[float, int]] = []  # (monotonic time, close code)
         self.ack_times: list[float] = []  # monotonic time of every ack frame
         self._retry: asyncio.TimerHandle | None = None
+        self._next_scan = 0.0
         self._task: asyncio.Task[None] | None = None
         self._stop = False
 
@@ -681,9 +686,12 @@ class Driver:
                     self.born[self.seq] = time.monotonic()
                     self.stats.generated += 1
                     await ws.send(orjson.dumps(event))
-                stale = [s for s, (_, at) in self.outbox.items() if time.monotonic() - at > self.resend_after]
-                if stale:
-                    await self._send(stale)
+                if time.monotonic() >= self._next_scan:  # unanswered for resend_after: send again
+                    self._next_scan = time.monotonic() + self.resend_after / 4
+                    limit = time.monotonic() - self.resend_after
+                    stale = [s for s, (_, at) in self.outbox.items() if at < limit]
+                    if stale:
+                        await self._send(stale)
                 done, _ = await asyncio.wait({reader}, timeout=self.interval)
                 if done:
                     reader.result()

@@ -275,6 +275,8 @@ def tracker_source(ref: str = "HEAD") -> tuple[Path, str]:
     editing, is not used), and the commit it names. ``ref`` "." means the work tree as it is."""
     if ref == ".":
         return ROOT, "work tree"
+    if Path(ref).is_dir():  # an experiment: a copy of the source with changes of its own
+        return Path(ref), f"source at {ref}"
     sha = subprocess.run(
         ["git", "rev-parse", "--short=12", ref], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.strip()

@@ -46,6 +46,13 @@ def once(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             }
         )
         out: dict[str, Any] = {"system": kind, "rss_before": before, "load": common.load_average()}
+        idle = CpuMeter(
+            {
+                "server": lambda: [srv.pid],
+                "redis": lambda: [redis_pid],
+                "postgres": lambda: common.postgres_pids(srv.database)[0],
+            }
+        )
 
         def on_event(ev: dict[str, Any]) -> None:
             if ev["ev"] == "connected":
@@ -60,7 +67,10 @@ def once(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                     redis_us_per_connect=round(cpu["redis"] / max(1, ev["drivers"]) * 1e6),
                 )
             elif ev["ev"] == "idle":
+                idle.start()
                 time.sleep(args.settle)
+                cpu = idle.stop()
+                out.update(idle_cores={k: round(v / idle.wall_s, 3) for k, v in cpu.items()})
                 after = srv.rss()
                 p = psutil.Process(srv.pid)
                 out.update(
@@ -101,7 +111,8 @@ def once(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     log(
         f"{kind}: {out.get('connected')} connected in {out.get('connect_s')} s ({out.get('connects_per_s')}/s), "
         f"{out.get('kb_per_connection')} KB per idle connection (RSS {before / 2**20:.0f} -> "
-        f"{out.get('rss_after', 0) / 2**20:.0f} MiB), server {out.get('server_us_per_connect')} us CPU per connect"
+        f"{out.get('rss_after', 0) / 2**20:.0f} MiB), server {out.get('server_us_per_connect')} us CPU per connect, "
+        f"idle CPU (cores) {out.get('idle_cores')}"
     )
     return out
 
@@ -112,7 +123,7 @@ def main() -> int:
     p.add_argument("--drivers", type=int, default=10_000)
     p.add_argument("--concurrency", type=int, default=256, help="connections being opened at once")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--settle", type=float, default=5.0, help="seconds idle before reading RSS")
+    p.add_argument("--settle", type=float, default=10.0, help="seconds idle before reading RSS (and idle CPU)")
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
     common.ensure_node_modules()
@@ -127,8 +138,8 @@ def main() -> int:
         results[kind] = [once(kind, args) for _ in range(args.repeat)]
     lines = [
         "| system | drivers | KB per idle connection (median, runs) | connects/s (median, runs) | "
-        "server us CPU per connect |",
-        "|---|---|---|---|---|",
+        "server us CPU per connect | server CPU while idle (cores) |",
+        "|---|---|---|---|---|---|",
     ]
     for kind, runs in results.items():
         kb = [r.get("kb_per_connection", 0) for r in runs]
@@ -136,7 +147,8 @@ def main() -> int:
         us = [r.get("server_us_per_connect", 0) for r in runs]
         lines.append(
             f"| {kind} | {runs[0].get('connected')} | {statistics.median(kb)} ({kb}) | "
-            f"{statistics.median(cps)} ({cps}) | {statistics.median(us)} |"
+            f"{statistics.median(cps)} ({cps}) | {statistics.median(us)} | "
+            f"{statistics.median(r.get('idle_cores', {}).get('server', 0) for r in runs)} |"
         )
     table = "\n".join(lines)
     print(table)

@@ -153,3 +153,30 @@ async def test_restarted_redis_server_is_a_new_process(private_redis: RedisServe
         await writer.wait_closed()
     finally:
         other.close()
+
+
+async def test_redis_partition_cut_and_restored(start_instance: Any, org: str, private_redis: RedisServer) -> None:  # noqa: F811
+    """The network to Redis cut (connections reset, new ones refused) while Redis itself keeps its
+    state: acks go on, the live feed pauses, and comes back by itself once the network does."""
+    proxy = await Proxy(private_redis.port).start()
+    watcher: Watcher | None = None
+    try:
+        inst = await start_instance(redis_url=f"redis://127.0.0.1:{proxy.port}/0")
+        watcher = await Watcher(inst.url, token("dispatcher", "u-1", org)).start()
+        async with Fleet([inst.url], SECRET, org, 3, interval=0.05) as fleet:
+            await wait_until(lambda: len(watcher.positions) == 3, 10, "live positions")
+            proxy.cut()
+            cut_at = time.monotonic()
+            await wait_until(lambda: _status_after(watcher, cut_at, False), 5, "status live:false")
+            await asyncio.sleep(max(0.0, 3.0 - (time.monotonic() - cut_at)))  # hold the partition
+            assert fleet.acks_between(cut_at + 0.5, time.monotonic()) > 0
+            proxy.restore()
+            up_at = time.monotonic()
+            await wait_until(lambda: _status_after(watcher, up_at, True), 5, "status live:true within 5 s")
+            frames = len(watcher.pos_times)
+            await wait_until(lambda: len(watcher.pos_times) > frames + 10, 5, "live positions again")
+            await fleet.drain(10)
+    finally:
+        if watcher is not None:
+            await watcher.close()
+        await proxy.close()

@@ -251,5 +251,5 @@ async def test_own_frame_reader_handles_fragments_pings_and_close(instance: Inst
     await phone.until(lambda p: p.acked == {1, 2})
     await phone.close()  # the closing handshake completes and the driver goes offline
     async with asyncio.timeout(5):
-        while (org, "d-1") in instance.node.sessions:
+        while (org, "d-1") in instance.node.sessions:  # noqa: ASYNC110 - polls server state with a deadline
             await asyncio.sleep(0.01)

@@ -17,8 +17,8 @@ from .node import DriverConn, Node
 from .protocol import frames
 from .protocol.frames import ProtocolError
 from .snapshot import send_snapshot
-from .writer import now_ms
 from .wire import take_over
+from .writer import now_ms
 from .wsio import Channel
 
 log = logging.getLogger("tracker.endpoints")
@@ -132,6 +132,7 @@ async def driver_endpoint(ws: WebSocket) -> None:
     channel.write(frames.encode({"type": "welcome", "driver": principal.sub, "last_seq": last_seq,
                                  "server_time": now_ms(), "max_frame": settings.max_frame,
                                  "max_batch": settings.max_batch}))
+    conn.welcomed = True
     conn.expiry = _schedule_expiry(channel, principal.exp, settings.jwt_leeway_s)
     session = DriverSession(node, conn, verifier)
     # Frames now go straight from the transport to the session where the server allows it; then
@@ -185,6 +186,9 @@ class DriverSession:
         except ProtocolError as exc:
             channel.write(frames.error("protocol", str(exc)))
             self.close(exc.close_code, str(exc))
+        except Exception:  # a bug: close with 1011 (PROTOCOL.md); the details stay in the log
+            log.exception("driver %s/%s: internal error", conn.principal.org, conn.principal.sub)
+            self.close(1011, "internal error")
 
     def _batch(self, obj: dict[str, Any]) -> None:
         items = obj.get("items")

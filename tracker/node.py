@@ -39,6 +39,27 @@ POS_OPTIONAL = ("acc", "spd", "hdg", "alt", "bat")
 SCAN_OPTIONAL = ("lat", "lon", "temp_c", "note", "recipient", "pod")
 
 
+@dataclass(slots=True)
+class RateBucket:
+    """A driver's event budget (token bucket). It belongs to the driver, not to a connection, so
+    reconnecting does not buy a fresh burst."""
+
+    tokens: float
+    refilled: float = field(default_factory=time.monotonic)
+
+    def take(self, rate: float, burst: int) -> bool:
+        now = time.monotonic()
+        self.tokens = min(float(burst), self.tokens + (now - self.refilled) * rate)
+        self.refilled = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+    def full(self, rate: float, burst: int, now: float) -> bool:
+        return self.tokens + (now - self.refilled) * rate >= burst
+
+
 @dataclass(eq=False)
 class DriverConn:
     """One open driver connection."""
@@ -47,24 +68,15 @@ class DriverConn:
     channel: Channel
     conn_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     live_ts: int = 0  # the newest live ts fanned out for this driver
-    tokens: float = 0.0
-    refilled: float = field(default_factory=time.monotonic)
+    bucket: RateBucket = field(default_factory=lambda: RateBucket(0.0))
     stamp: bytes = b""  # client ids entitled to this driver's live frames (packages it holds)
     closed: bool = False
+    welcomed: bool = False  # nothing but `welcome` may reach the phone before `welcome`
     expiry: asyncio.TimerHandle | None = None
 
     @property
     def key(self) -> tuple[str, str]:
         return self.principal.key
-
-    def take_token(self, rate: float, burst: int) -> bool:
-        now = time.monotonic()
-        self.tokens = min(float(burst), self.tokens + (now - self.refilled) * rate)
-        self.refilled = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
 
 
 def pos_frame(driver: str, ev: Position) -> bytes:
@@ -96,6 +108,7 @@ class Node:
                              flush_max_events=settings.flush_max_events, concurrency=settings.writer_concurrency,
                              buffer_max=settings.writer_buffer_max, answer_deadline_s=settings.answer_deadline_s)
         self.sessions: dict[tuple[str, str], DriverConn] = {}
+        self._buckets: dict[tuple[str, str], RateBucket] = {}
         self._pending: list[Pending] = []
         self._live: dict[str, list[LiveItem]] = {}
         self._tick_handle: asyncio.Handle | None = None
@@ -145,7 +158,10 @@ class Node:
     async def driver_connected(self, conn: DriverConn) -> int:
         """Register a driver connection (replacing an older one); returns welcome's last_seq."""
         p = conn.principal
-        conn.tokens = float(self.settings.rate_burst)
+        bucket = self._buckets.get(conn.key)
+        if bucket is None:
+            bucket = self._buckets[conn.key] = RateBucket(float(self.settings.rate_burst))
+        conn.bucket = bucket
         old = self.sessions.get(conn.key)
         if old is not None and old is not conn:
             self._replace(old)
@@ -199,12 +215,20 @@ class Node:
         except (RedisError, OSError) as exc:
             log.debug("presence offline not recorded (Redis: %s); it expires", exc)
 
+    def _prune_buckets(self) -> None:
+        """Forget the budgets of disconnected drivers that are full again (they would be recreated
+        full anyway): memory stays proportional to recently active drivers."""
+        now, rate, burst = time.monotonic(), self.settings.rate_per_s, self.settings.rate_burst
+        for key in [k for k, b in self._buckets.items() if k not in self.sessions and b.full(rate, burst, now)]:
+            del self._buckets[key]
+
     async def _presence_loop(self) -> None:
         interval = self.settings.presence_refresh_s
         while True:
             await asyncio.sleep(interval)
             try:
                 conns = [(c.principal.org, c.principal.sub, c.conn_id, c.stamp) for c in self.sessions.values()]
+                self._prune_buckets()
                 await self.broker.refresh_presence(conns)
                 await self.broker.sweep()
             except (RedisError, OSError) as exc:
@@ -228,7 +252,7 @@ class Node:
                 conn.channel.write(frames.error("unavailable", "the instance is restarting", seq=ev.seq,  # type: ignore[union-attr]
                                                 retry_ms=1000))
                 continue
-            if not conn.take_token(rate, burst):
+            if not conn.bucket.take(rate, burst):
                 metrics.EVENTS_REFUSED.labels("rate_limited").inc()
                 conn.channel.write(frames.error("rate_limited", "over the per-driver event rate",
                                                 seq=ev.seq, retry_ms=int(1000 / rate) + 1))  # type: ignore[union-attr]
@@ -291,13 +315,13 @@ class Node:
         now = now_ms()
         for conn, seqs in acks.items():
             target = conn if not conn.closed else self.sessions.get(conn.key)
-            if target is not None:
+            if target is not None and target.welcomed:
                 target.channel.write(frames.ack(seqs))
                 metrics.ACK_SECONDS.observe((now - oldest[conn]) / 1000)
         unavailable: dict[DriverConn, list[int]] = {}
         for it, code, message in refused:
             conn = it.owner if not it.owner.closed else self.sessions.get(it.owner.key)
-            if conn is None:
+            if conn is None or not conn.welcomed:
                 continue
             if code == "unavailable":
                 unavailable.setdefault(conn, []).append(it.event.seq)

@@ -24,4 +24,6 @@ DASHBOARDS_DROPPED = Counter("tracker_dashboards_dropped_total", "Dashboards clo
 LIVE_PUBLISHED = Counter("tracker_live_published_total", "Live frames published to the broker")
 LIVE_FAILED = Counter("tracker_live_publish_failed_total", "Live frames lost because the broker was unavailable")
 WRITER_BUFFERED = Gauge("tracker_writer_buffered_events", "Events waiting for PostgreSQL")
+GC_PAUSE = Histogram("tracker_gc_pause_seconds", "Cyclic garbage collections: how long the event loop stood still",
+                     ["generation"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
 BROKER_LIVE = Gauge("tracker_broker_live", "1 when the Redis subscriber is proven to receive")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import time
 from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
 
+from . import metrics
 from .config import Settings
 
 HEAD_MAX = 65_536  # bytes of request line and headers
@@ -40,6 +42,20 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
+    if _gc_timer not in gc.callbacks:
+        gc.callbacks.append(_gc_timer)
+
+
+_gc_started = 0.0
+
+
+def _gc_timer(phase: str, info: dict[str, int]) -> None:
+    """Every collection's pause, as a metric: a latency spike shows up here if GC is the cause."""
+    global _gc_started
+    if phase == "start":
+        _gc_started = time.perf_counter()
+    else:
+        metrics.GC_PAUSE.labels(str(info["generation"])).observe(time.perf_counter() - _gc_started)
 
 
 def head_deadline_protocol(settings: Settings) -> type[asyncio.Protocol]:

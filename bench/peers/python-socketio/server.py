@@ -22,6 +22,7 @@ from typing import Any
 
 import asyncpg
 import jwt
+import redis.asyncio
 import socketio
 import uvicorn
 
@@ -45,7 +46,27 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[],
 ON CONFLICT DO NOTHING
 """
 
-mgr = socketio.AsyncRedisManager(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+
+class CappedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
+    """AsyncRedisManager, but its publishes share a bounded, blocking pool of Redis connections.
+
+    With the stock manager every concurrent emit takes a connection of its own from redis-py's
+    unbounded pool: at 10,000 drivers and a saturated loop that is thousands of Redis connections,
+    and the process runs out of file descriptors ("Cannot publish to redis... giving up", and
+    every position of that emit is lost). A team would hit that and cap it like this.
+    """
+
+    def _redis_connect(self) -> None:
+        super()._redis_connect()
+        pool = redis.asyncio.BlockingConnectionPool.from_url(self.redis_url, max_connections=64, timeout=None)
+        self.redis = redis.asyncio.Redis(connection_pool=pool)
+        self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+
+
+mgr_class = (
+    CappedRedisManager if os.environ.get("PEER_REDIS_POOL", "capped") == "capped" else socketio.AsyncRedisManager
+)
+mgr = mgr_class(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
 sio = socketio.AsyncServer(
     async_mode="asgi",
     client_manager=mgr,

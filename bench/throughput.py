@@ -101,6 +101,8 @@ def run_system(kind: str, dashboards: int, args: argparse.Namespace) -> dict[str
                 ev["cpu_cores"] = {k: round(v / max(1e-9, m.get("wall_s", 1)), 2) for k, v in cpu.items()}
                 ev["load_avg"] = m.get("load_avg")
                 ev.pop("dashboards", None)
+                if ev.get("live_worst_per_500ms"):
+                    log(f"{kind} {dashboards}d {ev['rate']}/s worst live ms per 500 ms: {ev['live_worst_per_500ms']}")
                 steps.append(ev)
                 us = ev["cpu_us_per_pos"]
                 log(

@@ -350,7 +350,12 @@ async function dashboardsWorker(o, indices) {
           return { k: v.k, inWindow: lat.length, items: v.items, frames: v.frames, errors: v.errors, lat };
         });
         const all = [].concat(...out.map((x) => x.lat));
-        process.send({ ev: "collected", live: percentiles(all), per: out.map(({ lat, ...x }) => x) });
+        // the worst latency of the events sent in each 500 ms of the window: a periodic stall shows
+        const worst = new Array(Math.ceil((m.t1 - m.t0 + 1) / 500)).fill(0);
+        for (const v of views) for (let i = 0; i < v.ts.length; i++) {
+          if (v.ts[i] >= m.t0 && v.ts[i] <= m.t1) { const b = Math.floor((v.ts[i] - m.t0) / 500); if (v.lat[i] > worst[b]) worst[b] = v.lat[i]; }
+        }
+        process.send({ ev: "collected", live: percentiles(all), per: out.map(({ lat, ...x }) => x), worst: worst.map(Math.round) });
       } else if (m.cmd === "close") {
         for (const v of views) if (v.conn) (o.proto === "tracker" ? v.conn.terminate() : v.conn.close());
         process.send({ ev: "closed" });
@@ -445,7 +450,7 @@ async function main() {
         achieved_per_s: sentWin / o.measure, sent_in_window: sentWin, delivered_in_window: delivered,
         delivered_ratio: o.dashboards ? delivered / (sentWin * o.dashboards) : null,
         live_ms: live, ack_ms: ackP, drain_ms: Math.max(...ran.map((r) => r.drainMs)),
-        dashboards: per, window: [m0, m1],
+        dashboards: per, window: [m0, m1], live_worst_per_500ms: col.length ? col[0].worst : [],
       };
       res.ok = res.lost_unacked === 0 && (!live || live.p99 <= o.p99Limit) && (!o.dashboards || res.delivered_ratio >= 0.999);
       // Past a step that does not hold, the ladder goes on while the system still keeps up (all acked,

@@ -32,6 +32,7 @@ log = logging.getLogger("tracker.broker")
 LIVE_PREFIX: Final = "trk:live:"
 CTL_CHANNEL: Final = "trk:ctl"
 PUBLISH_CHUNK: Final = 2_000  # live items per published message
+REFRESH_CHUNK: Final = 250  # connections per presence refresh call (~2 ms of Redis each)
 
 # One call per org per tick. ARGV: org, np, then np drivers, np live ts and np lines of positions,
 # then lines always published. A line is "<stamp>\\t<frame>". A position is kept (and published)
@@ -285,14 +286,20 @@ class RedisBroker:
             args += item
         return [bool(v) for v in await self._off(args=args)]
 
-    async def refresh_presence(self, conns: list[tuple[str, str, str, bytes]]) -> None:
-        """Keep (org, driver, conn id, stamp) online for another TTL."""
+    async def refresh_presence(self, conns: list[tuple[str, str, str, bytes]], *, spread_s: float = 1.0) -> None:
+        """Keep (org, driver, conn id, stamp) online for another TTL.
+
+        In small calls spread over `spread_s`: Redis runs one script at a time, and a call for
+        5,000 connections held every tick's live publish and the subscriber for ~40 ms."""
         exp = int(time.time() * 1000) + self.presence_ttl_ms
-        for start in range(0, len(conns), 5000):
+        chunks = range(0, len(conns), REFRESH_CHUNK)
+        pause = spread_s / max(1, len(chunks))
+        for start in chunks:
             args: list[Any] = [exp]
-            for item in conns[start:start + 5000]:
+            for item in conns[start:start + REFRESH_CHUNK]:
                 args += item
             await self._refresh(args=args)
+            await asyncio.sleep(pause)
 
     async def sweep(self) -> int:
         return int(await self._sweep(args=[int(time.time() * 1000)]))

@@ -229,7 +229,7 @@ class Node:
             try:
                 conns = [(c.principal.org, c.principal.sub, c.conn_id, c.stamp) for c in self.sessions.values()]
                 self._prune_buckets()
-                await self.broker.refresh_presence(conns)
+                await self.broker.refresh_presence(conns, spread_s=min(2.0, interval / 4))
                 await self.broker.sweep()
             except (RedisError, OSError) as exc:
                 log.debug("presence refresh failed: %s", exc)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,16 +91,12 @@ class Settings:
     subscribe_rate_per_s: float = 2.0  # snapshots per second per dashboard; faster subscribes are coalesced
     subscribe_burst: int = 20
 
-    extra: dict[str, str] = field(default_factory=dict)
-
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read settings from `environ` (default: os.environ); keyword overrides win."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in fields(cls):
-            if f.name == "extra":
-                continue
             raw = env.get(_env_name(f.name))
             if raw is None or raw == "":
                 continue
@@ -154,4 +150,4 @@ def _parse(name: str, raw: str, type_: Any) -> Any:
 def describe() -> list[tuple[str, str]]:
     """(environment variable, default) for every setting: the README's configuration table."""
     defaults = Settings()
-    return [(_env_name(f.name), repr(getattr(defaults, f.name))) for f in fields(Settings) if f.name != "extra"]
+    return [(_env_name(f.name), repr(getattr(defaults, f.name))) for f in fields(Settings)]

@@ -15,7 +15,7 @@ import argparse
 import json
 import time
 
-from tracker.node import pos_frame
+from tracker.protocol.live import pos_frame
 from tracker.protocol import frames
 from tracker.protocol.events import check_event
 

@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from tracker.chain import GENESIS, Consignment, Content, Record, extend, head_tag, verify
+from tracker.custody.chain import GENESIS, Consignment, Content, Record, extend, head_tag, verify
 
 from .client import Dash, Phone, now_ms, scan
 from .conftest import Instance, token

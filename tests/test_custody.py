@@ -1,4 +1,4 @@
-"""The package state machine (tracker/custody.py): pure, no event loop."""
+"""The package state machine (tracker/custody/state.py): pure, no event loop."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tracker.custody import (
+from tracker.custody.state import (
     DELIVERED,
     FAILED,
     FAR_DELIVERY,

@@ -45,7 +45,7 @@ async def test_1kbps_and_never_reading_dashboards_are_capped_and_others_unaffect
         dashes = {d.principal.sub: d for d in inst.node.hub.dashboards()}
         # Loopback buffers are megabytes: give the two slow connections a mobile link's buffers.
         for name in ("slow", "never"):
-            server_sock = dashes[name].channel._proto.transport.get_extra_info("socket")
+            server_sock = dashes[name].channel.fast.proto.transport.get_extra_info("socket")
             server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         async with Fleet([inst.url], SECRET, org, DRIVERS, interval=0.02) as fleet:
             await wait_until(lambda: len(fast.positions) == DRIVERS, 10, "every driver live")

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tracker.endpoints import parse_subscribe
+from tracker.protocol.subscribe import parse_subscribe
 from tracker.protocol.events import Position, Refusal, Scan
 from tracker.protocol.frames import ProtocolError
 

@@ -236,11 +236,11 @@ async def test_rate_limit(start_instance: Any, org: str) -> None:
 
 
 async def test_own_frame_reader_handles_fragments_pings_and_close(instance: Instance, org: str) -> None:
-    from tracker.wire import FrameReader
+    from tracker.transport.uvicorn_fast import FrameReader
 
     phone = await Phone.connect(instance.url, token("driver", "d-1", org))
-    conn = instance.node.sessions[(org, "d-1")]
-    assert isinstance(conn.channel._proto.transport.get_protocol(), FrameReader)
+    conn = instance.node.drivers.sessions[(org, "d-1")]
+    assert isinstance(conn.channel.fast.proto.transport.get_protocol(), FrameReader)
     # A message in three fragments is one frame to the protocol.
     text = orjson.dumps(pos(1)).decode()
     await phone.ws.send(iter([text[:10], text[10:20], text[20:]]))
@@ -251,5 +251,5 @@ async def test_own_frame_reader_handles_fragments_pings_and_close(instance: Inst
     await phone.until(lambda p: p.acked == {1, 2})
     await phone.close()  # the closing handshake completes and the driver goes offline
     async with asyncio.timeout(5):
-        while (org, "d-1") in instance.node.sessions:  # noqa: ASYNC110 - polls server state with a deadline
+        while (org, "d-1") in instance.node.drivers.sessions:  # noqa: ASYNC110 - polls server state with a deadline
             await asyncio.sleep(0.01)

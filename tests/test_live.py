@@ -162,7 +162,7 @@ async def test_slow_dashboard_is_bounded_and_does_not_delay_others(start_instanc
     slow_dash = next(d for d in inst.node.hub.dashboards() if d.principal.sub == "slow")
     # Loopback buffers are megabytes; shrink the server's send buffer on this one connection so that
     # it behaves like a congested mobile link within a few hundred frames.
-    server_sock = slow_dash.channel._proto.transport.get_extra_info("socket")
+    server_sock = slow_dash.channel.fast.proto.transport.get_extra_info("socket")
     server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     t = now_ms()
     peak_waiting = 0

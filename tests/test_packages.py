@@ -252,7 +252,7 @@ async def test_unknown_package_then_consigned(instance: Instance, org: str) -> N
 
 
 async def _stamp(inst: Instance, org: str, driver: str) -> bytes:
-    conn = inst.node.sessions.get((org, driver))
+    conn = inst.node.drivers.sessions.get((org, driver))
     return conn.stamp if conn is not None else b"?"
 
 
@@ -262,19 +262,17 @@ async def test_scans_stored_before_a_crash_are_chained_by_the_sweep(
     inst: Instance = await start_instance(custody_grace_s=0.0, custody_sweep_s=3600.0)
     await consign(inst, org, "PKG-5", "st-marys")
     node = inst.node
-    hook = node.on_stored_scans
-    node.on_stored_scans = lambda stored: None  # as if the instance died right after the commit
+    extension = node.extension
+    extension.scans_stored = lambda stored: None  # type: ignore[method-assign]  # as if the instance died right after the commit
     phone = await Phone.connect(inst.url, token("driver", "d-1", org))
     t = now_ms() - 1000
     await phone.send(scan(1, "PKG-5", "pickup", ts=t))
     await phone.send(scan(2, "PKG-5", "deliver", ts=t + 1, lat=-1.3, lon=36.8))
     await acked(phone, 1, 2)
     assert await db.fetchval("SELECT count(*) FROM custody WHERE org = $1", org) == 0
-    node.on_stored_scans = hook
+    del extension.scans_stored  # the class's method again
     disp = await Dash.connect(inst.url, token("dispatcher", "u", org), subscribe={})
-    from tracker.packages import _LAYERS
-
-    await _LAYERS[node]._sweep()
+    await inst.server.app.state.custody._sweep()
     got: list[dict[str, Any]] = []
     await until_frame(disp, got, "package", state="delivered")
     assert [f["seq"] for f in frames_of(got, "scan")] == [1, 2]  # scans are always fanned out

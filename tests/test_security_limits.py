@@ -12,7 +12,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tracker.limits import Admission
+from tracker.transport.admission import Admission
 
 from .client import Dash, Peer, Phone, now_ms, pos
 from .conftest import Instance, token

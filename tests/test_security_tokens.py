@@ -296,7 +296,7 @@ def test_generated_secrets_are_owner_only_files(tmp_path: Any) -> None:
     """Without TRACKER_JWT_SECRET / TRACKER_CUSTODY_KEY (development), the keys generated under the data
     folder are readable by their owner only, and kept: the same key after a restart."""
     from tracker.app import make_verifier
-    from tracker.packages import custody_key
+    from tracker.custody.extension import custody_key
 
     settings = Settings(data_dir=tmp_path)
     make_verifier(settings)

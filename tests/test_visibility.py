@@ -165,7 +165,7 @@ class World:
 
         def stamps() -> dict[tuple[str, str], bytes]:
             return {
-                (o.name, d): (conn.stamp if (conn := o.where[d].node.sessions.get((o.name, d))) else b"?")
+                (o.name, d): (conn.stamp if (conn := o.where[d].node.drivers.sessions.get((o.name, d))) else b"?")
                 for o in self.orgs
                 for d in DRIVERS
             }

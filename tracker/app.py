@@ -1,4 +1,7 @@
-"""create_app(settings): Starlette routes and the lifespan that owns every resource."""
+"""create_app(settings): Starlette routes and the lifespan that owns every resource.
+
+The only module that names the concrete pieces: RedisBroker, the custody extension, the transport.
+"""
 
 from __future__ import annotations
 
@@ -20,15 +23,18 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from . import http_api, store
+from . import store
 from .auth import TokenVerifier, new_secret
-from .broker import RedisBroker, default_instance_id
 from .config import Settings
+from .custody import http as custody_http
+from .custody.extension import CustodyExtension, custody_key, migrations
 from .embedded import Embedded
-from .endpoints import driver_endpoint, live_endpoint
 from .hub import Hub
-from .limits import Admission
 from .node import Node
+from .redis_broker import RedisBroker, default_instance_id
+from .transport import http as http_api
+from .transport.admission import Admission
+from .transport.endpoints import driver_endpoint, live_endpoint
 
 log = logging.getLogger("tracker")
 
@@ -125,17 +131,17 @@ def create_app(settings: Settings) -> Starlette:
             redis_url = settings.redis_url or embedded.redis_url()
             pool = await connect_postgres(db_url, settings)
             try:
-                await store.migrate(pool)
+                await store.migrate(pool, migrations())
                 broker = RedisBroker(redis_url, instance_id=settings.instance_id or default_instance_id(),
                                      presence_ttl_s=settings.presence_ttl_s)
                 hub = Hub(flush_ms=settings.live_flush_ms, backlog=settings.dashboard_backlog,
                           queue_max=settings.dashboard_queue_max)
                 node = Node(settings, pool, broker, hub)
-                from .packages import install as install_packages
-
-                install_packages(node)
+                custody = CustodyExtension(node, custody_key(settings))
+                node.register(custody)
                 node.start()
                 app.state.node = node
+                app.state.custody = custody.layer
                 log.info("tracker ready: instance %s, PostgreSQL %s, Redis %s", broker.instance_id,
                          "embedded" if not settings.database_url else "external",
                          "embedded" if not settings.redis_url else "external")
@@ -158,13 +164,11 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/config", http_api.config_endpoint),
         Route("/v1/drivers", http_api.list_drivers),
         Route("/v1/drivers/{driver}/trail", http_api.driver_trail),
+        *custody_http.routes(),
         WebSocketRoute("/v1/driver", driver_endpoint),
         WebSocketRoute("/v1/live", live_endpoint),
         Mount("/static", StaticFiles(directory=Path(__file__).parent / "static", check_dir=False), name="static"),
     ]
-    from .packages import routes as package_routes
-
-    routes[7:7] = package_routes()
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return http_api.error_response(404, "not_found", "no such resource")

@@ -1,422 +1,91 @@
-"""Redis between instances: live fan-out over pub/sub, latest positions, presence.
+"""The broker: what moves live frames between instances and keeps the shared live state.
 
-One publish per org per event-loop tick: a Lua script keeps each driver's newest position (by
-live ts, so a late event never overwrites a newer one) and publishes, in the same atomic step,
-the frames that became newest plus every scan, presence, package and alert frame. A message on
-`trk:live:<org>` is lines `<stamp>\\t<frame>` joined by `\\n` (orjson never emits a raw tab or
-newline), where `<stamp>` is empty or a JSON array of the client ids entitled to the frame.
+The core (ingest, drivers, snapshot, node) calls only this interface. `RedisBroker`
+(tracker/redis_broker.py) is the production one; `MemoryBroker` (tracker/memory_broker.py) keeps
+everything in this process, for fast unit tests. One conformance suite
+(tests/test_broker_conformance.py) runs against both.
 
-Every instance holds one subscriber (`trk:live:*`, `trk:ctl`, and its own probe channel). The
-subscriber proves it receives with a loop-back probe; a subscriber that is connected but deaf is
-torn down and made again. Live delivery is best effort: when Redis is down, ingest and acks go on
-(PostgreSQL does not depend on Redis) and dashboards are told with `status` frames.
+Live delivery is best effort: acks never depend on the broker (they follow the PostgreSQL commit),
+and when the feed is interrupted the broker says so through `on_status(False)`; dashboards are
+told, and get a fresh snapshot when it comes back.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import os
-import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Protocol
 
-import hiredis
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
-from . import metrics
-
-log = logging.getLogger("tracker.broker")
-
-LIVE_PREFIX: Final = "trk:live:"
-CTL_CHANNEL: Final = "trk:ctl"
-PUBLISH_CHUNK: Final = 2_000  # live items per published message
-REFRESH_CHUNK: Final = 250  # connections per presence refresh call (~2 ms of Redis each)
-
-# One call per org per tick. ARGV: org, np, then np drivers, np live ts and np lines of positions,
-# then lines always published. A line is "<stamp>\\t<frame>". A position is kept (and published)
-# only if it is newer than the driver's stored one, so a late event never overwrites a newer one;
-# HMGET and HSET run once for the whole tick.
-LIVE_LUA: Final = """
-local org, np = ARGV[1], tonumber(ARGV[2])
-local poskey = 'trk:lastpos:' .. org
-local find, sub = string.find, string.sub
-local newest = {}
-for c = 3, 2 + np, 4000 do
-  local last = math.min(c + 3999, 2 + np)
-  local cur = redis.call('HMGET', poskey, unpack(ARGV, c, last))
-  for j = c, last do
-    local v = cur[j - c + 1]
-    if v then newest[ARGV[j]] = tonumber(sub(v, 1, find(v, '\\t', 1, true) - 1)) end
-  end
-end
-local out, kv = {}, {}
-for i = 3, 2 + np do
-  local d, lts = ARGV[i], tonumber(ARGV[i + np])
-  local have = newest[d]
-  if (not have) or have < lts then
-    newest[d] = lts
-    local line = ARGV[i + 2 * np]
-    kv[d] = ARGV[i + np] .. '\\t' .. line
-    out[#out + 1] = line
-  end
-end
-for i = 3 + 3 * np, #ARGV do out[#out + 1] = ARGV[i] end
-local args = {}
-for d, v in pairs(kv) do
-  args[#args + 1] = d
-  args[#args + 1] = v
-  if #args >= 7998 then redis.call('HSET', poskey, unpack(args)); args = {} end
-end
-if #args > 0 then redis.call('HSET', poskey, unpack(args)) end
-if #out > 0 then
-  local t = redis.call('TIME')
-  table.insert(out, 1, '#' .. string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000)))
-  redis.call('PUBLISH', 'trk:live:' .. org, table.concat(out, '\\n'))
-end
-return #out
-"""
-
-LiveItem = tuple[str, str, int, bytes, bytes]  # (kind 'p' newest-only or 'a' always, driver, live ts, stamp, frame)
+# One live frame queued for publishing: (kind, driver, live ts, stamp, frame).
+# kind 'p': a position, published only if it becomes the driver's newest (by live ts) and then kept
+# as the driver's latest; 'a': always published (scans, presence, package changes, alerts).
+# stamp: b"" or a JSON array of the client ids entitled to the frame.
+LiveItem = tuple[str, str, int, bytes, bytes]
+# Presence: (org, driver, conn id, name, presence line) going online; (org, driver, conn id, line)
+# going offline; (org, driver, conn id, stamp) kept online. A line is b"<stamp>\t<frame>".
+Online = tuple[str, str, str, str | None, bytes]
+Offline = tuple[str, str, str, bytes]
+Held = tuple[str, str, str, bytes]
+# An org's live state: driver -> (live ts, newest pos frame), driver -> name, drivers online.
+LiveState = tuple[dict[str, tuple[int, bytes]], dict[str, str], set[str]]
 
 
-def live_args(org: str, items: list[LiveItem]) -> list[Any]:
-    """LIVE_LUA's arguments for one org's items of a tick."""
-    drivers: list[Any] = []
-    ltss: list[Any] = []
-    plines: list[Any] = []
-    always: list[Any] = []
-    for kind, driver, lts, stamp, frame in items:
-        if kind == "p":
-            drivers.append(driver)
-            ltss.append(lts)
-            plines.append(stamp + b"\t" + frame)
-        else:
-            always.append(stamp + b"\t" + frame)
-    return [org, len(drivers), *drivers, *ltss, *plines, *always]
+class Broker(Protocol):
+    instance_id: str
+    live: bool
+    """True while live frames flow (published and received); flips are reported to `on_status`."""
 
-
-class FastPacking:
-    """hiredis packs commands in C, ~15x faster than redis-py's Python packer: it matters when one
-    call carries a tick's worth of items."""
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        if isinstance(args[0], str) and " " in args[0]:
-            args = (*args[0].split(), *args[1:])
-        return [hiredis.pack_command(args)]
-
-
-class FastConnection(FastPacking, aioredis.Connection):
-    pass
-
-
-class FastUnixConnection(FastPacking, aioredis.UnixDomainSocketConnection):
-    pass
-
-
-# Connections going online, many per call: (org, driver, conn, name, line) each. Publishes the
-# presence line, kicks an older connection of the driver on another instance, and returns each
-# driver's newest live position ("<live ts>\\t<frame>", or false).
-PRESENCE_ON_LUA: Final = """
-local find, sub = string.find, string.sub
-local exp = ARGV[1]
-local out = {}
-for i = 2, #ARGV, 5 do
-  local org, driver, conn, name, line = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
-  local pconn = 'trk:pconn:' .. org
-  local prev = redis.call('HGET', pconn, driver)
-  redis.call('HSET', pconn, driver, conn)
-  redis.call('HSET', 'trk:pstamp:' .. org, driver, sub(line, 1, find(line, '\\t', 1, true) - 1))
-  redis.call('ZADD', 'trk:presence:' .. org, exp, driver)
-  redis.call('SADD', 'trk:orgs', org)
-  if name ~= '' then redis.call('HSET', 'trk:names:' .. org, driver, name) end
-  redis.call('PUBLISH', 'trk:live:' .. org, line)
-  if prev and prev ~= conn then
-    redis.call('PUBLISH', 'trk:ctl', 'kick\\t' .. org .. '\\t' .. driver .. '\\t' .. conn)
-  end
-  out[#out + 1] = redis.call('HGET', 'trk:lastpos:' .. org, driver)
-end
-return out
-"""
-
-# Connections closing, many per call: (org, driver, conn, line). Offline only if that connection
-# is still the one that set the driver online, so a stale offline never hides a newer connection.
-PRESENCE_OFF_LUA: Final = """
-local out = {}
-for i = 1, #ARGV, 4 do
-  local org, driver, conn, line = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3]
-  local pconn = 'trk:pconn:' .. org
-  if redis.call('HGET', pconn, driver) == conn then
-    redis.call('HDEL', pconn, driver)
-    redis.call('HDEL', 'trk:pstamp:' .. org, driver)
-    redis.call('ZREM', 'trk:presence:' .. org, driver)
-    redis.call('PUBLISH', 'trk:live:' .. org, line)
-    out[#out + 1] = 1
-  else
-    out[#out + 1] = 0
-  end
-end
-return out
-"""
-
-# Keeps this instance's connections online; re-creates them after Redis lost its state.
-# Also records each driver's current stamp, so that an expiry published by the sweep reaches the
-# client dashboards entitled to that driver's presence.
-REFRESH_LUA: Final = """
-local exp = ARGV[1]
-for i = 2, #ARGV, 4 do
-  local org, driver, conn, stamp = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3]
-  local cur = redis.call('HGET', 'trk:pconn:' .. org, driver)
-  if not cur then
-    redis.call('HSET', 'trk:pconn:' .. org, driver, conn)
-    redis.call('SADD', 'trk:orgs', org)
-    cur = conn
-  end
-  if cur == conn then
-    redis.call('ZADD', 'trk:presence:' .. org, exp, driver)
-    redis.call('HSET', 'trk:pstamp:' .. org, driver, stamp)
-  end
-end
-return 1
-"""
-
-# Sets offline the drivers whose instance stopped refreshing them (it died). Atomic, so when every
-# instance sweeps, each expiry is published once.
-SWEEP_LUA: Final = """
-local now = ARGV[1]
-local n = 0
-for _, org in ipairs(redis.call('SMEMBERS', 'trk:orgs')) do
-  local zkey = 'trk:presence:' .. org
-  for _, driver in ipairs(redis.call('ZRANGEBYSCORE', zkey, '-inf', now)) do
-    redis.call('ZREM', zkey, driver)
-    redis.call('HDEL', 'trk:pconn:' .. org, driver)
-    local stamp = redis.call('HGET', 'trk:pstamp:' .. org, driver) or ''
-    redis.call('HDEL', 'trk:pstamp:' .. org, driver)
-    local frame = '{"type":"presence","driver":' .. cjson.encode(driver) .. ',"online":false,"ts":' .. now .. '}'
-    redis.call('PUBLISH', 'trk:live:' .. org, stamp .. '\\t' .. frame)
-    n = n + 1
-  end
-end
-return n
-"""
-
-
-
-class RedisBroker:
-    """Moves live frames between instances through Redis and keeps the shared live state."""
-
-    def __init__(self, url: str, *, instance_id: str, presence_ttl_s: float = 30.0) -> None:
-        self.url = url
-        self.instance_id = instance_id
-        self.presence_ttl_ms = int(presence_ttl_s * 1000)
-        # A bounded pool: callers queue for a connection instead of opening thousands.
-        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=32, timeout=5, socket_timeout=3,
-                                                       socket_connect_timeout=2, health_check_interval=10)
-        pool.connection_class = (FastUnixConnection if issubclass(pool.connection_class,
-                                                                  aioredis.UnixDomainSocketConnection)
-                                 else FastConnection)
-        self.redis = aioredis.Redis(connection_pool=pool)
-        self._live = self.redis.register_script(LIVE_LUA)
-        self._on = self.redis.register_script(PRESENCE_ON_LUA)
-        self._off = self.redis.register_script(PRESENCE_OFF_LUA)
-        self._refresh = self.redis.register_script(REFRESH_LUA)
-        self._sweep = self.redis.register_script(SWEEP_LUA)
-        self._pending: dict[str, list[LiveItem]] = {}
-        self._pending_count = 0
-        self._send_wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self.probe_channel = f"trk:probe:{instance_id}"
-        self._probe_sent = 0.0
-        self._probe_seen = 0.0
-        self.subscribed = False
-        self.live = False
-        self.on_live: Callable[[str, bytes], None] = lambda org, payload: None
-        self.on_ctl: Callable[[list[str]], None] = lambda parts: None
-        self.on_status: Callable[[bool], None] = lambda live: None
-        self.max_pending = 200_000
-
-    # -- publishing ---------------------------------------------------------------------------
-
-    def publish(self, org: str, items: list[LiveItem]) -> None:
-        """Queue live frames of one org; sent in one pipelined round trip per tick. Never awaits."""
-        if self._pending_count > self.max_pending:  # Redis is slow or gone: live is best effort
-            metrics.LIVE_FAILED.inc(len(items))
-            return
-        self._pending.setdefault(org, []).extend(items)
-        self._pending_count += len(items)
-        self._send_wake.set()
-
-    async def _sender(self) -> None:
-        while True:
-            await self._send_wake.wait()
-            self._send_wake.clear()
-            pending, self._pending, self._pending_count = self._pending, {}, 0
-            n = sum(len(v) for v in pending.values())
-            try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for org, items in pending.items():
-                        # Bounded messages: a backlog after a slow round trip must not become one
-                        # multi-megabyte message that every instance and dashboard chokes on.
-                        for start in range(0, len(items), PUBLISH_CHUNK):
-                            await self._live(args=live_args(org, items[start:start + PUBLISH_CHUNK]), client=pipe)
-                    await pipe.execute()
-                metrics.LIVE_PUBLISHED.inc(n)
-            except (RedisError, OSError) as exc:
-                metrics.LIVE_FAILED.inc(n)
-                log.debug("live publish failed: %s", exc)
-                self._set_live(False)
-                await asyncio.sleep(0.2)
-
-    # -- presence -----------------------------------------------------------------------------
-
-    async def drivers_online(self, conns: list[tuple[str, str, str, str | None, bytes]]) -> list[int]:
-        """Mark connections (org, driver, conn id, name, presence line) online, replacing any other
-        of the same driver; returns each driver's newest live ts known to Redis (0 if none)."""
-        args: list[Any] = [int(time.time() * 1000) + self.presence_ttl_ms]
-        for org, driver, conn, name, line in conns:
-            args += (org, driver, conn, name or "", line)
-        lasts = await self._on(args=args)
-        return [int(last.split(b"\t", 1)[0]) if last else 0 for last in lasts]
-
-    async def drivers_offline(self, conns: list[tuple[str, str, str, bytes]]) -> list[bool]:
-        """Offline only where that connection is still the one that set the driver online."""
-        args: list[Any] = []
-        for item in conns:
-            args += item
-        return [bool(v) for v in await self._off(args=args)]
-
-    async def refresh_presence(self, conns: list[tuple[str, str, str, bytes]], *, spread_s: float = 1.0) -> None:
-        """Keep (org, driver, conn id, stamp) online for another TTL.
-
-        In small calls spread over `spread_s`: Redis runs one script at a time, and a call for
-        5,000 connections held every tick's live publish and the subscriber for ~40 ms."""
-        exp = int(time.time() * 1000) + self.presence_ttl_ms
-        chunks = range(0, len(conns), REFRESH_CHUNK)
-        pause = spread_s / max(1, len(chunks))
-        for start in chunks:
-            args: list[Any] = [exp]
-            for item in conns[start:start + REFRESH_CHUNK]:
-                args += item
-            await self._refresh(args=args)
-            await asyncio.sleep(pause)
-
-    async def sweep(self) -> int:
-        return int(await self._sweep(args=[int(time.time() * 1000)]))
-
-    # -- snapshot reads -----------------------------------------------------------------------
-
-    async def live_state(self, org: str) -> tuple[dict[str, tuple[int, bytes]], dict[str, str], set[str]]:
-        """(driver -> (live ts, newest pos frame), driver -> name, drivers online) of one org."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(f"trk:lastpos:{org}")
-            pipe.hgetall(f"trk:names:{org}")
-            pipe.zrangebyscore(f"trk:presence:{org}", int(time.time() * 1000), "+inf")
-            lastpos, names, online = await pipe.execute()
-        positions = {}
-        for driver, value in lastpos.items():
-            lts, _stamp, frame = value.split(b"\t", 2)
-            positions[driver.decode()] = (int(lts), frame)
-        return (positions, {k.decode(): v.decode() for k, v in names.items()}, {d.decode() for d in online})
-
-    async def restore_positions(self, org: str, items: list[tuple[str, int, bytes]]) -> None:
-        """Write back positions read from PostgreSQL (newest-only, never over a newer one)."""
-        if items:
-            # Published too: a dashboard that already has a newer one keeps it (hub checks ts).
-            await self._live(args=live_args(org, [("p", d, lts, b"", f) for d, lts, f in items]))
-
-    # -- subscriber and probe -----------------------------------------------------------------
+    on_live: Callable[[str, bytes], None]
+    """Set by the node: (org, message) for every live message of any org. A message is lines
+    `<stamp>\\t<frame>` joined by `\\n`, optionally led by `#<publish time ms>`."""
+    on_ctl: Callable[[list[str]], None]
+    """Set by the node: a control message, split on tabs (`kick`, or an extension's kind first)."""
+    on_status: Callable[[bool], None]
+    """Set by the node: the live feed was interrupted (False) or is back (True)."""
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._sender(), name="broker-sender"),
-                       asyncio.create_task(self._subscriber(), name="broker-subscriber"),
-                       asyncio.create_task(self._prober(), name="broker-probe")]
+        """Start the background tasks (sender, subscriber, probe). Never awaits."""
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.redis.aclose()
-        await self.redis.connection_pool.disconnect()  # a pool we made is not closed by the client
-
-    def _set_live(self, live: bool) -> None:
-        metrics.BROKER_LIVE.set(1 if live else 0)
-        if live != self.live:
-            self.live = live
-            log.warning("live feed %s", "restored" if live else "interrupted")
-            self.on_status(live)
-
-    async def ping(self) -> bool:
-        try:
-            return bool(await self.redis.ping())
-        except (RedisError, OSError):
-            return False
-
-    async def _prober(self) -> None:
-        """Loop-back probe: publish to our own channel; the subscriber must see it."""
-        while True:
-            try:
-                self._probe_sent = time.monotonic()
-                await self.redis.publish(self.probe_channel, b"%f" % self._probe_sent)
-            except (RedisError, OSError):
-                self._set_live(False)
-            await asyncio.sleep(1.0)
-            # Deaf: published fine, yet nothing came back for a while (a busy loop is not deaf).
-            if self.subscribed and self._probe_sent - self._probe_seen > 8.0 and self._probe_seen:
-                self._set_live(False)
+        """Stop the tasks and release connections."""
 
     @property
     def receiving(self) -> bool:
-        return self.subscribed and time.monotonic() - self._probe_seen < 8.5
+        """The subscriber is proven to receive (a loop-back probe, not just "connected")."""
 
-    async def _subscriber(self) -> None:
-        backoff = 0.1
-        while True:
-            client = aioredis.Redis.from_url(self.url, socket_connect_timeout=2)
-            pubsub = client.pubsub()
-            try:
-                await pubsub.psubscribe(LIVE_PREFIX + "*")
-                await pubsub.subscribe(CTL_CHANNEL, self.probe_channel)
-                self.subscribed = True
-                self._probe_seen = time.monotonic()
-                backoff = 0.1
-                await self._listen(pubsub)
-            except (RedisError, OSError) as exc:
-                log.debug("subscriber lost: %s", exc)
-            finally:
-                self.subscribed = False
-                self._set_live(False)
-                try:
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-                    await client.aclose()
-                except (RedisError, OSError):
-                    pass
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+    async def ping(self) -> bool:
+        """The shared store answers; never raises."""
 
-    async def _listen(self, pubsub: Any) -> None:
-        prefix_len = len(LIVE_PREFIX)
-        probe = self.probe_channel.encode()
-        while True:
-            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if msg is None:
-                if time.monotonic() - self._probe_seen > 10.0:
-                    log.warning("subscriber is connected but receives nothing: reconnecting")
-                    return
-                continue
-            channel: bytes = msg["channel"]
-            try:
-                if msg["type"] == "pmessage":
-                    self.on_live(channel[prefix_len:].decode(), msg["data"])
-                elif channel == probe:
-                    self._probe_seen = time.monotonic()
-                    if not self.live:
-                        self._set_live(True)
-                else:
-                    self.on_ctl(msg["data"].decode().split("\t"))
-            except Exception:  # one bad message must not kill the subscriber
-                log.exception("error while handling a message on %r", channel)
+    def publish(self, org: str, items: list[LiveItem]) -> None:
+        """Queue one org's live frames; all of a tick go out in one round trip. Never awaits; when
+        the broker is far behind, frames are dropped (live is best effort), never buffered without
+        bound."""
 
+    async def publish_control(self, kind: str, payload: bytes) -> None:
+        """Send a control message to every instance (this one included): `on_ctl([kind, ...])`."""
 
-def default_instance_id() -> str:
-    return f"{os.uname().nodename}:{os.getpid()}"
+    async def drivers_online(self, conns: list[Online]) -> list[int]:
+        """Mark connections online (publishing their presence line), replacing any other connection
+        of the same driver (whose instance gets `kick`); returns each driver's newest live ts (0 if
+        none)."""
+
+    async def drivers_offline(self, conns: list[Offline]) -> list[bool]:
+        """Offline only where that connection is still the one that set the driver online, so a
+        stale offline never hides a newer connection. True where it went offline."""
+
+    async def refresh_presence(self, conns: list[Held], *, spread_s: float = 1.0) -> None:
+        """Keep these connections online for another TTL (re-creating what a restarted store lost)."""
+
+    async def sweep(self) -> int:
+        """Set offline (and publish it) the drivers whose instance stopped refreshing them; each
+        expiry is published once however many instances sweep. Returns how many."""
+
+    async def live_state(self, org: str) -> LiveState:
+        """The org's newest positions, names and drivers online."""
+
+    async def restore_positions(self, org: str, items: list[tuple[str, int, bytes]]) -> None:
+        """Write back (driver, live ts, frame) read from PostgreSQL; never over a newer one."""
+
+    async def is_synced(self, org: str) -> bool:
+        """Whether PostgreSQL's positions of `org` were merged since the store last lost its state."""
+
+    async def mark_synced(self, org: str) -> None: ...

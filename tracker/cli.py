@@ -51,6 +51,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from . import store
     from .app import connect_postgres
+    from .custody.extension import migrations
     from .embedded import Embedded
 
     settings = _settings(args)
@@ -61,7 +62,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         try:
             pool = await connect_postgres(settings.database_url or embedded.postgres_url(), settings, wait_s=30)
             try:
-                applied = await store.migrate(pool)
+                applied = await store.migrate(pool, migrations())
             finally:
                 await pool.close()
         finally:
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.set_defaults(func=cmd_migrate)
 
     try:
-        from . import simulate
+        from .sim import cli as simulate
     except ImportError:
         simulate = None  # type: ignore[assignment]
     if simulate is not None and hasattr(simulate, "add_arguments"):

@@ -46,6 +46,7 @@ class Settings:
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
     ws_deflate: bool = False
+    ws_fast_path: bool = True  # frames read and written beside uvicorn's protocol (transport/uvicorn_fast.py)
     max_connections: int = 50_000
 
     # Batch writer

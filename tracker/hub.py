@@ -25,34 +25,10 @@ import orjson
 from . import metrics
 from .auth import Principal
 from .protocol import frames
-from .wsio import Channel
+from .protocol.subscribe import Filter, in_bbox
+from .types import Channel
 
 log = logging.getLogger("tracker.hub")
-
-BBox = tuple[float, float, float, float]
-
-
-@dataclass(slots=True)
-class Filter:
-    """What a dashboard follows. None means "no filter" (everything in scope)."""
-
-    drivers: frozenset[str] | None = None
-    packages: frozenset[str] | None = None
-    bbox: BBox | None = None
-
-    @property
-    def follows_all(self) -> bool:
-        return self.drivers is None and self.packages is None
-
-
-def in_bbox(bbox: BBox, lat: float, lon: float) -> bool:
-    west, south, east, north = bbox
-    if not south <= lat <= north:
-        return False
-    if west <= east:
-        return west <= lon <= east
-    return lon >= west or lon <= east  # the box crosses the antimeridian
-
 
 @dataclass(eq=False)
 class Dashboard:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import asyncpg
@@ -18,122 +19,23 @@ from .protocol.events import Position, Scan
 
 log = logging.getLogger("tracker.store")
 
+Migration = tuple[int, str]
+
+
+def load_migrations(folder: Path) -> list[Migration]:
+    """`NNNN_name.sql` files of a folder, as (version NNNN, SQL). Versions are global: the core
+    and the extensions number their migrations from one sequence."""
+    return sorted((int(f.name.split("_", 1)[0]), f.read_text()) for f in folder.glob("[0-9]*_*.sql"))
+
+SQL_DIR: Final = Path(__file__).parent / "sql"
 MIGRATION_LOCK: Final = 0x7472_6B72  # "trkr": one advisory lock serialises concurrent migrators
 
-MIGRATIONS: Final[list[tuple[int, str]]] = [
-    (1, """
-CREATE TABLE drivers (
-    org text NOT NULL,
-    driver_id text NOT NULL,
-    name text,
-    first_seen_at timestamptz NOT NULL DEFAULT now(),
-    last_connected_at timestamptz,
-    PRIMARY KEY (org, driver_id)
-);
--- (org, driver_id, seq) names one event across positions and scans. Partitioning positions by
--- time later means the primary key must include ts; dedupe then keeps (org, driver_id, seq)
--- unique through the writer's existence check, which reads both tables.
-CREATE TABLE positions (
-    org text NOT NULL,
-    driver_id text NOT NULL,
-    seq bigint NOT NULL,
-    ts bigint NOT NULL,
-    received_at bigint NOT NULL,
-    lat double precision NOT NULL,
-    lon double precision NOT NULL,
-    acc real,
-    spd real,
-    hdg real,
-    alt real,
-    bat real,
-    PRIMARY KEY (org, driver_id, seq)
-);
-CREATE INDEX positions_trail ON positions (org, driver_id, ts);
-CREATE TABLE scans (
-    org text NOT NULL,
-    driver_id text NOT NULL,
-    seq bigint NOT NULL,
-    ts bigint NOT NULL,
-    received_at bigint NOT NULL,
-    package text NOT NULL,
-    event text NOT NULL,
-    lat double precision,
-    lon double precision,
-    temp_c real,
-    note text,
-    recipient text,
-    pod text,
-    PRIMARY KEY (org, driver_id, seq)
-);
-CREATE INDEX scans_package ON scans (org, package, ts);
-"""),
-    # Packages and chain of custody (tracker/packages.py). A package row exists for every package
-    # scanned or consigned: `consigned_at` is null for one scanned but never consigned. `state`,
-    # `holder` and `state_ts` are derived (a replay of the chained scans); `chain_len`/`chain_head`
-    # are the custody chain's head and `head_tag` MACs them with the consignment (tracker/chain.py).
-    (2, """
-CREATE TABLE packages (
-    org text NOT NULL,
-    package_id text NOT NULL,
-    client text,
-    consigned_at bigint,
-    consigned_by text,
-    dest_name text,
-    dest_lat double precision,
-    dest_lon double precision,
-    window_from bigint,
-    window_to bigint,
-    temp_min double precision,
-    temp_max double precision,
-    notes text,
-    state text NOT NULL DEFAULT 'created',
-    holder text,
-    state_ts bigint,
-    chain_len integer NOT NULL DEFAULT 0,
-    chain_head bytea,
-    head_tag bytea,
-    PRIMARY KEY (org, package_id)
-);
-CREATE INDEX packages_client ON packages (org, client, package_id);
-CREATE INDEX packages_holder ON packages (org, holder) WHERE state = 'picked_up';
--- One record per chained scan, in the order the scans were stored; the scan's content stays in
--- `scans` and is covered by `mac` (HMAC-SHA256 with a key kept outside the database).
-CREATE TABLE custody (
-    org text NOT NULL,
-    package_id text NOT NULL,
-    idx integer NOT NULL,
-    driver_id text NOT NULL,
-    seq bigint NOT NULL,
-    chained_at bigint NOT NULL,
-    recovered boolean NOT NULL DEFAULT false,
-    mac bytea NOT NULL,
-    PRIMARY KEY (org, package_id, idx),
-    UNIQUE (org, driver_id, seq)
-);
-CREATE TABLE alerts (
-    org text NOT NULL,
-    id text NOT NULL,
-    kind text NOT NULL,
-    reason text NOT NULL DEFAULT '',
-    state text NOT NULL,
-    package_id text,
-    driver_id text,
-    seq bigint,
-    message text,
-    opened_at bigint NOT NULL,
-    ts bigint NOT NULL,
-    PRIMARY KEY (org, id)
-);
-CREATE INDEX alerts_open ON alerts (org, package_id) WHERE state = 'open';
-CREATE INDEX alerts_package ON alerts (org, package_id);
--- Scans committed but not chained (a crash between commit and chaining) are found by receipt time.
-CREATE INDEX scans_received ON scans (received_at);
-"""),
-]
+MIGRATIONS: Final = load_migrations(SQL_DIR)
 
 
-async def migrate(pool: asyncpg.Pool) -> int:
-    """Apply pending migrations; idempotent and safe with several instances starting at once."""
+async def migrate(pool: asyncpg.Pool, extra: Sequence[Migration] = ()) -> int:
+    """Apply pending migrations (the core's, then `extra` from extensions, by version);
+    idempotent and safe with several instances starting at once."""
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
         await conn.execute(
@@ -141,7 +43,7 @@ async def migrate(pool: asyncpg.Pool) -> int:
         )
         done = {row["version"] for row in await conn.fetch("SELECT version FROM tracker_schema")}
         applied = 0
-        for version, sql in MIGRATIONS:
+        for version, sql in sorted([*MIGRATIONS, *extra]):
             if version in done:
                 continue
             await conn.execute(sql)

@@ -24,6 +24,7 @@ from typing import Any, Final
 import asyncpg
 
 from . import metrics
+from .clock import now_ms
 from .store import Pending, insert_events
 
 log = logging.getLogger("tracker.writer")
@@ -33,10 +34,6 @@ DATA_ERRORS: Final = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationErr
                       asyncpg.UntranslatableCharacterError, asyncpg.ProgramLimitExceededError)
 
 Outcome = Callable[[list[Pending], list[tuple[Pending, str, str]]], None]
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Writer:

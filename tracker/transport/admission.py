@@ -1,5 +1,6 @@
-"""Abuse limits of one instance (SECURITY.md): who may hold one more socket, and how often a
-dashboard may ask for a snapshot. Pure: no I/O, no asyncio; the endpoints apply the verdicts.
+"""Abuse limits of one instance (SECURITY.md): who may hold one more socket. Pure: no I/O, no
+asyncio; the endpoints apply the verdicts. (How often a dashboard may ask for a snapshot is the
+viewer session's token bucket: tracker/protocol/viewer.py.)
 
 Counts are per instance, like TRACKER_MAX_CONNECTIONS for drivers: a load balancer spreads a
 principal's connections, so the bound across N instances is N times the setting.
@@ -7,10 +8,9 @@ principal's connections, so the bound across N instances is N times the setting.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
-from .config import Settings
+from ..config import Settings
 
 
 class Admission:
@@ -49,23 +49,3 @@ class Admission:
         self.per_user[user] -= 1
         if self.per_user[user] <= 0:
             del self.per_user[user]
-
-
-class Bucket:
-    """A token bucket: `rate` per second sustained, `burst` at once."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        self.tokens = float(burst)
-        self.at = time.monotonic()
-
-    def take(self) -> float:
-        """0.0 when a token was taken; otherwise the seconds until one is available (none taken)."""
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return 0.0
-        return (1.0 - self.tokens) / self.rate

@@ -17,11 +17,12 @@ from typing import Any
 import asyncpg
 import orjson
 
-from . import chain, custody
-from . import package_store as ps
-from .broker import LiveItem
-from .protocol import frames
-from .writer import now_ms
+from ..broker import LiveItem
+from ..clock import now_ms
+from ..protocol import frames
+from . import chain
+from . import state as custody
+from . import store as ps
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,21 +1,26 @@
-"""Reading a driver's websocket frames without a general-purpose parser in the way.
+"""Every private name of uvicorn the service uses, in this one module, version-gated.
 
-A driver connection carries small, unfragmented, masked text frames at a high rate. Once
-uvicorn's websockets-sansio protocol has completed the handshake, `FrameReader` becomes the
-transport's protocol: it parses RFC 6455 frames itself (unmasking in C, via python-websockets'
-speedups), hands each data frame to a callback synchronously, answers pings, forwards pongs to
-uvicorn's keepalive, and completes or starts the closing handshake. Everything else (writing,
-keepalive pings, shutdown, connection loss) stays with uvicorn's protocol object.
+The standard ASGI path costs, per driver frame, an ASGI message dict, a queue put, a task wake-up
+and a read pause; per outgoing frame, an awaited `send`. On a fleet of phones sending small frames
+that is most of the server's CPU, so where the server is uvicorn's `websockets-sansio`
+implementation, in the version range verified here, this module:
 
-Where the server is not uvicorn's websockets-sansio, nothing is taken over and the endpoint reads
-through ASGI as usual.
+- writes whole unmasked text frames straight into the connection's transport (`FastPath.write`,
+  like python-websockets' `broadcast()`): no task, no await, a slow reader never blocks the writer;
+- installs `FrameReader` as the transport's protocol after the handshake: it parses RFC 6455
+  frames itself and hands each data frame to a callback synchronously;
+- shortens uvicorn's 10 s wait for the peer's closing frame to the caller's timeout.
+
+Anything else (another server, another uvicorn version, permessage-deflate negotiated, Starlette's
+test client) gets `None` from `fast_path()`, and tracker/transport/channel.py uses the portable ASGI
+path. `TRACKER_WS_FAST_PATH=false` forces the portable path (A/B measurement in BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from websockets.frames import Frame, Opcode
 
@@ -23,6 +28,114 @@ try:
     from websockets.speedups import apply_mask
 except ImportError:  # pragma: no cover - the pure-Python fallback of python-websockets
     from websockets.utils import apply_mask
+
+# Verified on uvicorn 0.54.0 (pyproject.toml pins the same range): the attributes below are read
+# and written by this module. Outside the range, the portable path is used.
+VERIFIED: Final = ((0, 35), (0, 55))  # [low, high)
+PROTOCOL_CLASS: Final = "WebSocketsSansIOProtocol"
+
+
+def _version_ok() -> bool:
+    try:
+        import uvicorn
+
+        major, minor = (int(part) for part in uvicorn.__version__.split(".")[:2])
+    except (ImportError, ValueError, AttributeError):
+        return False
+    return VERIFIED[0] <= (major, minor) < VERIFIED[1]
+
+
+VERSION_OK: Final = _version_ok()
+
+
+class FastPath:
+    """Direct access to one uvicorn websockets-sansio connection (its protocol object `proto`)."""
+
+    __slots__ = ("proto",)
+
+    def __init__(self, proto: Any) -> None:
+        self.proto = proto
+
+    def write(self, frame: bytes) -> bool:
+        """Write one whole text frame (header included); False when the connection is closing."""
+        proto = self.proto
+        if proto.close_sent or proto.transport.is_closing():
+            return False
+        proto.transport.write(frame)
+        return True
+
+    def buffered(self) -> int:
+        return int(self.proto.transport.get_write_buffer_size())
+
+    async def wait_writable(self) -> None:
+        await self.proto.writable.wait()
+
+    def receive_directly(self, on_frame: Callable[[bytes], None]) -> bool:
+        """Hand every further data frame straight to `on_frame` from uvicorn's own parser (used
+        where `FrameReader` could not take over). False where this uvicorn does not allow it."""
+        proto = self.proto
+        if not hasattr(proto, "send_receive_event_to_app") or not hasattr(proto, "frames"):
+            return False
+
+        def deliver() -> None:
+            data = proto.frames[0] if len(proto.frames) == 1 else b"".join(proto.frames)
+            proto.frames = []
+            if not proto.close_sent:
+                on_frame(data)
+
+        proto.send_receive_event_to_app = deliver
+        return True
+
+    def shorten_close_wait(self, timeout: float) -> None:
+        """uvicorn keeps a socket 10 s for the peer's closing frame: a flood of sockets that never
+        answer would outlive the hello deadline six times over. Wait `timeout` instead."""
+        proto = self.proto
+        timer = getattr(proto, "close_timer", None)
+        if timer is not None and not proto.transport.is_closing():
+            timer.cancel()
+            proto.close_timer = proto.loop.call_later(timeout, proto.transport.close)
+
+    def abort(self) -> None:
+        self.proto.transport.abort()
+
+    def reader(self) -> FrameReader | None:
+        """The FrameReader installed on this connection, if any."""
+        protocol = self.proto.transport.get_protocol()
+        return protocol if isinstance(protocol, FrameReader) else None
+
+    def take_over(self, max_size: int) -> FrameReader | None:
+        """Install a FrameReader right after `accept`, when nothing is buffered in uvicorn's parser."""
+        proto = self.proto
+        conn = getattr(proto, "conn", None)
+        reader = getattr(conn, "reader", None)
+        if (
+            not getattr(proto, "handshake_complete", False)
+            or proto.close_sent
+            or conn is None
+            or conn.extensions
+            or reader is None
+            or len(getattr(reader, "buffer", b"x"))
+            or not hasattr(proto, "queue")
+        ):
+            return None
+        frames = FrameReader(proto, max_size)
+        proto.transport.set_protocol(frames)
+        return frames
+
+
+def fast_path(send: Any, *, enabled: bool = True) -> FastPath | None:
+    """The fast path behind an ASGI `send`, or None where only the portable one is safe."""
+    if not enabled or not VERSION_OK:
+        return None
+    proto = getattr(send, "__self__", None)
+    if proto is None or type(proto).__name__ != PROTOCOL_CLASS:
+        return None
+    if not (hasattr(proto, "transport") and hasattr(proto, "writable") and hasattr(proto, "conn")):
+        return None
+    if proto.conn.extensions:  # compressed frames cannot be written beside the protocol object
+        return None
+    return FastPath(proto)
+
 
 OnFrame = Callable[[bytes], None]
 
@@ -169,16 +282,3 @@ class FrameReader(asyncio.Protocol):
         self.on_frame = on_frame
 
 
-def take_over(send: Any, max_size: int) -> FrameReader | None:
-    """Install a FrameReader on the connection behind an ASGI `send`, right after `accept`."""
-    proto = getattr(send, "__self__", None)
-    if proto is None or type(proto).__name__ != "WebSocketsSansIOProtocol":
-        return None
-    conn = getattr(proto, "conn", None)
-    reader = getattr(conn, "reader", None)
-    if (not getattr(proto, "handshake_complete", False) or proto.close_sent or conn is None or conn.extensions
-            or reader is None or len(getattr(reader, "buffer", b"x")) or not hasattr(proto, "queue")):
-        return None
-    frames = FrameReader(proto, max_size)
-    proto.transport.set_protocol(frames)
-    return frames

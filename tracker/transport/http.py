@@ -7,7 +7,6 @@ Errors are JSON: `{"error": {"code": ..., "message": ...}}`; no stack trace reac
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,15 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
-from . import store
-from .auth import AuthError, Principal, TokenVerifier
-from .node import Node
+from .. import store
+from ..auth import AuthError, Principal, TokenVerifier
+from ..clock import now_ms
+from ..node import Node
+from ..protocol.subscribe import Filter
 
 log = logging.getLogger("tracker.http")
 
-STATIC = Path(__file__).parent / "static"
+STATIC = Path(__file__).parent.parent / "static"
 TRAIL_MAX_SPAN_MS = 7 * 86_400_000
 TRAIL_DEFAULT_SPAN_MS = 4 * 3_600_000
 TRAIL_MAX_POINTS = 5_000
@@ -116,7 +117,7 @@ async def index(request: Request) -> Response:
 async def list_drivers(request: Request) -> Response:
     node: Node = request.app.state.node
     p = principal_of(request, "dispatcher", "client")
-    visible, _, _ = await node.snapshot_extras(node, _Scope(p))  # type: ignore[arg-type]
+    visible, _, _ = await node.extension.snapshot_scope(_Scope(p))  # type: ignore[arg-type]
     names = await store.driver_names(node.pool, p.org)
     try:
         positions, live_names, online = await node.broker.live_state(p.org)
@@ -146,8 +147,6 @@ class _Scope:
     """Stand-in dashboard for scope checks made over HTTP (no filters, no carriers)."""
 
     def __init__(self, principal: Principal) -> None:
-        from .hub import Filter
-
         self.principal = principal
         self.flt = Filter()
         self.carriers: set[str] = set()
@@ -168,7 +167,7 @@ async def driver_trail(request: Request) -> Response:
     node: Node = request.app.state.node
     p = principal_of(request, "dispatcher", "client")
     driver = request.path_params["driver"]
-    now = int(time.time() * 1000)
+    now = now_ms()
     end = _int_param(request, "to", now)
     start = _int_param(request, "from", end - TRAIL_DEFAULT_SPAN_MS)
     if end <= start:
@@ -176,9 +175,8 @@ async def driver_trail(request: Request) -> Response:
     if end - start > TRAIL_MAX_SPAN_MS:
         raise ApiError(400, "invalid", "the span from..to is at most 7 days")
     windows: list[tuple[int, int]] | None = None
-    trail_windows = getattr(node, "trail_windows", None)
     if p.role == "client":
-        windows = await trail_windows(p, driver) if trail_windows is not None else []
+        windows = await node.extension.trail_windows(p, driver)
         if not windows:
             raise ApiError(404, "not_found", "no such driver in your scope")
     rows = await store.trail(node.pool, p.org, driver, start, end, TRAIL_MAX_POINTS * 20)

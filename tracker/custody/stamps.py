@@ -22,27 +22,28 @@ import asyncpg
 import orjson
 from redis.exceptions import RedisError
 
-from . import custody
-from . import package_store as ps
-from .batching import TickBatcher
-from .protocol.events import Scan
-from .writer import now_ms
+from ..batching import TickBatcher
+from ..clock import now_ms
+from ..protocol.events import Scan
+from . import state as custody
+from . import store as ps
 
 if TYPE_CHECKING:
-    from .node import DriverConn, Node
+    from ..drivers import DriverConn
+    from ..extension import Core
 
 log = logging.getLogger("tracker.packages")
 
 PG_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
-CTL_CHANNEL = "trk:ctl"
+CTL_KIND = "stamp"  # control messages of this layer (Broker.publish_control)
 CLOSING_TTL_MS = 120_000  # a closing scan never chained (refused by the writer) stops counting
 DriverKey = tuple[str, str]
 Chained = tuple[str, str, str, int]  # (org, package, driver, seq) of a scan
 
 
 class Stamps:
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, core: Core) -> None:
+        self.core = core
         self.held: dict[DriverKey, dict[str, str]] = {}  # this instance's drivers: package -> client
         self.holder_of: dict[tuple[str, str], DriverKey] = {}
         # (org, package) -> {(driver, seq): received}: scans that may end the holder's window,
@@ -63,7 +64,7 @@ class Stamps:
         """At receipt (never awaits): close the holder's window here, and tell the other instances."""
         org, driver = conn.key
         self._closing(org, scan.package, driver, scan.seq, scan.event)
-        if not self.node.broker.live:
+        if not self.core.broker.live:
             return  # no live feed to leak through (and no Redis to tell the others through)
         if not self._notices:
             asyncio.get_running_loop().call_soon(self._send_notices)
@@ -78,7 +79,7 @@ class Stamps:
 
     def _send_notices(self) -> None:
         notices, self._notices = self._notices, []
-        self.node.spawn(self._tell({"closing": notices}))
+        self.core.spawn(self._tell({"closing": notices}))
 
     async def on_driver_connected(self, conn: DriverConn) -> None:
         self._generation += 1
@@ -96,7 +97,7 @@ class Stamps:
         """A control message from an instance (this one included): scans received, or stamps to redo."""
         try:
             msg = orjson.loads(payload)
-            if msg.get("from") == self.node.broker.instance_id:
+            if msg.get("from") == self.core.broker.instance_id:
                 return  # this instance did it already
             for org, package, driver, seq, event in msg.get("closing", ()):
                 self._closing(org, package, driver, seq, event)
@@ -106,16 +107,16 @@ class Stamps:
             log.warning("malformed stamp control message")
             return
         if keys or chained:
-            self.refresh([k for k in keys if k in self.node.sessions], chained)
+            self.refresh([k for k in keys if k in self.core.drivers], chained)
 
     def changed(self, holders: Iterable[DriverKey], chained: list[Chained]) -> None:
         """After a commit elsewhere in this instance: tell the others whose stamps changed."""
-        self.node.spawn(self._tell({"drivers": sorted(holders), "chained": chained}))
+        self.core.spawn(self._tell({"drivers": sorted(holders), "chained": chained}))
 
     async def _tell(self, msg: dict[str, Any]) -> None:
         try:
-            msg["from"] = self.node.broker.instance_id
-            await self.node.broker.redis.publish(CTL_CHANNEL, b"stamp\t" + orjson.dumps(msg))
+            msg["from"] = self.core.broker.instance_id
+            await self.core.broker.publish_control(CTL_KIND, orjson.dumps(msg))
         except (RedisError, OSError) as exc:
             log.debug("stamp control message not sent (Redis: %s); the periodic refresh catches up", exc)
 
@@ -140,8 +141,8 @@ class Stamps:
                 self.closing[pk] = waiting
             else:
                 del self.closing[pk]
-        gone = [k for k in self.held.keys() | self._applied.keys() if k not in self.node.sessions]
-        self.refresh([*self.node.sessions, *gone])
+        gone = [k for k in self.held.keys() | self._applied.keys() if k not in self.core.drivers]
+        self.refresh([*self.core.drivers, *gone])
 
     async def run(self) -> None:
         while True:
@@ -150,7 +151,7 @@ class Stamps:
             keys, self._keys = self._keys, set()
             clears, self._clears = self._clears, []
             waiters, self._waiters = self._waiters, []
-            live = sorted(k for k in keys if k in self.node.sessions)
+            live = sorted(k for k in keys if k in self.core.drivers)
             self._generation += 1
             generation = self._generation
             try:
@@ -186,7 +187,7 @@ class Stamps:
         if not keys:
             return []
         by_key: dict[DriverKey, list[asyncpg.Record]] = {}
-        for row in await ps.held_by(self.node.pool, keys):
+        for row in await ps.held_by(self.core.pool, keys):
             by_key.setdefault((row["org"], row["holder"]), []).append(row)
         return [by_key.get(k, []) for k in keys]
 
@@ -196,7 +197,7 @@ class Stamps:
         for package in self.held.pop(k, {}):
             if self.holder_of.get((k[0], package)) == k:
                 del self.holder_of[(k[0], package)]
-        if k not in self.node.sessions:
+        if k not in self.core.drivers:
             self._applied.pop(k, None)
             return
         self._applied[k] = generation
@@ -212,6 +213,6 @@ class Stamps:
         return orjson.dumps(sorted(clients)) if clients else b""
 
     def apply(self, k: DriverKey) -> None:
-        conn = self.node.sessions.get(k)
+        conn = self.core.drivers.get(k)
         if conn is not None:
             conn.stamp = self.stamp(k)

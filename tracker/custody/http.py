@@ -1,4 +1,4 @@
-"""Packages and chain of custody: HTTP routes, and `install(node)`, which wires the layer's hooks.
+"""The packages' HTTP routes (the chain of custody's read and consign API).
 
     POST /v1/packages                  consign (dispatcher)
     GET  /v1/packages                  list (?state=&client=&driver=&after=&limit=)
@@ -11,11 +11,9 @@ client (another's is "not found", as if it did not exist); a driver sees nothing
 
 from __future__ import annotations
 
-import logging
 import math
 import re
-import weakref
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import asyncpg
 import orjson
@@ -23,54 +21,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from . import chain, custody
-from . import package_store as ps
-from .auth import Principal, new_secret
-from .config import Settings
-from .http_api import ApiError, OrjsonResponse, api, principal_of
-from .package_live import PackageLayer
-from .package_process import _f32, process
-from .protocol.events import PACKAGE_MAX
-from .writer import now_ms
-
-if TYPE_CHECKING:
-    from .node import Node
-
-log = logging.getLogger("tracker.packages")
-
-_LAYERS: weakref.WeakKeyDictionary[Node, PackageLayer] = weakref.WeakKeyDictionary()
+from ..auth import Principal
+from ..clock import now_ms
+from ..protocol.events import PACKAGE_MAX
+from ..transport.http import ApiError, OrjsonResponse, api, principal_of
+from . import chain
+from . import state as custody
+from . import store as ps
+from .live import PackageLayer
+from .process import _f32, process
 # Client ids end up inside live-frame stamps (JSON arrays matched by substring): no quotes, no escapes.
 CLIENT_ID: Final = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
 BODY_MAX: Final = 16_384
 LIST_MAX: Final = 1_000
-
-
-def custody_key(settings: Settings) -> bytes:
-    """TRACKER_CUSTODY_KEY, or a key generated once for the data folder. Never in the database."""
-    if settings.custody_key:
-        return settings.custody_key.encode()
-    path = settings.data_dir.expanduser() / "custody-key"
-    if path.exists():
-        return path.read_text().strip().encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = new_secret()
-    path.write_text(key + "\n")
-    path.chmod(0o600)
-    log.warning("no TRACKER_CUSTODY_KEY: generated one in %s; keep it (without it no chain verifies)", path)
-    return key.encode()
-
-
-def install(node: Node) -> None:
-    """Wire the package layer's hooks into the node and start its tasks (the node cancels them)."""
-    layer = PackageLayer(node, custody_key(node.settings))
-    _LAYERS[node] = layer
-    node.on_stored_scans = layer.on_stored_scans
-    node.on_scan_received = layer.stamps.on_scan_received
-    node.on_stamp_ctl = layer.stamps.on_stamp_ctl
-    node.on_driver_connected = layer.stamps.on_driver_connected
-    node.snapshot_extras = layer.snapshot_extras
-    node.trail_windows = layer.trail_windows
-    node._tasks.extend(layer.start())
 
 
 def routes() -> list[BaseRoute]:
@@ -83,7 +46,8 @@ def routes() -> list[BaseRoute]:
 
 
 def _layer(request: Request) -> PackageLayer:
-    return _LAYERS[request.app.state.node]
+    layer: PackageLayer = request.app.state.custody
+    return layer
 
 
 # -- representation ---------------------------------------------------------------------------
@@ -197,7 +161,7 @@ async def consign_package(request: Request) -> Response:
     except orjson.JSONDecodeError:
         raise ApiError(400, "invalid", "the body is not JSON") from None
     package, terms = parse_consignment(obj, now_ms())
-    node = layer.node
+    node = layer.core
     async with node.pool.acquire() as conn, conn.transaction():
         row = await ps.consign(conn, p.org, package, terms, p.sub)
         if row is None:
@@ -238,7 +202,7 @@ async def list_packages(request: Request) -> Response:
     except ValueError:
         raise ApiError(400, "invalid", "limit: must be an integer") from None
     limit = max(1, min(limit, LIST_MAX))
-    node = _layer(request).node
+    node = _layer(request).core
     rows = await ps.list_packages(
         node.pool,
         p.org,
@@ -275,7 +239,7 @@ def _record_json(rec: chain.Record, row: asyncpg.Record, alerts: dict[tuple[str,
 @api
 async def get_package(request: Request) -> Response:
     p = principal_of(request, "dispatcher", "client")
-    node = _layer(request).node
+    node = _layer(request).core
     package = request.path_params["package"]
     row = _in_scope(await ps.get_package(node.pool, p.org, package), p)
     records = await ps.custody_records(node.pool, p.org, package)
@@ -305,7 +269,7 @@ async def get_package(request: Request) -> Response:
 async def verify_package(request: Request) -> Response:
     p = principal_of(request, "dispatcher", "client")
     layer = _layer(request)
-    pool = layer.node.pool
+    pool = layer.core.pool
     package = request.path_params["package"]
     row = _in_scope(await ps.get_package(pool, p.org, package), p)
     records = [rec for rec, _ in await ps.custody_records(pool, p.org, package)]

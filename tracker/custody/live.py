@@ -12,19 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from . import custody
-from . import package_store as ps
-from .package_process import Item, Outcome, process
-from .package_stamps import PG_ERRORS, Chained, Stamps
-from .store import Pending
-from .writer import DATA_ERRORS, now_ms
+from ..clock import now_ms
+from ..store import Pending
+from ..writer import DATA_ERRORS
+from . import state as custody
+from . import store as ps
+from .process import Item, Outcome, process
+from .stamps import PG_ERRORS, Chained, Stamps
 
 if TYPE_CHECKING:
-    from .auth import Principal
-    from .hub import Dashboard
-    from .node import Node
+    from ..auth import Principal
+    from ..extension import Core
+    from ..hub import Dashboard
 
 log = logging.getLogger("tracker.packages")
 
@@ -36,21 +38,18 @@ FOREVER = 2**62
 
 
 class PackageLayer:
-    def __init__(self, node: Node, key: bytes) -> None:
-        self.node = node
+    def __init__(self, core: Core, key: bytes) -> None:
+        self.core = core
         self.key = key
-        self.max_delivery_m = node.settings.delivery_max_m
-        self.batch_max = node.settings.custody_batch_max
-        self.stamps = Stamps(node)
+        self.max_delivery_m = core.settings.delivery_max_m
+        self.batch_max = core.settings.custody_batch_max
+        self.stamps = Stamps(core)
         self._queue: list[Item] = []
         self._wake = asyncio.Event()
         self._swept_until: int | None = None  # every scan received before it was found chained (or queued)
 
-    def start(self) -> list[asyncio.Task[None]]:
-        return [
-            asyncio.create_task(self._processor(), name="custody"),
-            asyncio.create_task(self.stamps.run(), name="stamps"),
-        ]
+    def tasks(self) -> list[Coroutine[Any, Any, None]]:
+        return [self._processor(), self.stamps.run()]
 
     def on_stored_scans(self, stored: list[Pending]) -> None:
         """After a commit (never awaits): queue the scans for chaining, in the order stored."""
@@ -64,7 +63,7 @@ class PackageLayer:
     async def _processor(self) -> None:
         loop = asyncio.get_running_loop()
         # The first sweep (the whole lookback) waits for the reconnection storm that follows a deploy.
-        next_sweep = loop.time() + min(5.0, self.node.settings.custody_sweep_s)
+        next_sweep = loop.time() + min(5.0, self.core.settings.custody_sweep_s)
         while True:
             delay = next_sweep - loop.time()
             if not self._queue and delay > 0:
@@ -74,7 +73,7 @@ class PackageLayer:
                     pass
             self._wake.clear()
             if loop.time() >= next_sweep:
-                next_sweep = loop.time() + self.node.settings.custody_sweep_s
+                next_sweep = loop.time() + self.core.settings.custody_sweep_s
                 await self._sweep()
                 self.stamps.expire()
             while self._queue:
@@ -87,7 +86,7 @@ class PackageLayer:
     async def _run(self, batch: list[Item]) -> bool:
         """Chain one batch and publish; False if PostgreSQL is unavailable (retry later)."""
         try:
-            async with self.node.pool.acquire() as conn:
+            async with self.core.pool.acquire() as conn:
                 out = await process(conn, self.key, batch, max_delivery_m=self.max_delivery_m)
         except DATA_ERRORS as exc:
             if len(batch) == 1:
@@ -105,19 +104,19 @@ class PackageLayer:
         """After a commit: recompute the stamps of the drivers whose packages changed, then publish
         the frames. In that order: once a client sees "picked_up", it sees the driver (if connected
         here; elsewhere, as soon as that instance hears of it)."""
-        local = [k for k in out.holders if k in self.node.sessions]
+        local = [k for k in out.holders if k in self.core.drivers]
         done = self.stamps.refresh(local, processed)
         try:
             await asyncio.wait_for(asyncio.shield(done), 2.0)
         except TimeoutError:
             log.debug("stamps not refreshed in time (PostgreSQL slow); publishing anyway")
         for org, item in out.live:
-            self.node.publish(org, item)
+            self.core.publish(org, item)
         if out.holders:
             self.stamps.changed(out.holders, [c for c in processed if (c[0], c[1]) in out.changed])
 
     async def _sweep(self) -> None:
-        s = self.node.settings
+        s = self.core.settings
         now = now_ms()
         since = now - int(s.custody_lookback_s * 1000)
         if self._swept_until is not None:  # after the first sweep, only what came since (with a margin)
@@ -125,7 +124,7 @@ class PackageLayer:
         before = now - int(s.custody_grace_s * 1000)
         limit = 10 * self.batch_max
         try:
-            rows = await ps.unchained_since(self.node.pool, since, before, limit)
+            rows = await ps.unchained_since(self.core.pool, since, before, limit)
         except PG_ERRORS as exc:
             log.debug("custody sweep skipped: %s", exc)
             return
@@ -136,12 +135,12 @@ class PackageLayer:
             self._queue.extend(Item(r["org"], r["driver_id"], r["seq"], r["package"], recovered=True) for r in rows)
             self._wake.set()
 
-    # -- reads for the node ---------------------------------------------------------------------
+    # -- reads for the core ---------------------------------------------------------------------
 
-    async def snapshot_extras(self, node: Node, dash: Dashboard) -> tuple[set[str] | None, list[Any], list[Any]]:
+    async def snapshot_scope(self, dash: Dashboard) -> tuple[set[str] | None, list[Any], list[Any]]:
         """A dashboard's scope: the drivers it may see (None: all), its packages, its open alerts;
         fills `dash.carriers` with the holders of the packages it follows."""
-        p, flt = dash.principal, dash.flt
+        node, p, flt = self.core, dash.principal, dash.flt
         client = p.client if p.role == "client" else None
         packages, drivers = sorted(flt.packages or ()), sorted(flt.drivers or ())
         recent = now_ms() - int(node.settings.package_recent_s * 1000)
@@ -197,7 +196,7 @@ class PackageLayer:
         if principal.role != "client" or principal.client is None:
             return [(0, FOREVER)]
         by_package: dict[str, list[custody.Fact]] = {}
-        for row in await ps.client_scans_with(self.node.pool, principal.org, principal.client, driver):
+        for row in await ps.client_scans_with(self.core.pool, principal.org, principal.client, driver):
             by_package.setdefault(row["package"], []).append(
                 custody.Fact(row["driver_id"], row["seq"], row["ts"], row["event"])
             )

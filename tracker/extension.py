@@ -1,0 +1,97 @@
+"""The one interface through which the core calls a domain layer (the chain of custody).
+
+The core (ingest, drivers, snapshot, node) never names custody: `app.py` builds the extension
+with the node as its `Core` and registers it once (`Node.register`). Without one, the core
+behaves as a plain tracker: scans are fanned out at receipt and a client admin sees no driver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from .auth import Principal
+    from .broker import Broker, LiveItem
+    from .config import Settings
+    from .drivers import DriverConn, Drivers
+    from .hub import Dashboard
+    from .protocol.events import Scan
+    from .store import Pending
+
+# What a snapshot may show a dashboard: the drivers it may see (None: all), packages, open alerts.
+Scope = tuple[set[str] | None, list[Any], list[Any]]
+
+
+class Core(Protocol):
+    """What the core offers an extension (the `Node` implements it)."""
+
+    settings: Settings
+    pool: asyncpg.Pool
+    broker: Broker
+    drivers: Drivers
+
+    def publish(self, org: str, item: LiveItem) -> None:
+        """Queue a live frame for this tick (package change, alert, stored scan). Never awaits."""
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a background task the node keeps a reference to."""
+
+
+class Extension(Protocol):
+    control_kind: str
+    """The kind of the control messages (`Broker.publish_control`) routed to `control`."""
+    fans_out_scans: bool
+    """True: scans are published by the extension after their commit (stamped with whom they
+    concern), not by the core at receipt."""
+
+    def tasks(self) -> list[Coroutine[Any, Any, None]]:
+        """Long-running work, started by `Node.start` and cancelled by `Node.close`."""
+
+    def scan_received(self, conn: DriverConn, scan: Scan) -> None:
+        """At a scan's receipt, before the connection's next event. Never awaits."""
+
+    def scans_stored(self, stored: list[Pending]) -> None:
+        """After the commit that stored these scans, before their acks. Never awaits."""
+
+    async def driver_connected(self, conn: DriverConn) -> None:
+        """Before the driver goes online; may set `conn.stamp` (who may see its live frames)."""
+
+    def control(self, payload: str) -> None:
+        """A control message of `control_kind` from any instance (this one included)."""
+
+    async def snapshot_scope(self, dash: Dashboard) -> Scope:
+        """What a dashboard's snapshot may show; may fill `dash.carriers`."""
+
+    async def trail_windows(self, principal: Principal, driver: str) -> list[tuple[int, int]]:
+        """The [from, to) spans of a driver's trail that `principal` may read."""
+
+
+class NoExtension:
+    """The core alone: nothing to chain, clients see no driver."""
+
+    control_kind = ""
+    fans_out_scans = False
+
+    def tasks(self) -> list[Coroutine[Any, Any, None]]:
+        return []
+
+    def scan_received(self, conn: DriverConn, scan: Scan) -> None:
+        pass
+
+    def scans_stored(self, stored: list[Pending]) -> None:
+        pass
+
+    async def driver_connected(self, conn: DriverConn) -> None:
+        pass
+
+    def control(self, payload: str) -> None:
+        pass
+
+    async def snapshot_scope(self, dash: Dashboard) -> Scope:
+        return (set() if dash.principal.role == "client" else None), [], []
+
+    async def trail_windows(self, principal: Principal, driver: str) -> list[tuple[int, int]]:
+        return [] if principal.role == "client" else [(0, 2**62)]

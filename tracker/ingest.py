@@ -1,0 +1,130 @@
+"""Ingest: accepted events of one event-loop tick go to the writer and the broker together; acks
+go out after the commit.
+
+Every driver frame handled in one loop iteration lands in `_pending`; one callback at the end of
+the iteration hands them all to the writer (one buffer append) and to the broker (one pipelined
+round trip). After a commit, one `ack` frame per driver connection, written without awaiting the
+phone; refusals as `error` frames (`unavailable` ones merged into ranges).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from . import metrics
+from .broker import Broker, LiveItem
+from .clock import now_ms
+from .drivers import DriverConn, Drivers
+from .extension import Extension
+from .protocol import frames
+from .protocol.events import Event, Position, Scan, live_ts
+from .protocol.live import pos_frame, scan_frame
+from .store import Pending
+
+
+class Ingest:
+    def __init__(self, drivers: Drivers, broker: Broker, extension: Extension) -> None:
+        self.drivers = drivers
+        self.broker = broker
+        self.extension = extension
+        self.writer_submit = _no_writer
+        self.draining = False
+        self._pending: list[Pending] = []
+        self._live: dict[str, list[LiveItem]] = {}
+        self._tick_handle: asyncio.Handle | None = None
+
+    def submit(self, conn: DriverConn, events: Sequence[Event], received: int) -> None:
+        """Queue one frame's accepted events for this tick. Never awaits.
+
+        Only a position that becomes the driver's newest (by live ts) goes live; scans go live at
+        receipt unless the extension publishes them after their commit."""
+        if self.draining:
+            for ev in events:
+                conn.channel.write(frames.error("unavailable", "the instance is restarting", seq=ev.seq, retry_ms=1000))
+            return
+        p = conn.principal
+        org, sub = p.org, p.sub
+        pending = self._pending
+        live: list[LiveItem] | None = None
+        for ev in events:
+            pending.append(Pending(conn, org, sub, ev, received))
+            if type(ev) is Position:
+                lts = live_ts(ev.ts, received)
+                if lts > conn.live_ts:
+                    conn.live_ts = lts
+                    if live is None:
+                        live = self._live.setdefault(org, [])
+                    live.append(("p", sub, lts, conn.stamp, pos_frame(sub, ev)))
+            else:
+                scan: Scan = ev  # type: ignore[assignment]
+                self.extension.scan_received(conn, scan)
+                if not self.extension.fans_out_scans:
+                    if live is None:
+                        live = self._live.setdefault(org, [])
+                    live.append(("a", sub, scan.ts, conn.stamp, scan_frame(sub, scan)))
+        self._schedule()
+
+    def publish(self, org: str, item: LiveItem) -> None:
+        """Queue a live frame of another kind (package change, alert) for this tick."""
+        self._live.setdefault(org, []).append(item)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._tick_handle is None and (self._pending or self._live):
+            self._tick_handle = asyncio.get_running_loop().call_soon(self._tick)
+
+    def _tick(self) -> None:
+        self._tick_handle = None
+        pending, self._pending = self._pending, []
+        live, self._live = self._live, {}
+        if pending:
+            scans = sum(1 for it in pending if type(it.event) is Scan)
+            metrics.POSITIONS_RECEIVED.inc(len(pending) - scans)
+            metrics.SCANS_RECEIVED.inc(scans)
+            rejected = self.writer_submit(pending)
+            if rejected:
+                self.answered([], [(it, "unavailable", "the write buffer is full; resend later") for it in rejected])
+        for org, items in live.items():
+            self.broker.publish(org, items)
+
+    def answered(self, stored: list[Pending], refused: list[tuple[Pending, str, str]]) -> None:
+        """After a commit: one ack per driver connection; errors for what was refused."""
+        acks: dict[DriverConn, list[int]] = {}
+        oldest: dict[DriverConn, int] = {}
+        for it in stored:
+            conn = it.owner
+            seqs = acks.get(conn)
+            if seqs is None:
+                acks[conn] = [it.event.seq]
+                oldest[conn] = it.received_at
+            else:
+                seqs.append(it.event.seq)
+        if self.extension.fans_out_scans:
+            scans = [it for it in stored if type(it.event) is Scan]
+            if scans:
+                self.extension.scans_stored(scans)
+        now = now_ms()
+        current = self.drivers.current
+        for conn, seqs in acks.items():
+            target = current(conn)
+            if target is not None and target.welcomed:
+                target.channel.write(frames.ack(seqs))
+                metrics.ACK_SECONDS.observe((now - oldest[conn]) / 1000)
+        unavailable: dict[DriverConn, list[int]] = {}
+        for it, code, message in refused:
+            target = current(it.owner)
+            if target is None or not target.welcomed:
+                continue
+            if code == "unavailable":
+                unavailable.setdefault(target, []).append(it.event.seq)
+            else:
+                target.channel.write(frames.error(code, message, seq=it.event.seq))
+        for target, seqs in unavailable.items():
+            target.channel.write(
+                frames.error("unavailable", "cannot store now; resend later", seqs=seqs, retry_ms=2000)
+            )
+
+
+def _no_writer(items: list[Pending]) -> list[Pending]:
+    return items

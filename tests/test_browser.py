@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -130,15 +131,46 @@ STATE = "() => window.trackerDebug ? window.trackerDebug.state() : null"
 
 
 class PageWatch:
-    """Console errors and uncaught exceptions of one page; the test fails on any."""
+    """Console errors, uncaught exceptions and failed loads of the page's own files (its ES modules,
+    the stylesheet, the basemap); the test fails on any, and every failed wait reports them."""
 
     def __init__(self, page: Any, label: str, t0: float) -> None:
         self.page = page
         self.label = label
         self.t0 = t0
         self.errors: list[str] = []
+        self.scripts: list[str] = []  # the /static/ scripts the page loaded
         page.on("console", lambda m: m.type == "error" and self.errors.append(f"console: {m.text}"))
         page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
+        page.on("requestfailed", self._failed)
+        page.on("response", self._response)
+
+    def _failed(self, request: Any) -> None:
+        if "/static/" in request.url:
+            self.errors.append(f"requestfailed: {request.url} {request.failure}")
+
+    def _response(self, response: Any) -> None:
+        path = urlsplit(response.url).path
+        if not path.startswith("/static/"):
+            return
+        if response.status >= 400:
+            self.errors.append(f"HTTP {response.status}: {path}")
+        if path.endswith((".js", ".mjs")) and response.status < 400:
+            self.scripts.append(path)
+            mime = response.headers.get("content-type", "").split(";")[0].strip()
+            if mime not in ("text/javascript", "application/javascript"):
+                self.errors.append(f"{path} served as {mime!r}: a browser refuses a module script of that type")
+
+    async def goto(self, url: str) -> None:
+        """Open the page: once loaded, every module has run (module scripts run before the load event),
+        so the test hook exists unless a module failed to load, link or run."""
+        await self.page.goto(url)
+        hook = await self.page.evaluate("() => typeof window.trackerDebug?.state === 'function'")
+        assert hook and "/static/js/main.js" in self.scripts, (
+            f"{self.label}: the page's modules did not load (no window.trackerDebug); "
+            f"scripts loaded: {self.scripts}; errors: {self.errors}"
+        )
+        self.assert_clean()
 
     async def state(self) -> dict[str, Any]:
         st: dict[str, Any] = await self.page.evaluate(STATE)
@@ -153,7 +185,9 @@ class PageWatch:
             st = await self.state()
             keys = ("connection", "role", "drivers", "markers", "packages", "alerts")
             brief = {k: st.get(k) for k in keys} if st else st
-            raise AssertionError(f"{self.label}: not reached in {WAIT_MS} ms: {what or js}\nstate: {brief}") from exc
+            raise AssertionError(
+                f"{self.label}: not reached in {WAIT_MS} ms: {what or js}\nstate: {brief}\nerrors: {self.errors}"
+            ) from exc
         return await self.page.evaluate(f"(arg) => ({js})(window.trackerDebug.state(), arg)", arg)
 
     async def row(self, testid: str, **data: str) -> Any:
@@ -203,7 +237,7 @@ async def test_dashboard_end_to_end(start_instance: Any, org: str) -> None:
             page = PageWatch(await ctx.new_page(), "dispatcher page", t0)
 
             # 1. Sign in from the fragment; live, with both markers.
-            await page.page.goto(f"{inst.http}/#token={dispatcher}")
+            await page.goto(f"{inst.http}/#token={dispatcher}")
             await page.until("(s) => s.connection === 'live' && s.markers.length === 2", what="live with two markers")
             assert "token" not in page.page.url, "the token must be wiped from the address bar"
             st = await page.state()
@@ -294,7 +328,7 @@ async def test_dashboard_end_to_end(start_instance: Any, org: str) -> None:
             # 5. A client administrator's page: only clinic-a's packages, only the driver holding one.
             cctx = await browser.new_context(viewport={"width": 1280, "height": 800})
             cpage = PageWatch(await cctx.new_page(), "client page", t0)
-            await cpage.page.goto(f"{inst.http}/#token={clinic_a}")
+            await cpage.goto(f"{inst.http}/#token={clinic_a}")
             await cpage.until(
                 "(s) => s.connection === 'live' && s.packages.length >= 2 && s.markers.length >= 1",
                 what="client page live with its packages",

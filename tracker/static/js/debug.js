@@ -1,0 +1,100 @@
+// The test hook, window.trackerDebug (documented in README.md): a summary of the state, feeding
+// frames, moving the view, selecting, drawing now, and render timings. Tests and the visual harness
+// rely on it.
+
+import { latOf, lonOf } from './geo.js';
+import { session } from './session.js';
+import { heldCount, state } from './store.js';
+import { handleFrame } from './frames.js';
+import { conn } from './live.js';
+import { drawFrame, project, render, setCenter, toScreenX, toScreenY, view, viewBbox, worldPx } from './map.js';
+import { refreshPanels } from './panels.js';
+import { parseTrail, selectDriver } from './detail.js';
+
+function debugState() {
+  const W = worldPx();
+  const markers = [];
+  for (const d of state.drivers.values()) {
+    if (!(d.mx === d.mx)) continue;
+    const x = toScreenX(d.mx, W);
+    const y = toScreenY(d.my, W);
+    markers.push({
+      driver: d.id,
+      name: d.name,
+      lat: d.lat,
+      lon: d.lon,
+      online: d.online,
+      packages: heldCount(d.id),
+      x,
+      y,
+      visible: x >= 0 && y >= 0 && x <= view.width && y <= view.height,
+    });
+  }
+  const packages = [...state.packages.values()].filter((p) => !p.stub).map((p) => ({ ...p }));
+  return {
+    connection: conn.state,
+    role: session.role,
+    org: session.org,
+    drivers: state.drivers.size,
+    markers,
+    packages,
+    alerts: [...state.alerts.values()].map((a) => ({ ...a })),
+    selected: state.selected,
+    history: state.history && {
+      driver: state.history.driver,
+      points: state.history.points.length,
+      source: state.history.source,
+    },
+    interrupted: state.interrupted,
+    subscribedBbox: conn.subscribedBbox,
+    view: {
+      lon: lonOf(view.x),
+      lat: latOf(view.y),
+      zoom: view.zoom,
+      width: view.width,
+      height: view.height,
+      bbox: viewBbox(),
+      scale: view.scale ?? null, // { metres, px, label } of the scale bar
+    },
+    lastFrameTs: render.lastFrameTs,
+    lastMessageTs: state.lastMessageTs,
+    frames: state.frames,
+  };
+}
+
+export function installDebugHook() {
+  window.trackerDebug = {
+    state: debugState,
+    feed: handleFrame,
+    handleFrame,
+    parseTrail,
+    project,
+    setView: (lon, lat, zoom) => setCenter(lon, lat, zoom),
+    select: (id) => selectDriver(id == null ? null : String(id)),
+    sent: () => conn.sent.map((f) => ({ ...f })),
+    // Draw now instead of at the next animation frame (headless tests, hidden tabs).
+    render: () => {
+      render.base = render.overlay = true;
+      drawFrame();
+      refreshPanels();
+      return render.lastFrameTs;
+    },
+    perf: () => {
+      const per = (ms) => (render.count ? ms / render.count : 0);
+      return {
+        renders: render.count,
+        avgRenderMs: per(render.totalMs),
+        maxRenderMs: render.maxMs,
+        avgTrailsMs: per(render.parts.trails),
+        avgMarkersMs: per(render.parts.markers),
+        avgBucketMs: per(render.parts.bucket),
+        avgPutImageDataMs: per(render.parts.put),
+        frames: state.frames,
+      };
+    },
+    resetPerf: () => {
+      Object.assign(render, { count: 0, totalMs: 0, maxMs: 0 });
+      render.parts = { trails: 0, markers: 0, bucket: 0, put: 0 };
+    },
+  };
+}

@@ -80,7 +80,15 @@ class Snapshots:
             if driver in positions and positions[driver][0] >= lts:
                 continue
             ev = Position(
-                row["seq"], row["ts"], row["lat"], row["lon"], row["acc"], row["spd"], row["hdg"], row["alt"], row["bat"]
+                row["seq"],
+                row["ts"],
+                row["lat"],
+                row["lon"],
+                row["acc"],
+                row["spd"],
+                row["hdg"],
+                row["alt"],
+                row["bat"],
             )
             frame = pos_frame(driver, ev)
             positions[driver] = (lts, frame)
@@ -119,14 +127,19 @@ class Snapshots:
             known[driver] = entry["ts"]
         if flt.bbox is None:  # drivers online that have not sent a position yet
             for driver in online - positions.keys():
-                if (visible is None or driver in visible) and (flt.follows_all or (flt.drivers and driver in flt.drivers)):
+                if (visible is None or driver in visible) and (
+                    flt.follows_all or (flt.drivers and driver in flt.drivers)
+                ):
                     drivers.append({"driver": driver, "name": names.get(driver), "online": True})
         chunk = self.chunk
         parts = max(1, -(-max(len(drivers), len(packages), len(alerts)) // chunk))
         for i in range(parts):
-            frame: dict[str, Any] = {"type": "snapshot", "drivers": drivers[i * chunk:(i + 1) * chunk],
-                                     "packages": packages[i * chunk:(i + 1) * chunk],
-                                     "alerts": alerts[i * chunk:(i + 1) * chunk]}
+            frame: dict[str, Any] = {
+                "type": "snapshot",
+                "drivers": drivers[i * chunk : (i + 1) * chunk],
+                "packages": packages[i * chunk : (i + 1) * chunk],
+                "alerts": alerts[i * chunk : (i + 1) * chunk],
+            }
             if i < parts - 1:
                 frame["more"] = True
             dash.channel.write(frames.encode(frame))

@@ -180,12 +180,12 @@ class FrameReader(asyncio.Protocol):
             if length == 126:
                 if n - head < 2:
                     break
-                length = int.from_bytes(data[head:head + 2], "big")
+                length = int.from_bytes(data[head : head + 2], "big")
                 head += 2
             elif length == 127:
                 if n - head < 8:
                     break
-                length = int.from_bytes(data[head:head + 8], "big")
+                length = int.from_bytes(data[head : head + 8], "big")
                 head += 8
             if not b1 & 0x80 or b0 & 0x70:
                 self.fail(1002, "frames from a client must be masked, without extensions")
@@ -196,7 +196,7 @@ class FrameReader(asyncio.Protocol):
             end = head + 4 + length
             if end > n:
                 break
-            payload = apply_mask(data[head + 4:end], data[head:head + 4])
+            payload = apply_mask(data[head + 4 : end], data[head : head + 4])
             pos = end
             self._frame(b0 & 0x0F, bool(b0 & 0x80), payload)
         if pos < n and not self.closed:
@@ -280,5 +280,3 @@ class FrameReader(asyncio.Protocol):
         for message in later:
             queue.put_nowait(message)
         self.on_frame = on_frame
-
-

@@ -170,7 +170,8 @@ async def test_errors_are_json_without_internals(instance: Instance, org: str) -
 async def test_an_internal_error_is_a_json_500_with_no_details(
     instance: Instance, org: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tracker import endpoints, store
+    from tracker import store
+    from tracker.protocol import viewer
 
     async def boom(*args: Any, **kw: Any) -> Any:
         raise RuntimeError("password=hunter2 in /srv/tracker/secret.py")
@@ -183,7 +184,7 @@ async def test_an_internal_error_is_a_json_500_with_no_details(
     assert_json_error(resp, 500, "internal")
     assert b"hunter2" not in resp[2] and b"RuntimeError" not in resp[2]
     # On a websocket, the same failure is a bare 1011: no reason that names the internals.
-    monkeypatch.setattr(endpoints, "parse_subscribe", boom_sync)
+    monkeypatch.setattr(viewer, "parse_subscribe", boom_sync)
     dash = Peer(await connect(instance.url + "/v1/live"))
     await dash.send({"type": "hello", "token": token("dispatcher", "u-1", org)})
     assert (await dash.recv())["type"] == "welcome"

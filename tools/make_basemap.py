@@ -18,7 +18,12 @@ Simplification is Douglas-Peucker applied to each TopoJSON *arc* before the ring
 so a border shared by two countries is simplified once and both countries keep the identical line
 (no slivers or gaps between neighbours). Pure standard library; orjson is used when available.
 
-    python tools/make_basemap.py --source /work/shared/data/natural-earth/countries-50m.json
+The input is not in this repository: download `countries-50m.json` from the `world-atlas` package
+(Natural Earth's public-domain Admin 0 countries as TopoJSON, ISC licence), for example
+https://unpkg.com/world-atlas@2/countries-50m.json or `npm pack world-atlas@2`
+(https://github.com/topojson/world-atlas; Natural Earth itself: https://www.naturalearthdata.com/).
+
+    python tools/make_basemap.py --source path/to/countries-50m.json
 """
 
 from __future__ import annotations
@@ -35,7 +40,12 @@ from typing import Any
 Point = tuple[float, float]
 Ring = list[Point]
 
-DEFAULT_SOURCE = Path("/work/shared/data/natural-earth/countries-50m.json")
+# Where the input comes from (it is not in this repository): see the module docstring.
+SOURCE_HELP = (
+    "the world-atlas countries TopoJSON (countries-50m.json or countries-110m.json): Natural Earth's "
+    "public-domain Admin 0 countries, e.g. https://unpkg.com/world-atlas@2/countries-50m.json "
+    "(or `npm pack world-atlas@2`; https://github.com/topojson/world-atlas)"
+)
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "tracker" / "static" / "basemap.json"
 
 # ISO 3166-1 numeric codes of the African countries and territories present in Natural Earth.
@@ -302,15 +312,20 @@ def dump(data: dict[str, Any]) -> bytes:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="world-atlas countries TopoJSON")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        usage="%(prog)s --source FILE [--out OUT] [--tolerance DEG] [--context-tolerance DEG] [--digits N]",
+    )
+    parser.add_argument("--source", type=Path, default=None, metavar="FILE", help=f"required: {SOURCE_HELP}")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write basemap.json")
     parser.add_argument("--tolerance", type=float, default=0.01, help="simplification, degrees (Africa)")
     parser.add_argument("--context-tolerance", type=float, default=0.03, help="simplification, degrees (context)")
     parser.add_argument("--digits", type=int, default=3, help="decimal places kept in coordinates")
     args = parser.parse_args(argv)
-    if not args.source.exists():
-        print(f"make_basemap: no such file {args.source}; pass --source", file=sys.stderr)
+    if args.source is None:
+        parser.error(f"--source is required: {SOURCE_HELP}")
+    if not args.source.is_file():
+        print(f"make_basemap: no such file {args.source}; --source takes {SOURCE_HELP}", file=sys.stderr)
         return 2
     topology = json.loads(args.source.read_bytes())
     data = build(topology, tolerance=args.tolerance, context_tolerance=args.context_tolerance, digits=args.digits)

@@ -40,8 +40,10 @@ log = logging.getLogger("tracker")
 
 HTTP_CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:{tiles}; "
-       "connect-src 'self' ws: wss:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:{tiles}; "
+    "connect-src 'self' ws: wss:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
 
 
 class SecurityHeaders:
@@ -86,17 +88,26 @@ def jwt_secret(settings: Settings) -> str:
     secret = new_secret()
     path.write_text(secret + "\n")
     path.chmod(0o600)
-    log.warning("no TRACKER_JWT_SECRET: generated one in %s; mint tokens with "
-                "`tracker token --role driver --sub d-17 --org acme --data-dir %s`", path, settings.data_dir)
+    log.warning(
+        "no TRACKER_JWT_SECRET: generated one in %s; mint tokens with "
+        "`tracker token --role driver --sub d-17 --org acme --data-dir %s`",
+        path,
+        settings.data_dir,
+    )
     return secret
 
 
 def make_verifier(settings: Settings) -> TokenVerifier:
     if settings.jwt_alg == "HS256":
-        return TokenVerifier(alg="HS256", secret=jwt_secret(settings), leeway_s=settings.jwt_leeway_s,
-                             max_ttl_s=settings.jwt_max_ttl_s)
-    return TokenVerifier(alg=settings.jwt_alg, public_key=settings.jwt_public_key, leeway_s=settings.jwt_leeway_s,
-                         max_ttl_s=settings.jwt_max_ttl_s)
+        return TokenVerifier(
+            alg="HS256", secret=jwt_secret(settings), leeway_s=settings.jwt_leeway_s, max_ttl_s=settings.jwt_max_ttl_s
+        )
+    return TokenVerifier(
+        alg=settings.jwt_alg,
+        public_key=settings.jwt_public_key,
+        leeway_s=settings.jwt_leeway_s,
+        max_ttl_s=settings.jwt_max_ttl_s,
+    )
 
 
 async def connect_postgres(url: str, settings: Settings, *, wait_s: float = 60.0) -> asyncpg.Pool:
@@ -104,8 +115,9 @@ async def connect_postgres(url: str, settings: Settings, *, wait_s: float = 60.0
     deadline = asyncio.get_running_loop().time() + wait_s
     while True:
         try:
-            return await asyncpg.create_pool(url, min_size=2, max_size=settings.pg_pool_size, command_timeout=15,
-                                             timeout=5, reset=_reset)
+            return await asyncpg.create_pool(
+                url, min_size=2, max_size=settings.pg_pool_size, command_timeout=15, timeout=5, reset=_reset
+            )
         except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
             if asyncio.get_running_loop().time() > deadline:
                 raise
@@ -120,6 +132,11 @@ async def _reset(conn: asyncpg.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
+async def migrate(pool: asyncpg.Pool) -> int:
+    """The core's schema and the custody extension's, in version order (tracker migrate, startup)."""
+    return await store.migrate(pool, migrations())
+
+
 def create_app(settings: Settings) -> Starlette:
     verifier = make_verifier(settings)
 
@@ -131,20 +148,29 @@ def create_app(settings: Settings) -> Starlette:
             redis_url = settings.redis_url or embedded.redis_url()
             pool = await connect_postgres(db_url, settings)
             try:
-                await store.migrate(pool, migrations())
-                broker = RedisBroker(redis_url, instance_id=settings.instance_id or default_instance_id(),
-                                     presence_ttl_s=settings.presence_ttl_s)
-                hub = Hub(flush_ms=settings.live_flush_ms, backlog=settings.dashboard_backlog,
-                          queue_max=settings.dashboard_queue_max)
+                await migrate(pool)
+                broker = RedisBroker(
+                    redis_url,
+                    instance_id=settings.instance_id or default_instance_id(),
+                    presence_ttl_s=settings.presence_ttl_s,
+                )
+                hub = Hub(
+                    flush_ms=settings.live_flush_ms,
+                    backlog=settings.dashboard_backlog,
+                    queue_max=settings.dashboard_queue_max,
+                )
                 node = Node(settings, pool, broker, hub)
                 custody = CustodyExtension(node, custody_key(settings))
                 node.register(custody)
                 node.start()
                 app.state.node = node
                 app.state.custody = custody.layer
-                log.info("tracker ready: instance %s, PostgreSQL %s, Redis %s", broker.instance_id,
-                         "embedded" if not settings.database_url else "external",
-                         "embedded" if not settings.redis_url else "external")
+                log.info(
+                    "tracker ready: instance %s, PostgreSQL %s, Redis %s",
+                    broker.instance_id,
+                    "embedded" if not settings.database_url else "external",
+                    "embedded" if not settings.redis_url else "external",
+                )
                 try:
                     yield {}
                 finally:
@@ -184,9 +210,12 @@ def create_app(settings: Settings) -> Starlette:
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return http_api.error_response(500, "internal", "internal error")
 
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    middleware=[Middleware(SecurityHeaders, tile_url=settings.tile_url)],
-                    exception_handlers={HTTPException: http_error, 404: not_found, 500: server_error})
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[Middleware(SecurityHeaders, tile_url=settings.tile_url)],
+        exception_handlers={HTTPException: http_error, 404: not_found, 500: server_error},
+    )
     app.state.verifier = verifier
     app.state.admission = Admission(settings)
     app.state.settings = settings

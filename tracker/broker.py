@@ -15,6 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+
+class BrokerUnavailable(ConnectionError):
+    """The broker's store cannot be reached or failed (an OSError: the core catches OSError and
+    never names a broker's own exception types)."""
+
+
 # One live frame queued for publishing: (kind, driver, live ts, stamp, frame).
 # kind 'p': a position, published only if it becomes the driver's newest (by live ts) and then kept
 # as the driver's latest; 'a': always published (scans, presence, package changes, alerts).
@@ -30,6 +36,9 @@ LiveState = tuple[dict[str, tuple[int, bytes]], dict[str, str], set[str]]
 
 
 class Broker(Protocol):
+    """Every coroutine method raises `BrokerUnavailable` (or another OSError) when the store is
+    unreachable; none raises a backend's own exception type."""
+
     instance_id: str
     live: bool
     """True while live frames flow (published and received); flips are reported to `on_status`."""

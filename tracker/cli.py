@@ -14,8 +14,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return Settings.from_env(host=getattr(args, "host", None), port=getattr(args, "port", None),
-                             data_dir=getattr(args, "data_dir", None))
+    return Settings.from_env(
+        host=getattr(args, "host", None), port=getattr(args, "port", None), data_dir=getattr(args, "data_dir", None)
+    )
 
 
 def _configure_logging(level: str) -> None:
@@ -43,15 +44,16 @@ def cmd_token(args: argparse.Namespace) -> int:
         key, alg = Path(args.private_key).read_text(), settings.jwt_alg
     else:
         key, alg = jwt_secret(settings), "HS256"
-    print(mint_token(key, role=args.role, sub=args.sub, org=args.org, client=args.client, name=args.name,
-                     ttl_s=args.ttl, alg=alg))
+    print(
+        mint_token(
+            key, role=args.role, sub=args.sub, org=args.org, client=args.client, name=args.name, ttl_s=args.ttl, alg=alg
+        )
+    )
     return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from . import store
-    from .app import connect_postgres
-    from .custody.extension import migrations
+    from .app import connect_postgres, migrate
     from .embedded import Embedded
 
     settings = _settings(args)
@@ -62,7 +64,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         try:
             pool = await connect_postgres(settings.database_url or embedded.postgres_url(), settings, wait_s=30)
             try:
-                applied = await store.migrate(pool, migrations())
+                applied = await migrate(pool)
             finally:
                 await pool.close()
         finally:
@@ -76,20 +78,26 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     env_help = "\n".join(f"  {name:<32} default {default}" for name, default in describe())
     parser = argparse.ArgumentParser(
-        prog="tracker", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="tracker",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Real-time driver tracking for pharmaceutical logistics: phones stream positions and "
-                    "package scans over websockets; dashboards watch live; PostgreSQL keeps the chain of custody.",
+        "package scans over websockets; dashboards watch live; PostgreSQL keeps the chain of custody.",
         epilog="Configuration comes from the environment:\n" + env_help,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--data-dir", type=Path, default=None,
-                       help="folder for the embedded PostgreSQL/Redis and the generated JWT secret "
-                            "(default: $TRACKER_DATA_DIR or ./.tracker)")
+        p.add_argument(
+            "--data-dir",
+            type=Path,
+            default=None,
+            help="folder for the embedded PostgreSQL/Redis and the generated JWT secret "
+            "(default: $TRACKER_DATA_DIR or ./.tracker)",
+        )
 
-    serve = sub.add_parser("serve", help="run the service (embedded PostgreSQL and Redis unless "
-                                         "DATABASE_URL/REDIS_URL are set)")
+    serve = sub.add_parser(
+        "serve", help="run the service (embedded PostgreSQL and Redis unless DATABASE_URL/REDIS_URL are set)"
+    )
     serve.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port to listen on (default 8080)")
     common(serve)

@@ -11,45 +11,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Coroutine, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from . import metrics
-from .auth import Principal
 from .batching import TickBatcher
 from .broker import Broker
 from .clock import now_ms
 from .config import Settings
+from .conn import DriverConn, DriverKey
 from .extension import Extension
 from .protocol.bucket import TokenBucket
 from .protocol.live import presence_frame
-from .types import Channel
 
 log = logging.getLogger("tracker.drivers")
-
-DriverKey = tuple[str, str]
-
-
-@dataclass(eq=False)
-class DriverConn:
-    """One open driver connection, as the core sees it."""
-
-    principal: Principal
-    channel: Channel
-    conn_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
-    live_ts: int = 0  # the newest live ts fanned out for this driver
-    bucket: TokenBucket = field(default_factory=lambda: TokenBucket(1.0, 1, 0.0))
-    stamp: bytes = b""  # client ids entitled to this driver's live frames (packages it holds)
-    closed: bool = False
-    welcomed: bool = False  # nothing but `welcome` may reach the phone before `welcome`
-
-    @property
-    def key(self) -> DriverKey:
-        return self.principal.key
 
 
 class Drivers:
@@ -139,7 +114,7 @@ class Drivers:
         line = conn.stamp + b"\t" + presence_frame(p.sub, False, now_ms())
         try:
             await self._offline.get((p.org, p.sub, conn.conn_id, line))
-        except (RedisError, OSError) as exc:
+        except OSError as exc:
             log.debug("presence offline not recorded (broker: %s); it expires", exc)
 
     # -- presence -------------------------------------------------------------------------------
@@ -160,5 +135,5 @@ class Drivers:
                 self._prune_buckets()
                 await self.broker.refresh_presence(conns, spread_s=min(2.0, interval / 4))
                 await self.broker.sweep()
-            except (RedisError, OSError) as exc:
+            except OSError as exc:
                 log.debug("presence refresh failed: %s", exc)

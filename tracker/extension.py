@@ -7,7 +7,7 @@ behaves as a plain tracker: scans are fanned out at receipt and a client admin s
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .auth import Principal
     from .broker import Broker, LiveItem
     from .config import Settings
-    from .drivers import DriverConn, Drivers
+    from .conn import DriverConn, DriverKey
     from .hub import Dashboard
     from .protocol.events import Scan
     from .store import Pending
@@ -25,13 +25,26 @@ if TYPE_CHECKING:
 Scope = tuple[set[str] | None, list[Any], list[Any]]
 
 
+class Registry(Protocol):
+    """This instance's driver connections (tracker/drivers.py), as an extension sees them."""
+
+    def __contains__(self, key: object) -> bool: ...
+
+    def __iter__(self) -> Iterator[DriverKey]: ...
+
+    def get(self, key: DriverKey) -> DriverConn | None: ...
+
+
 class Core(Protocol):
     """What the core offers an extension (the `Node` implements it)."""
 
     settings: Settings
     pool: asyncpg.Pool
     broker: Broker
-    drivers: Drivers
+
+    @property
+    def drivers(self) -> Registry:
+        """This instance's driver connections."""
 
     def publish(self, org: str, item: LiveItem) -> None:
         """Queue a live frame for this tick (package change, alert, stored scan). Never awaits."""

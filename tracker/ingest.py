@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from . import metrics
 from .broker import Broker, LiveItem
 from .clock import now_ms
-from .drivers import DriverConn, Drivers
+from .conn import DriverConn
+from .drivers import Drivers
 from .extension import Extension
 from .protocol import frames
 from .protocol.events import Event, Position, Scan, live_ts

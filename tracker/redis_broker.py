@@ -18,16 +18,16 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, ParamSpec, TypeVar
 
 import hiredis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from . import metrics
-from .broker import LiveItem
+from .broker import BrokerUnavailable, LiveItem
 
 log = logging.getLogger("tracker.broker")
 
@@ -36,6 +36,24 @@ LUA_DIR: Final = Path(__file__).parent / "lua"
 
 def _lua(name: str) -> str:
     return (LUA_DIR / name).read_text()
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def unavailable(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Redis's errors leave this module as `BrokerUnavailable` (the Broker contract)."""
+
+    async def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except RedisError as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+
+    wrapped.__name__ = method.__name__
+    wrapped.__doc__ = method.__doc__
+    return wrapped
 
 
 LIVE_PREFIX: Final = "trk:live:"
@@ -92,7 +110,6 @@ REFRESH_LUA: Final = _lua("presence_refresh.lua")
 SWEEP_LUA: Final = _lua("presence_sweep.lua")
 
 
-
 class RedisBroker:
     """The `Broker` on Redis: moves live frames between instances and keeps the shared live state."""
 
@@ -101,11 +118,14 @@ class RedisBroker:
         self.instance_id = instance_id
         self.presence_ttl_ms = int(presence_ttl_s * 1000)
         # A bounded pool: callers queue for a connection instead of opening thousands.
-        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=32, timeout=5, socket_timeout=3,
-                                                       socket_connect_timeout=2, health_check_interval=10)
-        pool.connection_class = (FastUnixConnection if issubclass(pool.connection_class,
-                                                                  aioredis.UnixDomainSocketConnection)
-                                 else FastConnection)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=32, timeout=5, socket_timeout=3, socket_connect_timeout=2, health_check_interval=10
+        )
+        pool.connection_class = (
+            FastUnixConnection
+            if issubclass(pool.connection_class, aioredis.UnixDomainSocketConnection)
+            else FastConnection
+        )
         self.redis = aioredis.Redis(connection_pool=pool)
         self._live = self.redis.register_script(LIVE_LUA)
         self._on = self.redis.register_script(PRESENCE_ON_LUA)
@@ -149,7 +169,7 @@ class RedisBroker:
                         # Bounded messages: a backlog after a slow round trip must not become one
                         # multi-megabyte message that every instance and dashboard chokes on.
                         for start in range(0, len(items), PUBLISH_CHUNK):
-                            await self._live(args=live_args(org, items[start:start + PUBLISH_CHUNK]), client=pipe)
+                            await self._live(args=live_args(org, items[start : start + PUBLISH_CHUNK]), client=pipe)
                     await pipe.execute()
                 metrics.LIVE_PUBLISHED.inc(n)
             except (RedisError, OSError) as exc:
@@ -160,6 +180,7 @@ class RedisBroker:
 
     # -- presence -----------------------------------------------------------------------------
 
+    @unavailable
     async def drivers_online(self, conns: list[tuple[str, str, str, str | None, bytes]]) -> list[int]:
         """Mark connections (org, driver, conn id, name, presence line) online, replacing any other
         of the same driver; returns each driver's newest live ts known to Redis (0 if none)."""
@@ -169,6 +190,7 @@ class RedisBroker:
         lasts = await self._on(args=args)
         return [int(last.split(b"\t", 1)[0]) if last else 0 for last in lasts]
 
+    @unavailable
     async def drivers_offline(self, conns: list[tuple[str, str, str, bytes]]) -> list[bool]:
         """Offline only where that connection is still the one that set the driver online."""
         args: list[Any] = []
@@ -176,6 +198,7 @@ class RedisBroker:
             args += item
         return [bool(v) for v in await self._off(args=args)]
 
+    @unavailable
     async def refresh_presence(self, conns: list[tuple[str, str, str, bytes]], *, spread_s: float = 1.0) -> None:
         """Keep (org, driver, conn id, stamp) online for another TTL.
 
@@ -186,16 +209,18 @@ class RedisBroker:
         pause = spread_s / max(1, len(chunks))
         for start in chunks:
             args: list[Any] = [exp]
-            for item in conns[start:start + REFRESH_CHUNK]:
+            for item in conns[start : start + REFRESH_CHUNK]:
                 args += item
             await self._refresh(args=args)
             await asyncio.sleep(pause)
 
+    @unavailable
     async def sweep(self) -> int:
         return int(await self._sweep(args=[int(time.time() * 1000)]))
 
     # -- snapshot reads -----------------------------------------------------------------------
 
+    @unavailable
     async def live_state(self, org: str) -> tuple[dict[str, tuple[int, bytes]], dict[str, str], set[str]]:
         """(driver -> (live ts, newest pos frame), driver -> name, drivers online) of one org."""
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -209,15 +234,19 @@ class RedisBroker:
             positions[driver.decode()] = (int(lts), frame)
         return (positions, {k.decode(): v.decode() for k, v in names.items()}, {d.decode() for d in online})
 
+    @unavailable
     async def is_synced(self, org: str) -> bool:
         return bool(await self.redis.hexists(SYNCED_KEY, org))  # type: ignore[misc]
 
+    @unavailable
     async def mark_synced(self, org: str) -> None:
         await self.redis.hset(SYNCED_KEY, org, 1)  # type: ignore[misc]
 
+    @unavailable
     async def publish_control(self, kind: str, payload: bytes) -> None:
         await self.redis.publish(CTL_CHANNEL, kind.encode() + b"\t" + payload)
 
+    @unavailable
     async def restore_positions(self, org: str, items: list[tuple[str, int, bytes]]) -> None:
         """Write back positions read from PostgreSQL (newest-only, never over a newer one)."""
         if items:
@@ -227,9 +256,11 @@ class RedisBroker:
     # -- subscriber and probe -----------------------------------------------------------------
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._sender(), name="broker-sender"),
-                       asyncio.create_task(self._subscriber(), name="broker-subscriber"),
-                       asyncio.create_task(self._prober(), name="broker-probe")]
+        self._tasks = [
+            asyncio.create_task(self._sender(), name="broker-sender"),
+            asyncio.create_task(self._subscriber(), name="broker-subscriber"),
+            asyncio.create_task(self._prober(), name="broker-probe"),
+        ]
 
     async def close(self) -> None:
         for task in self._tasks:

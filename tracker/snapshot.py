@@ -15,7 +15,6 @@ from typing import Any
 
 import asyncpg
 import orjson
-from redis.exceptions import RedisError
 
 from . import store
 from .broker import Broker, LiveState
@@ -60,7 +59,7 @@ class Snapshots:
             positions, names, online = await broker.live_state(org)
             if positions and await broker.is_synced(org):
                 return positions, names, online
-        except (RedisError, OSError) as exc:
+        except OSError as exc:
             redis_ok = False
             log.debug("snapshot without the broker: %s", exc)
         # The broker is down, or has lost the live state (restarted): PostgreSQL has every stored
@@ -97,7 +96,7 @@ class Snapshots:
             try:
                 await broker.restore_positions(org, restore)
                 await broker.mark_synced(org)
-            except (RedisError, OSError):
+            except OSError:
                 pass
         return positions, names, online
 

@@ -14,7 +14,7 @@ from .live import PackageLayer
 from .stamps import CTL_KIND
 
 if TYPE_CHECKING:
-    from ..drivers import DriverConn
+    from ..conn import DriverConn
     from ..extension import Core, Scope
     from ..hub import Dashboard
     from ..protocol.events import Scan

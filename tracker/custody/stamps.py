@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
-from redis.exceptions import RedisError
 
 from ..batching import TickBatcher
 from ..clock import now_ms
@@ -29,7 +28,7 @@ from . import state as custody
 from . import store as ps
 
 if TYPE_CHECKING:
-    from ..drivers import DriverConn
+    from ..conn import DriverConn
     from ..extension import Core
 
 log = logging.getLogger("tracker.packages")
@@ -117,7 +116,7 @@ class Stamps:
         try:
             msg["from"] = self.core.broker.instance_id
             await self.core.broker.publish_control(CTL_KIND, orjson.dumps(msg))
-        except (RedisError, OSError) as exc:
+        except OSError as exc:
             log.debug("stamp control message not sent (Redis: %s); the periodic refresh catches up", exc)
 
     # -- recomputing ----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from .. import metrics
 from ..auth import Principal, TokenVerifier
 from ..clock import now_ms
 from ..config import Settings
-from ..drivers import DriverConn
+from ..conn import DriverConn
 from ..hub import Dashboard
 from ..node import Node
 from ..protocol.driver import DriverSession

@@ -121,7 +121,7 @@ async def list_drivers(request: Request) -> Response:
     names = await store.driver_names(node.pool, p.org)
     try:
         positions, live_names, online = await node.broker.live_state(p.org)
-    except (RedisError, OSError):
+    except OSError:
         positions, live_names, online = {}, {}, set()
     if not positions:
         for row in await store.last_positions(node.pool, p.org):

@@ -201,13 +201,6 @@ async def test_beyond_the_backlog_positions_are_conflated_and_nothing_else(dashe
         assert max(f["ts"] for f in positions if f["driver"] == f"d-{d}") == T0 + 39, "each driver's newest"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: tracker/hub.py Dashboard.push sends a position to `latest` only while "
-    "len(queue) + len(latest) >= backlog; after a compaction that sum drops below the backlog, so "
-    "the driver's next position is queued *ahead* of its older one in `latest`, and take() "
-    "(queue, then latest) sends the older position last: the dashboard ends on a stale one",
-)
 async def test_conflation_never_sends_an_older_position_after_a_newer_one(dashes: Dashboards, org: str) -> None:
     hub = dashes.hub
     hub.backlog = 3

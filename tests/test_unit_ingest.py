@@ -223,13 +223,6 @@ async def test_acks_go_to_the_connection_that_replaced_the_sender(node: Instance
     assert acked(chan(new)) == [[[2, 2]]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: Ingest.answered groups acks by the connection that *received* the events "
-    "(tracker/ingest.py, `acks: dict[DriverConn, ...]` keyed by `it.owner`), so a commit holding "
-    "events of a replaced connection and of its replacement writes two ack frames to the "
-    "replacement, while `unavailable` refusals of the same commit are grouped by target",
-)
 async def test_one_ack_per_driver_per_commit_across_a_replacement(node: Instance, org: str) -> None:
     old = await node.connect(org, "d-1")
     node.ingest.submit(old, [p(1)], T0)

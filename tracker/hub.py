@@ -30,6 +30,7 @@ from .types import Channel
 
 log = logging.getLogger("tracker.hub")
 
+
 @dataclass(eq=False)
 class Dashboard:
     principal: Principal
@@ -79,8 +80,11 @@ class Dashboard:
                 self.carriers.add(holder)
             elif holder:
                 self.carriers.discard(holder)
-        return bool((flt.drivers and driver in flt.drivers) or (flt.packages and package in flt.packages)
-                    or (kind == "presence" and driver in self.carriers))
+        return bool(
+            (flt.drivers and driver in flt.drivers)
+            or (flt.packages and package in flt.packages)
+            or (kind == "presence" and driver in self.carriers)
+        )
 
     def offer(self, kind: str, driver: str | None, ts: int, frame: bytes) -> None:
         if self.closing:
@@ -92,7 +96,9 @@ class Dashboard:
 
     def push(self, pos_driver: str | None, frame: bytes) -> None:
         hub = self.hub
-        if pos_driver is not None and len(self.queue) + len(self.latest) >= hub.backlog:
+        # A driver already conflated stays conflated until the flush: queued behind its older frame
+        # in `latest`, a newer position would be sent first and the dashboard end on the older one.
+        if pos_driver is not None and (pos_driver in self.latest or len(self.queue) + len(self.latest) >= hub.backlog):
             if not self.latest:
                 self._compact()
             if pos_driver in self.latest:

@@ -91,27 +91,29 @@ class Ingest:
 
     def answered(self, stored: list[Pending], refused: list[tuple[Pending, str, str]]) -> None:
         """After a commit: one ack per driver connection; errors for what was refused."""
-        acks: dict[DriverConn, list[int]] = {}
-        oldest: dict[DriverConn, int] = {}
+        # Grouped by the connection answered: events of a replaced connection are acked, in the
+        # same frame, to the connection that replaced it.
+        current = self.drivers.current
+        acks: dict[DriverConn | None, list[int]] = {}
+        oldest: dict[DriverConn | None, int] = {}
         for it in stored:
-            conn = it.owner
-            seqs = acks.get(conn)
+            target = current(it.owner)
+            seqs = acks.get(target)
             if seqs is None:
-                acks[conn] = [it.event.seq]
-                oldest[conn] = it.received_at
+                acks[target] = [it.event.seq]
+                oldest[target] = it.received_at
             else:
                 seqs.append(it.event.seq)
+                oldest[target] = min(oldest[target], it.received_at)
         if self.extension.fans_out_scans:
             scans = [it for it in stored if type(it.event) is Scan]
             if scans:
                 self.extension.scans_stored(scans)
         now = now_ms()
-        current = self.drivers.current
-        for conn, seqs in acks.items():
-            target = current(conn)
+        for target, seqs in acks.items():
             if target is not None and target.welcomed:
                 target.channel.write(frames.ack(seqs))
-                metrics.ACK_SECONDS.observe((now - oldest[conn]) / 1000)
+                metrics.ACK_SECONDS.observe((now - oldest[target]) / 1000)
         unavailable: dict[DriverConn, list[int]] = {}
         for it, code, message in refused:
             target = current(it.owner)

@@ -377,7 +377,7 @@ async def _greedy(url: str, org: str) -> tuple[int, int]:
 
 
 async def flaky(env: Env) -> Result:
-    from tracker.simulate import SimOptions, simulate
+    from tracker.sim.run import SimOptions, simulate
 
     a = env.args
     res = Result("flaky", f"simulator --flaky: {a.flaky_drivers} drivers for {a.flaky_s:g} s (drops, offline, slow)")

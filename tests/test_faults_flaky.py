@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tracker.simulate import SimOptions, simulate
+from tracker.sim.run import SimOptions, simulate
 
 from .conftest import SECRET
 from .faultkit import Spawn, spawn  # noqa: F401

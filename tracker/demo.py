@@ -23,8 +23,8 @@ from .app import create_app, jwt_secret
 from .auth import mint_token
 from .config import Settings
 from .server import Server, uvicorn_config
-from .simulate import Report as SimReport
-from .simulate import SimError, SimOptions, simulate
+from .sim.run import Report as SimReport
+from .sim.run import SimError, SimOptions, simulate
 
 log = logging.getLogger("tracker.demo")
 

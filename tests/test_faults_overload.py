@@ -18,7 +18,8 @@ import psutil
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tracker.sim.flaky import OP_TEXT, FrameDecoder, encode_frame
+from tracker.protocol.wscodec import OP_TEXT, encode_frame
+from tracker.protocol.wscodec import FrameCollector as FrameDecoder
 
 from .client import Phone, now_ms, pos
 from .conftest import SECRET, token

@@ -1,4 +1,4 @@
-"""Pure tests of the simulated phone (sans-I/O), its WebSocket codec, and the report's sums.
+"""Pure tests of the simulated phone (sans-I/O), its link's handshake, and the report's sums.
 
 No network, no event loop, no sleeps: time is a number passed in.
 """
@@ -7,29 +7,15 @@ from __future__ import annotations
 
 import math
 import random
-import struct
 from typing import Any
 
 import orjson
 import pytest
 
 from tracker.sim.dashboard import SeqLog, View
-from tracker.sim.flaky import (
-    OP_CLOSE,
-    OP_CONT,
-    OP_PING,
-    OP_TEXT,
-    FrameDecoder,
-    WsError,
-    accept_value,
-    apply_mask,
-    check_handshake,
-    encode_frame,
-    handshake_request,
-    loopback_sources,
-    parse_close,
-)
-from tracker.sim.phone import BATCH_HEAD, Entry, Phone, Records, pack
+from tracker.sim.link import WsError, accept_value, check_handshake, handshake_request, loopback_sources
+from tracker.sim.phone import BATCH_HEAD, Entry, Phone, pack
+from tracker.sim.records import Records
 from tracker.sim.report import Latency, RunData, build
 
 T0 = 1_764_240_000_000.0
@@ -274,84 +260,7 @@ def test_records_fill_gaps_and_refuse_going_back() -> None:
         rec.add(7, 1, T0)
 
 
-# --- WebSocket codec ----------------------------------------------------------------------
-
-
-def unmask_client_frame(frame: bytes) -> tuple[int, bool, bytes]:
-    b0, b1 = frame[0], frame[1]
-    assert b1 & 0x80, "client frames must be masked"
-    n, pos_ = b1 & 0x7F, 2
-    if n == 126:
-        n, pos_ = struct.unpack_from("!H", frame, 2)[0], 4
-    elif n == 127:
-        n, pos_ = struct.unpack_from("!Q", frame, 2)[0], 10
-    mask = frame[pos_ : pos_ + 4]
-    payload = bytes(b ^ mask[i % 4] for i, b in enumerate(frame[pos_ + 4 :]))
-    assert len(payload) == n
-    return b0 & 0x0F, bool(b0 & 0x80), payload
-
-
-@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
-def test_client_frames_are_masked_with_the_right_length_encoding(size: int) -> None:
-    payload = bytes(random.Random(size).getrandbits(8) for _ in range(size))
-    frame = encode_frame(OP_TEXT, payload, b"\x01\x02\x03\x04")
-    assert unmask_client_frame(frame) == (OP_TEXT, True, payload)
-    header = 2 + (0 if size < 126 else 2 if size < 65536 else 8) + 4
-    assert len(frame) == header + size
-
-
-def test_apply_mask_is_an_involution() -> None:
-    data = b"hello websocket"
-    masked = apply_mask(data, b"\xaa\xbb\xcc\xdd")
-    assert masked != data and apply_mask(masked, b"\xaa\xbb\xcc\xdd") == data
-    assert apply_mask(b"", b"abcd") == b""
-
-
-def server_frame(op: int, payload: bytes, fin: bool = True) -> bytes:
-    n = len(payload)
-    b0 = (0x80 if fin else 0) | op
-    if n < 126:
-        return struct.pack("!BB", b0, n) + payload
-    if n < 65536:
-        return struct.pack("!BBH", b0, 126, n) + payload
-    return struct.pack("!BBQ", b0, 127, n) + payload
-
-
-def test_decoder_handles_split_and_coalesced_frames() -> None:
-    stream = server_frame(OP_TEXT, b'{"type":"ack"}') + server_frame(OP_TEXT, b"x" * 300) + server_frame(OP_PING, b"p")
-    for cut in (1, 2, 3, 7, 100, len(stream)):
-        dec = FrameDecoder()
-        got = []
-        for i in range(0, len(stream), cut):
-            got += dec.feed(stream[i : i + cut])
-        assert got == [(OP_TEXT, b'{"type":"ack"}'), (OP_TEXT, b"x" * 300), (OP_PING, b"p")]
-        assert dec.buf == b""
-
-
-def test_decoder_reassembles_fragments_around_control_frames() -> None:
-    dec = FrameDecoder()
-    data = (
-        server_frame(OP_TEXT, b"ab", fin=False)
-        + server_frame(OP_PING, b"")
-        + server_frame(OP_CONT, b"cd", fin=False)
-        + server_frame(OP_CONT, b"ef")
-    )
-    assert dec.feed(data) == [(OP_PING, b""), (OP_TEXT, b"abcdef")]
-
-
-def test_decoder_rejects_masked_oversize_and_orphan_frames() -> None:
-    with pytest.raises(WsError):
-        FrameDecoder().feed(encode_frame(OP_TEXT, b"hi", b"abcd"))  # masked: a client frame
-    with pytest.raises(WsError):
-        FrameDecoder(max_size=10).feed(server_frame(OP_TEXT, b"x" * 11))
-    with pytest.raises(WsError):
-        FrameDecoder().feed(server_frame(OP_CONT, b"x"))
-
-
-def test_close_payload_parsing() -> None:
-    assert parse_close(struct.pack("!H", 4001) + b"replaced") == (4001, "replaced")
-    assert parse_close(b"") == (1005, "")
-    assert OP_CLOSE == 8
+# --- the link: opening handshake, source addresses ------------------------------------------
 
 
 def test_handshake_request_and_accept_check() -> None:

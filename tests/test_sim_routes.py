@@ -8,8 +8,9 @@ import random
 
 import pytest
 
-from tracker.sim.flaky import FaultPlan
-from tracker.sim.routes import CITIES, ROUTES, DriverModel, Route, bearing_deg, distance_m, driver_name
+from tracker.sim.driver import DriverModel, driver_name
+from tracker.sim.faults import FaultPlan
+from tracker.sim.routes import CITIES, ROUTES, Route, bearing_deg, distance_m
 
 REQUIRED_CITIES = {"Nairobi", "Lagos", "Johannesburg", "Kampala", "Accra"}
 CITY_CENTRES = {  # (lat, lon) of each city centre, roads must stay within 30 km of it

@@ -1,26 +1,38 @@
 """Load simulator: simulated phones and dashboards over real WebSocket connections.
 
-Modules, one concept each:
+Modules, one concept each (pure ones first):
 
-- ``routes``: deterministic movement along real roads and package scans (pure);
-- ``phone``: the driver app's outbox and ack bookkeeping (sans-I/O) and the asyncio fleet;
-- ``flaky``: the network link (a minimal RFC 6455 client) and mobile-network faults;
+- ``routes``: the cities' roads (``data/routes.json``) and distances along them;
+- ``driver``: a driver's day, deterministic movement and package scans (``data/drivers.json``);
+- ``records``: per-event times of one driver (created, sent, acknowledged) in compact arrays;
+- ``phone``: the driver app's outbox and ack bookkeeping (sans-I/O);
+- ``faults``: each phone's schedule of mobile-network trouble (drops, offline, slow links);
+- ``report``: loss, duplicates, latency, throughput and CPU, as a table or JSON;
+- ``link``: the network link, a minimal asyncio WebSocket client over the shared RFC 6455 codec
+  (:mod:`tracker.protocol.wscodec`);
 - ``dashboard``: dispatcher dashboards that count what they receive;
-- ``report``: loss, duplicates, latency, throughput and CPU, as a table or JSON.
+- ``consign``: a dispatcher consigning the drivers' packages first (``--consign``);
+- ``fleet``: this process's phones, ticked by one scheduler, (re)connecting at a paced rate;
+- ``workers``: where the phones run, this process or spawned workers (``--processes``);
+- ``run``: :func:`~tracker.sim.run.simulate`, one run from options to report;
+- ``cli``: ``tracker simulate``'s options and exit code.
 
-:func:`tracker.simulate.simulate` wires them; this module holds what they share.
+From the rest of ``tracker`` the simulator imports only ``tracker.protocol`` and
+``tracker.auth``: it talks to the service as any client would. This module holds what the
+others share.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-import time
 from dataclasses import dataclass, field, replace
 
-import jwt
+__all__ = ["SimError", "SimOptions", "driver_id"]
 
-__all__ = ["SimOptions", "driver_id", "mint_token"]
+
+class SimError(Exception):
+    """The run could not start or finish (service unreachable, bad secret, ...)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,13 +78,3 @@ class SimOptions:
 def driver_id(index: int) -> str:
     """The ``sub`` of simulated driver ``index`` (unique within the run's org)."""
     return f"d-{index}"
-
-
-def mint_token(secret: str, *, sub: str, role: str, org: str, name: str | None = None, ttl_s: float = 3600.0) -> str:
-    """An HS256 token with the claims of PROTOCOL.md (``aud`` = ``tracker``)."""
-    now = int(time.time())
-    claims: dict[str, object] = {"sub": sub, "role": role, "org": org, "aud": "tracker", "iat": now}
-    claims["exp"] = now + int(ttl_s)
-    if name:
-        claims["name"] = name
-    return jwt.encode(claims, secret, algorithm="HS256")

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from tracker.sim.flaky import WsError, open_link
+from tracker.sim.link import WsError, open_link
 
 LIVE_KINDS = ("pos", "scan", "presence", "package", "alert", "status")
 

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from tracker.sim.dashboard import View
-from tracker.sim.phone import KIND_SCAN, Records
+from tracker.sim.records import KIND_SCAN, Records
 
 STORED_SQL = (
     "SELECT driver_id, array_agg(seq) FROM ("

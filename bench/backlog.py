@@ -22,7 +22,7 @@ from typing import Any
 
 import asyncpg
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # harness/, until pyproject installs it
 
 import common
 from common import CpuMeter, log

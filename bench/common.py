@@ -1,6 +1,8 @@
-"""What the benchmark scripts share: the machine, CPU from /proc, the servers under test (tracker,
-the Socket.IO peers, a private Redis), the Node load generator, and the loss check against
-PostgreSQL. Every process started here is stopped by the context managers that started it.
+"""What the benchmark scripts share beyond the harness (harness/: ports, private servers, process
+stopping, readiness, loss accounting): the machine, CPU from /proc, the servers under test
+(tracker from a clean git copy, the Socket.IO peers) on the benchmark's PostgreSQL, the Node load
+generator, and load.js's acked files checked against PostgreSQL. Every process started here is
+stopped by the context managers that started it.
 
 CPU is read from /proc/<pid>/stat (utime + stime), so a number holds on a busy machine: it is the
 work a process did, not the wall time it waited for a core.
@@ -17,17 +19,20 @@ import platform
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+from harness.http import wait_ready
+from harness.loss import account, stored_seqs
+from harness.ports import free_port, wait_port
+from harness.servers import RedisServer, popen, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -175,34 +180,6 @@ def py_spy() -> str:
     return str(here) if here.exists() else (shutil.which("py-spy") or "py-spy")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 60.0, proc: subprocess.Popen[Any] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before listening on {port}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
-
-
-def stop_process(proc: subprocess.Popen[Any], grace: float = 20.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-
-
 def psql(sql: str, db: str = "postgres") -> None:
     subprocess.run(
         ["psql", f"{PG_BASE}/{db}", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql],
@@ -222,33 +199,14 @@ def fresh_database(name: str) -> str:
 @contextlib.contextmanager
 def private_redis() -> Iterator[tuple[str, int]]:
     """A redis-server of our own (so its CPU is ours alone): (url, pid). Nothing kept on disk."""
-    port = free_port()
-    exe = shutil.which("redis-server")
-    if exe is None:
+    if shutil.which("redis-server") is None:
         raise RuntimeError("redis-server not found (apt-get install redis-server)")
-    proc = subprocess.Popen(
-        [
-            exe,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "yes",
-            "--loglevel",
-            "warning",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    server = RedisServer()
     try:
-        wait_port(port, 20, proc)
-        yield f"redis://127.0.0.1:{port}", proc.pid
+        asyncio.run(server.start())
+        yield server.url, server.pid
     finally:
-        stop_process(proc, 5)
+        server.close()
 
 
 @dataclass
@@ -300,7 +258,6 @@ def start_server(
     database = f"bench_{kind}"
     dsn = fresh_database(database)
     port = free_port()
-    out = open(log_file, "ab") if log_file else subprocess.DEVNULL
     base = {**os.environ, **(env or {})}
     if kind == "tracker":
         cmd = [sys.executable, "-m", "tracker", "serve"]
@@ -325,29 +282,14 @@ def start_server(
         cwd, sha = tracker_source(TRACKER_REF)
         base["PYTHONPATH"] = str(cwd)
         log(f"tracker from {sha} ({cwd})")
-    proc = subprocess.Popen(cmd, cwd=cwd, env=base, stdout=out, stderr=out)
+    proc = popen(cmd, log=log_file, cwd=cwd, env=base)
     try:
         wait_port(port, 90, proc)
         if kind == "tracker":
-            _wait_ready(port, proc)
+            asyncio.run(wait_ready(port, proc=proc, log=log_file, timeout=60, interval=0.3))
         yield Server(kind, f"ws://127.0.0.1:{port}", proc.pid, dsn, database, proc)
     finally:
-        stop_process(proc)
-        if log_file:
-            out.close()  # type: ignore[union-attr]
-
-
-def _wait_ready(port: int, proc: subprocess.Popen[Any], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"tracker exited with {proc.returncode}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        time.sleep(0.3)
-    raise TimeoutError("tracker not ready")
+        stop_process(proc, grace=20)
 
 
 # --- peers and the load generator: installed on first use ----------------------------------
@@ -459,60 +401,37 @@ class _Killer:
         self.timer.cancel()
 
 
-# --- loss: sets over (driver, seq) ---------------------------------------------------------
-
-
-def _expand(ranges: list[list[int]]) -> set[int]:
-    out: set[int] = set()
-    for a, b in ranges:
-        out.update(range(a, b + 1))
-    return out
-
-
-async def _stored(dsn: str, org: str, table: str) -> dict[str, list[int]]:
-    import asyncpg
-
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows = await conn.fetch(
-            f"SELECT driver_id, array_agg(seq) FROM {table} WHERE org = $1 GROUP BY driver_id",  # noqa: S608
-            org,
-        )
-    finally:
-        await conn.close()
-    return {r[0]: list(r[1]) for r in rows}
+# --- loss: load.js's acked file against PostgreSQL ----------------------------------------------
 
 
 def loss(acked_file: Path, dsn: str, table: str = "positions") -> dict[str, Any]:
-    """Sent minus acknowledged, and acknowledged minus stored, as sets over (driver, seq); and
-    stored rows counted twice (duplicates)."""
+    """Sent minus acknowledged, and acknowledged minus stored, as sets over (driver, seq) (the
+    harness's accounting, over the drivers of the file); and stored rows counted twice."""
     data = json.loads(acked_file.read_text())
-    stored = asyncio.run(_stored(dsn, data["org"], table))
-    sent_n = acked_n = unacked = unstored = dup = stored_n = 0
-    sample: list[str] = []
-    for driver, d in data["drivers"].items():
-        sent = set(range(1, d["sent"] + 1))
-        acked = _expand(d["acked"])
-        seqs = stored.get(driver, [])
-        have = set(seqs)
-        dup += len(seqs) - len(have)
-        stored_n += len(seqs)
-        sent_n += len(sent)
-        acked_n += len(acked)
-        miss = sent - acked
-        unacked += len(miss)
-        gone = acked - have
-        unstored += len(gone)
-        if (miss or gone) and len(sample) < 10:
-            sample.append(f"{driver}: unacked {sorted(miss)[:5]} unstored {sorted(gone)[:5]}")
+    drivers = data["drivers"]
+    sent = {d: set(range(1, v["sent"] + 1)) for d, v in drivers.items()}
+    acked = {d: {s for a, b in v["acked"] for s in range(a, b + 1)} for d, v in drivers.items()}
+    stored = asyncio.run(stored_seqs(dsn, data["org"], (table,)))
+    check = account({d: stored.get(d, []) for d in drivers}, acked, sent)
+    unacked: dict[str, list[int]] = {}
+    unstored: dict[str, list[int]] = {}
+    for d, s in check.unacked:
+        unacked.setdefault(d, []).append(s)
+    for d, s in check.lost:
+        unstored.setdefault(d, []).append(s)
+    sample = [
+        f"{d}: unacked {unacked.get(d, [])[:5]} unstored {unstored.get(d, [])[:5]}"
+        for d in drivers
+        if d in unacked or d in unstored
+    ][:10]
     return {
-        "sent": sent_n,
-        "acked": acked_n,
-        "stored": stored_n,
-        "lost_unacked": unacked,
-        "lost_unstored": unstored,
-        "lost": unacked + unstored,
-        "stored_duplicates": dup,
+        "sent": check.sent,
+        "acked": check.acked,
+        "stored": check.rows,
+        "lost_unacked": len(check.unacked),
+        "lost_unstored": len(check.lost),
+        "lost": len(check.unacked) + len(check.lost),
+        "stored_duplicates": check.rows - check.stored,
         "sample": sample,
     }
 

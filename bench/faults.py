@@ -28,21 +28,17 @@ from typing import Any
 
 import orjson
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # harness/, until pyproject installs it
 
-from tests.faultkit import (  # noqa: E402 - after the path above
-    Fleet,
-    Flood,
-    PgCluster,
-    Proxy,
-    RedisServer,
-    TrackerProc,
-    Watcher,
-    check_stored,
-    wait_until,
-)
-from tracker.auth import mint_token  # noqa: E402
+from harness.clients import Dash as Watcher  # the recording dashboard: Dash(url, token).start()
+from harness.fleet import Fleet
+from harness.flood import Flood
+from harness.instances import TrackerProc
+from harness.loss import check_stored
+from harness.proxy import Proxy
+from harness.servers import PgCluster, RedisServer
+from harness.wait import wait_until
+from tracker.auth import mint_token
 
 SECRET = "bench-faults-" + "x" * 40
 

@@ -15,9 +15,9 @@ import argparse
 import json
 import time
 
-from tracker.protocol.live import pos_frame
 from tracker.protocol import frames
 from tracker.protocol.events import check_event
+from tracker.protocol.live import pos_frame
 
 
 def ws_frame(payload: int, masked: bool) -> int:

@@ -30,7 +30,7 @@ from typing import Any
 
 import asyncpg
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # harness/, until pyproject installs it
 
 import common
 from common import log

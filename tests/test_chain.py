@@ -11,11 +11,12 @@ from typing import Any
 import asyncpg
 import orjson
 
+from harness.clients import Dash, Phone, acked, now_ms, scan, until_frame
+from harness.http import consign, http, pkg_path
+from harness.instances import Instance
+from harness.tokens import token
+from harness.wait import eventually
 from tracker.custody.chain import GENESIS, Consignment, Content, Record, extend, head_tag, verify
-
-from .client import Dash, Phone, now_ms, scan
-from .conftest import Instance, token
-from .package_helpers import acked, consign, eventually, http, pkg_path, until_frame
 
 KEY = b"k" * 32
 ORG, PKG = "acme", "PKG-1"

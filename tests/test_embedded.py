@@ -5,55 +5,54 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
-import orjson
-
-from .client import Phone, pos
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from harness.clients import Phone, pos
+from harness.http import wait_ready
+from harness.ports import free_port
 
 
 def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKER_") and k not in ("DATABASE_URL",
-                                                                                                "REDIS_URL")}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("TRACKER_") and k not in ("DATABASE_URL", "REDIS_URL")
+    }
     env["PYTHONWARNINGS"] = "ignore"
     return env
-
-
-async def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 90) -> dict[str, object]:
-    async with asyncio.timeout(timeout):
-        while True:
-            assert proc.poll() is None, "tracker serve exited during start"
-            try:
-                body = await asyncio.to_thread(
-                    lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).read())
-                ready: dict[str, object] = orjson.loads(body)
-                if ready["ready"]:
-                    return ready
-            except OSError:
-                pass
-            await asyncio.sleep(0.2)
 
 
 async def test_serve_without_configuration_accepts_a_driver(tmp_path: Path) -> None:
     port, data = free_port(), tmp_path / "data"
     log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "tracker", "serve", "--port", str(port), "--data-dir", str(data)],
-                            env=clean_env(), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tracker", "serve", "--port", str(port), "--data-dir", str(data)],
+        env=clean_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
-        await wait_ready(port, proc)
-        minted = subprocess.run([sys.executable, "-m", "tracker", "token", "--role", "driver", "--sub", "d-1",
-                                 "--org", "acme", "--data-dir", str(data)], env=clean_env(), capture_output=True,
-                                check=True, text=True)
+        await wait_ready(port, proc=proc, timeout=90, interval=0.2)
+        minted = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tracker",
+                "token",
+                "--role",
+                "driver",
+                "--sub",
+                "d-1",
+                "--org",
+                "acme",
+                "--data-dir",
+                str(data),
+            ],
+            env=clean_env(),
+            capture_output=True,
+            check=True,
+            text=True,
+        )
         phone = await Phone.connect(f"ws://127.0.0.1:{port}", minted.stdout.strip())
         await phone.send(pos(phone.welcome["last_seq"] + 1))
         await phone.until(lambda p: len(p.acked) == 1)
@@ -74,7 +73,8 @@ async def test_serve_without_configuration_accepts_a_driver(tmp_path: Path) -> N
 
 
 def test_help_explains_itself() -> None:
-    out = subprocess.run([sys.executable, "-m", "tracker", "--help"], capture_output=True, text=True, check=True,
-                         env=clean_env()).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "tracker", "--help"], capture_output=True, text=True, check=True, env=clean_env()
+    ).stdout
     for word in ("serve", "token", "migrate", "DATABASE_URL", "REDIS_URL", "TRACKER_JWT_SECRET"):
         assert word in out

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import pytest
 
+from harness.instances import Spawn
+from harness.tokens import SECRET
 from tracker.sim.run import SimOptions, simulate
-
-from .conftest import SECRET
-from .faultkit import Spawn, spawn  # noqa: F401
 
 
 @pytest.mark.parametrize(
     ("drivers", "duration"), [(300, 30.0), pytest.param(2000, 180.0, marks=pytest.mark.slow)], ids=["short", "long"]
 )
 async def test_flaky_links_lose_nothing_and_store_nothing_twice(
-    spawn: Spawn,  # noqa: F811
+    spawn: Spawn,
     database_url: str,
     redis_url: str,
     drivers: int,

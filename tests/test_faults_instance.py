@@ -1,7 +1,7 @@
 """Faults of a tracker instance: SIGKILL under load, and SIGTERM (a rolling deploy).
 
 Instances run as `python -m tracker serve` subprocesses so that they can be killed for real; the
-phones (tests/faultkit.Driver) reconnect elsewhere and resend what was not acknowledged.
+phones (harness.fleet.Driver) reconnect elsewhere and resend what was not acknowledged.
 """
 
 from __future__ import annotations
@@ -11,23 +11,18 @@ import signal
 import time
 from typing import Any
 
-from .conftest import SECRET
-from .faultkit import (
-    Fleet,
-    PgCluster,
-    Spawn,
-    check_stored,
-    pg_cluster,  # noqa: F401 - a fixture
-    private_pg,  # noqa: F401 - a fixture
-    spawn,  # noqa: F401 - a fixture
-    wait_until,
-)
+from harness.fleet import Fleet
+from harness.instances import Spawn
+from harness.loss import check_stored
+from harness.servers import PgCluster
+from harness.tokens import SECRET
+from harness.wait import wait_until
 
 GRACE_S = 4.0
 
 
 async def test_sigkill_under_load_drivers_reconnect_elsewhere_nothing_lost(
-    spawn: Spawn,  # noqa: F811
+    spawn: Spawn,
     org: str,
     database_url: str,
     redis_url: str,
@@ -53,7 +48,7 @@ async def test_sigkill_under_load_drivers_reconnect_elsewhere_nothing_lost(
 
 
 async def test_sigterm_commits_acks_and_closes_1012_within_grace(
-    spawn: Spawn,  # noqa: F811
+    spawn: Spawn,
     org: str,
     database_url: str,
     redis_url: str,
@@ -83,10 +78,10 @@ async def test_sigterm_commits_acks_and_closes_1012_within_grace(
 
 
 async def test_sigterm_finishes_within_grace_even_when_postgres_is_down(
-    spawn: Spawn,  # noqa: F811
+    spawn: Spawn,
     org: str,
-    pg_cluster: PgCluster,  # noqa: F811
-    private_pg: str,  # noqa: F811
+    pg_cluster: PgCluster,
+    private_pg: str,
     redis_url: str,
 ) -> None:
     env: dict[str, Any] = {"TRACKER_SHUTDOWN_GRACE_S": str(GRACE_S)}

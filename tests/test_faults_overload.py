@@ -18,12 +18,15 @@ import psutil
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from harness.clients import Phone, now_ms, pos
+from harness.fleet import Fleet
+from harness.flood import Flood
+from harness.http import http_get
+from harness.instances import Spawn, TrackerProc
+from harness.tokens import SECRET, token
+from harness.wait import wait_until
 from tracker.protocol.wscodec import OP_TEXT, encode_frame
 from tracker.protocol.wscodec import FrameCollector as FrameDecoder
-
-from .client import Phone, now_ms, pos
-from .conftest import SECRET, token
-from .faultkit import Fleet, Flood, Spawn, TrackerProc, http_get, spawn, wait_until  # noqa: F401
 
 BIG = 10 * 1024 * 1024
 
@@ -39,7 +42,7 @@ async def _alive(inst: TrackerProc) -> None:
 
 
 async def test_flood_of_idle_sockets_is_shed_and_drivers_are_unaffected(
-    spawn: Spawn,  # noqa: F811
+    spawn: Spawn,
     org: str,
     database_url: str,
     redis_url: str,
@@ -72,7 +75,7 @@ async def test_flood_of_idle_sockets_is_shed_and_drivers_are_unaffected(
 
 
 async def test_driver_sending_1000_events_per_second_is_rate_limited(
-    spawn: Spawn,  # noqa: F811
+    spawn: Spawn,
     org: str,
     database_url: str,
     redis_url: str,
@@ -115,7 +118,7 @@ async def _close_code(ws: object) -> int | None:
 
 
 async def test_10mb_frame_and_compressed_frame_without_deflate(
-    spawn: Spawn,  # noqa: F811
+    spawn: Spawn,
     org: str,
     database_url: str,
     redis_url: str,
@@ -165,7 +168,7 @@ def _deflate(data: bytes) -> bytes:
 
 
 async def test_compression_bomb_with_deflate_enabled(
-    spawn: Spawn,  # noqa: F811
+    spawn: Spawn,
     org: str,
     database_url: str,
     redis_url: str,
@@ -193,7 +196,7 @@ async def test_compression_bomb_with_deflate_enabled(
 
 
 async def test_connection_cap_closes_1013(
-    spawn: Spawn,  # noqa: F811
+    spawn: Spawn,
     org: str,
     database_url: str,
     redis_url: str,

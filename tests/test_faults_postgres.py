@@ -2,7 +2,7 @@
 
 Nothing is acknowledged while PostgreSQL is down; the writer's buffer is bounded and what does not
 fit is answered `unavailable` with `retry_ms`; the map does not freeze; after recovery every event
-is stored exactly once. The tests run against a private cluster (tests/faultkit.py) they may kill.
+is stored exactly once. The tests run against a private cluster (harness.servers.PgCluster) they may kill.
 """
 
 from __future__ import annotations
@@ -15,17 +15,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from .client import Phone, pos
-from .conftest import SECRET, token
-from .faultkit import (
-    Fleet,
-    PgCluster,
-    Watcher,
-    check_stored,
-    pg_cluster,  # noqa: F401 - a fixture
-    private_pg,  # noqa: F401 - a fixture
-    wait_until,
-)
+from harness.clients import Dash, Phone, pos
+from harness.fleet import Fleet
+from harness.loss import check_stored
+from harness.servers import PgCluster
+from harness.tokens import SECRET, token
+from harness.wait import wait_until
 
 BUFFER_MAX = 300
 
@@ -40,13 +35,13 @@ async def _sample_peak(get: Any, peak: list[int]) -> None:
 async def test_postgres_killed_mid_batch_then_down(
     start_instance: Any,
     org: str,
-    pg_cluster: PgCluster,  # noqa: F811
-    private_pg: str,  # noqa: F811
+    pg_cluster: PgCluster,
+    private_pg: str,
     outage_s: float,
 ) -> None:
     inst = await start_instance(database_url=private_pg, writer_buffer_max=BUFFER_MAX, answer_deadline_s=3.0)
     writer = inst.node.writer
-    watcher = await Watcher(inst.url, token("dispatcher", "u-1", org)).start()
+    watcher = await Dash(inst.url, token("dispatcher", "u-1", org)).start()
     peak = [0]
     sampler = asyncio.create_task(_sample_peak(lambda: writer.buffered, peak))
     # 500 events/s; 100/s over the long outage, whose backlog the phones resend every retry_ms.
@@ -91,7 +86,7 @@ async def test_postgres_killed_mid_batch_then_down(
 async def test_primary_turning_read_only_drops_its_connections_and_reconnects(
     start_instance: Any,
     org: str,
-    private_pg: str,  # noqa: F811
+    private_pg: str,
 ) -> None:
     inst = await start_instance(database_url=private_pg)
     admin = await asyncpg.connect(private_pg)

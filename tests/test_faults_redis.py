@@ -10,24 +10,19 @@ import asyncio
 import time
 from typing import Any
 
-from .client import Phone, pos
-from .conftest import SECRET, token
-from .faultkit import (
-    Fleet,
-    Proxy,
-    RedisServer,
-    Watcher,
-    check_stored,
-    is_ready,
-    private_redis,  # noqa: F401 - a fixture
-    ready,
-    wait_until,
-)
+from harness.clients import Dash, Phone, pos
+from harness.fleet import Fleet
+from harness.http import is_ready, ready
+from harness.loss import check_stored
+from harness.proxy import Proxy
+from harness.servers import RedisServer
+from harness.tokens import SECRET, token
+from harness.wait import wait_until
 
 OUTAGE_S = 10.0
 
 
-def _status_after(watcher: Watcher, since: float, live: bool) -> float | None:
+def _status_after(watcher: Dash, since: float, live: bool) -> float | None:
     for t, value in watcher.statuses:
         if t >= since and value is live:
             return t
@@ -38,10 +33,10 @@ async def test_redis_down_10s_ingest_goes_on_live_pauses_and_heals(
     start_instance: Any,
     org: str,
     database_url: str,
-    private_redis: RedisServer,  # noqa: F811
+    private_redis: RedisServer,
 ) -> None:
     inst = await start_instance(redis_url=private_redis.url, presence_refresh_s=0.5)
-    watcher = await Watcher(inst.url, token("dispatcher", "u-1", org)).start()
+    watcher = await Dash(inst.url, token("dispatcher", "u-1", org)).start()
     quiet = await Phone.connect(inst.url, token("driver", "q-1", org, name="Quiet"))
     try:
         async with Fleet([inst.url], SECRET, org, 5, interval=0.05) as fleet:
@@ -87,13 +82,13 @@ async def test_redis_down_10s_ingest_goes_on_live_pauses_and_heals(
 async def test_deaf_subscriber_is_detected_and_replaced(
     start_instance: Any,
     org: str,
-    private_redis: RedisServer,  # noqa: F811
+    private_redis: RedisServer,
 ) -> None:
     proxy = await Proxy(private_redis.port).start()
-    watcher: Watcher | None = None
+    watcher: Dash | None = None
     try:
         inst = await start_instance(redis_url=f"redis://127.0.0.1:{proxy.port}/0")
-        watcher = await Watcher(inst.url, token("dispatcher", "u-1", org)).start()
+        watcher = await Dash(inst.url, token("dispatcher", "u-1", org)).start()
         async with Fleet([inst.url], SECRET, org, 2, interval=0.05) as fleet:
             await wait_until(lambda: len(watcher.positions) == 2, 10, "live positions")
             # The subscriber's connection stays up, PING-able at the TCP level, but nothing reaches it.
@@ -113,13 +108,13 @@ async def test_deaf_subscriber_is_detected_and_replaced(
         await proxy.close()
 
 
-async def test_redis_connection_reset_heals(start_instance: Any, org: str, private_redis: RedisServer) -> None:  # noqa: F811
+async def test_redis_connection_reset_heals(start_instance: Any, org: str, private_redis: RedisServer) -> None:
     """Every Redis connection reset at once (a load balancer or NAT dropping them)."""
     proxy = await Proxy(private_redis.port).start()
-    watcher: Watcher | None = None
+    watcher: Dash | None = None
     try:
         inst = await start_instance(redis_url=f"redis://127.0.0.1:{proxy.port}/0")
-        watcher = await Watcher(inst.url, token("dispatcher", "u-1", org)).start()
+        watcher = await Dash(inst.url, token("dispatcher", "u-1", org)).start()
         async with Fleet([inst.url], SECRET, org, 2, interval=0.05) as fleet:
             await wait_until(lambda: len(watcher.positions) == 2, 10, "live positions")
             proxy.reset()
@@ -135,7 +130,7 @@ async def test_redis_connection_reset_heals(start_instance: Any, org: str, priva
         await proxy.close()
 
 
-async def test_restarted_redis_server_is_a_new_process(private_redis: RedisServer) -> None:  # noqa: F811
+async def test_restarted_redis_server_is_a_new_process(private_redis: RedisServer) -> None:
     """The kit itself: a kill really loses Redis' state (otherwise the test above proves nothing)."""
     other = RedisServer(private_redis.port)
     try:
@@ -155,14 +150,14 @@ async def test_restarted_redis_server_is_a_new_process(private_redis: RedisServe
         other.close()
 
 
-async def test_redis_partition_cut_and_restored(start_instance: Any, org: str, private_redis: RedisServer) -> None:  # noqa: F811
+async def test_redis_partition_cut_and_restored(start_instance: Any, org: str, private_redis: RedisServer) -> None:
     """The network to Redis cut (connections reset, new ones refused) while Redis itself keeps its
     state: acks go on, the live feed pauses, and comes back by itself once the network does."""
     proxy = await Proxy(private_redis.port).start()
-    watcher: Watcher | None = None
+    watcher: Dash | None = None
     try:
         inst = await start_instance(redis_url=f"redis://127.0.0.1:{proxy.port}/0")
-        watcher = await Watcher(inst.url, token("dispatcher", "u-1", org)).start()
+        watcher = await Dash(inst.url, token("dispatcher", "u-1", org)).start()
         async with Fleet([inst.url], SECRET, org, 3, interval=0.05) as fleet:
             await wait_until(lambda: len(watcher.positions) == 3, 10, "live positions")
             proxy.cut()

@@ -16,8 +16,11 @@ from typing import Any
 import orjson
 from websockets.asyncio.client import connect
 
-from .conftest import SECRET, token
-from .faultkit import Fleet, Proxy, Watcher, wait_until
+from harness.clients import Dash
+from harness.fleet import Fleet
+from harness.proxy import Proxy
+from harness.tokens import SECRET, token
+from harness.wait import wait_until
 
 BACKLOG = 50
 DRIVERS = 20
@@ -31,9 +34,9 @@ async def test_1kbps_and_never_reading_dashboards_are_capped_and_others_unaffect
     start_instance: Any, org: str
 ) -> None:
     inst = await start_instance(dashboard_backlog=BACKLOG, dashboard_queue_max=300)
-    fast = await Watcher(inst.url, token("dispatcher", "fast", org)).start()
+    fast = await Dash(inst.url, token("dispatcher", "fast", org)).start()
     proxy = await Proxy(inst.port, buffer=4096).start()
-    slow = await Watcher(f"ws://127.0.0.1:{proxy.port}", token("dispatcher", "slow", org)).start()
+    slow = await Dash(f"ws://127.0.0.1:{proxy.port}", token("dispatcher", "slow", org)).start()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", inst.port))

@@ -27,15 +27,17 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tracker.protocol.subscribe import parse_subscribe
+from harness.clients import Dash, Phone, now_ms, pos
+from harness.http import request
+from harness.instances import Instance
+from harness.tokens import token
 from tracker.protocol.events import Position, Refusal, Scan
 from tracker.protocol.frames import ProtocolError
+from tracker.protocol.subscribe import parse_subscribe
 
-from .client import Dash, Phone, now_ms, pos
-from .conftest import Instance, token
 from .schema_check import assert_frame_valid
 from .test_fuzz_frames import NASTY, decode_and_check, mutated, schema_frames, wire_bytes
-from .test_security_http import assert_json_error, request
+from .test_security_http import assert_json_error
 
 NETWORK = settings(
     max_examples=40,

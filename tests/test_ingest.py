@@ -9,8 +9,9 @@ import asyncpg
 import orjson
 import pytest
 
-from .client import Phone, now_ms, pos, scan
-from .conftest import Instance, token
+from harness.clients import Phone, now_ms, pos, scan
+from harness.instances import Instance
+from harness.tokens import token
 
 
 async def stored_seqs(db: asyncpg.Connection, org: str, driver: str) -> set[int]:
@@ -160,7 +161,7 @@ async def test_protocol_violation_closes_1008(instance: Instance, org: str, payl
 async def test_frame_before_hello_closes_1008(instance: Instance, org: str) -> None:
     from websockets.asyncio.client import connect
 
-    from .client import Peer
+    from harness.clients import Peer
 
     peer = Peer(await connect(instance.url + "/v1/driver"))
     await peer.send(pos(1))
@@ -214,7 +215,7 @@ async def test_refresh_token(instance: Instance, org: str) -> None:
 async def test_token_in_authorization_header(instance: Instance, org: str) -> None:
     from websockets.asyncio.client import connect
 
-    from .client import Peer
+    from harness.clients import Peer
 
     peer = Peer(
         await connect(

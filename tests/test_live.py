@@ -8,8 +8,9 @@ from typing import Any
 import asyncpg
 from websockets.asyncio.client import connect
 
-from .client import Dash, Peer, Phone, now_ms, pos, scan
-from .conftest import Instance, token
+from harness.clients import Dash, Peer, Phone, now_ms, pos, scan
+from harness.instances import Instance
+from harness.tokens import token
 
 
 async def test_dashboard_on_b_receives_in_order_what_a_driver_sends_to_a(start_instance: Any, org: str) -> None:

@@ -6,9 +6,12 @@ from typing import Any
 
 import asyncpg
 
-from .client import Dash, Phone, now_ms, pos, scan
-from .conftest import Instance, token
-from .package_helpers import DEST, acked, consign, eventually, frames_of, http, pkg_path, until_frame
+from harness.clients import Dash, Phone, acked, frames_of, now_ms, pos, scan, until_frame
+from harness.http import DEST, consign, http, pkg_path
+from harness.instances import Instance
+from harness.tokens import token
+from harness.wait import eventually
+
 from .schema_check import assert_frame_valid
 
 

@@ -4,16 +4,12 @@ a stale offline from an old connection never hides a newer one."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
-from .client import Dash, Phone, pos
-from .conftest import SECRET, token
-from .test_embedded import free_port, wait_ready
+from harness.clients import Dash, Phone, pos
+from harness.instances import Spawn
+from harness.tokens import token
 
 
 async def test_replaced_connection_does_not_set_driver_offline(start_instance: Any, org: str) -> None:
@@ -34,36 +30,25 @@ async def test_replaced_connection_does_not_set_driver_offline(start_instance: A
     assert [f["online"] for f in frames if f["type"] == "presence"] == [False]
 
 
-async def test_killed_instance_leaves_no_driver_online(start_instance: Any, org: str, database_url: str,
-                                                       redis_url: str, tmp_path: Path) -> None:
+async def test_killed_instance_leaves_no_driver_online(
+    start_instance: Any, spawn: Spawn, org: str, database_url: str, redis_url: str
+) -> None:
     survivor = await start_instance(presence_refresh_s=0.5)
     dash = await Dash.connect(survivor.url, token("dispatcher", "u", org), subscribe={})
-    port = free_port()
-    env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url, "TRACKER_JWT_SECRET": SECRET,
-           "TRACKER_PRESENCE_TTL_S": "3", "TRACKER_PRESENCE_REFRESH_S": "1", "PYTHONWARNINGS": "ignore",
-           "TRACKER_LOG_LEVEL": "warning"}
-    log = (tmp_path / "victim.log").open("wb")
-    victim = subprocess.Popen([sys.executable, "-m", "tracker", "serve", "--port", str(port), "--data-dir",
-                               str(tmp_path)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        await wait_ready(port, victim)
-        phone = await Phone.connect(f"ws://127.0.0.1:{port}", token("driver", "d-9", org))
-        await phone.send(pos(1))
-        await phone.until(lambda p: p.acked == {1})
-        online = await dash.collect(lambda fs: any(f["type"] == "presence" and f["online"] for f in fs))
-        assert online
-        victim.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(victim.wait, 10)
-        loop = asyncio.get_running_loop()
-        killed_at = loop.time()
-        frames = await dash.collect(lambda fs: any(f["type"] == "presence" and not f["online"] for f in fs),
-                                    timeout=30)
-        assert [f["driver"] for f in frames if f["type"] == "presence"] == ["d-9"]
-        assert loop.time() - killed_at < 30  # PROTOCOL.md: no driver left online for longer than 30 s
-        snap = await dash.subscribe({})
-        assert [(d["driver"], d["online"]) for d in snap["drivers"]] == [("d-9", False)]
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait()
-        log.close()
+    victim = await spawn(
+        database_url, redis_url, TRACKER_PRESENCE_TTL_S="3", TRACKER_PRESENCE_REFRESH_S="1", PYTHONWARNINGS="ignore"
+    )
+    phone = await Phone.connect(victim.url, token("driver", "d-9", org))
+    await phone.send(pos(1))
+    await phone.until(lambda p: p.acked == {1})
+    online = await dash.collect(lambda fs: any(f["type"] == "presence" and f["online"] for f in fs))
+    assert online
+    victim.signal(signal.SIGKILL)
+    await victim.exited(10)
+    loop = asyncio.get_running_loop()
+    killed_at = loop.time()
+    frames = await dash.collect(lambda fs: any(f["type"] == "presence" and not f["online"] for f in fs), timeout=30)
+    assert [f["driver"] for f in frames if f["type"] == "presence"] == ["d-9"]
+    assert loop.time() - killed_at < 30  # PROTOCOL.md: no driver left online for longer than 30 s
+    snap = await dash.subscribe({})
+    assert [(d["driver"], d["online"]) for d in snap["drivers"]] == [("d-9", False)]

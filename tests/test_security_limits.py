@@ -4,7 +4,6 @@ instance and per user, subscription size and rate (SECURITY.md, "Limits")."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -12,19 +11,11 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from harness.clients import Dash, Peer, Phone, now_ms, pos
+from harness.instances import Instance
+from harness.tokens import token
+from harness.wait import wait_until
 from tracker.transport.admission import Admission
-
-from .client import Dash, Peer, Phone, now_ms, pos
-from .conftest import Instance, token
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait until `predicate()` holds (server-side state), or fail after `timeout`."""
-    async with asyncio.timeout(timeout):
-        while True:
-            if predicate():
-                return
-            await asyncio.sleep(0.01)  # server-side state has no event to wait on; polled under the deadline
 
 
 def admission(inst: Instance) -> Admission:
@@ -106,14 +97,14 @@ async def test_oversized_frame_on_a_dashboard_closes_1009(instance: Instance, or
 async def test_sockets_waiting_for_hello_are_capped_1013(start_instance: Any, org: str) -> None:
     inst = await start_instance(max_pending=2)
     idle = [Peer(await connect(inst.url + path)) for path in ("/v1/driver", "/v1/live")]
-    await eventually(lambda: admission(inst).pending == 2)
+    await wait_until(lambda: admission(inst).pending == 2, 5, "two sockets waiting for hello", interval=0.01)
     for path in ("/v1/driver", "/v1/live"):
         third = Peer(await connect(inst.url + path))
         assert await close_of(third) == (1013, "too many connections waiting for hello")
     # Once one of them says hello, there is room again.
     await idle[0].send({"type": "hello", "token": token("driver", "d-1", org)})
     assert (await idle[0].recv())["type"] == "welcome"
-    await eventually(lambda: admission(inst).pending == 1)
+    await wait_until(lambda: admission(inst).pending == 1, 5, "one socket waiting for hello", interval=0.01)
     phone = await Phone.connect(inst.url, token("driver", "d-2", org))
     assert phone.welcome["driver"] == "d-2"
 
@@ -131,7 +122,7 @@ async def test_dashboards_per_user_are_capped_1013(start_instance: Any, org: str
     await Dash.connect(inst.url, token("client", "u-2", org, client="c-1"))
     # Closing one frees its place.
     await first.close()
-    await eventually(lambda: admission(inst).per_user[(org, "u-1")] == 1)
+    await wait_until(lambda: admission(inst).per_user[(org, "u-1")] == 1, 5, "one dashboard of u-1", interval=0.01)
     again = await Dash.connect(inst.url, mine, subscribe={})
     assert again.snapshot == {"drivers": [], "packages": [], "alerts": []}
 

@@ -13,8 +13,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from .client import Peer
-from .conftest import Instance, token
+from harness.clients import Peer
+from harness.instances import Instance
+from harness.tokens import token
 
 
 async def live_hello(inst: Instance, org: str, origin: str | None) -> dict[str, Any]:

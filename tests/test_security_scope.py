@@ -8,9 +8,10 @@ from typing import Any
 
 import asyncpg
 
-from .client import Dash, Phone, now_ms, pos, scan
-from .conftest import Instance, token
-from .package_helpers import acked, consign, frames_of, http, pkg_path, until_frame
+from harness.clients import Dash, Peer, Phone, acked, frames_of, now_ms, pos, scan, until_frame
+from harness.http import consign, http, pkg_path
+from harness.instances import Instance
+from harness.tokens import token
 
 # Fields an attacker could hope the server reads from an event instead of from the token.
 SPOOF = {
@@ -63,7 +64,7 @@ async def test_hello_fields_cannot_choose_the_identity(instance: Instance, org: 
     await phone.send({"type": "hello", "token": token("driver", "d-1", org), **SPOOF})
     welcome = await phone.recv()
     assert welcome["type"] == "welcome" and welcome["driver"] == "d-1"
-    dash = Dash(await _raw(instance, "/v1/live"))
+    dash = Peer(await _raw(instance, "/v1/live"))  # a bare socket: the test writes its own hello
     await dash.send({"type": "hello", "token": token("client", "u-1", org, client="c-1"), **SPOOF})
     assert await dash.recv() == {"type": "welcome", "role": "client", "org": org, "client": "c-1"}
 

@@ -17,11 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 
+from harness.clients import Dash, Peer, Phone, pos
+from harness.instances import Instance
+from harness.tokens import SECRET, token
 from tracker.auth import ID_MAX, ROLES, AuthError, Principal, TokenVerifier
 from tracker.config import ConfigError, Settings
-
-from .client import Dash, Peer, Phone, pos
-from .conftest import SECRET, Instance, token
 
 
 def b64(data: bytes) -> str:

@@ -14,7 +14,7 @@ import asyncio
 import re
 from pathlib import Path
 
-from .conftest import Instance
+from harness.instances import Instance
 
 STATIC = Path(__file__).resolve().parents[1] / "tracker" / "static"
 MAX_LINES = 500

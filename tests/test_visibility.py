@@ -21,9 +21,12 @@ from typing import Any
 import orjson
 import pytest
 
-from .client import Dash, Phone, now_ms, pos, scan
-from .conftest import Instance, token
-from .package_helpers import acked, consign, eventually, http, pkg_path
+from harness.clients import Dash, Phone, acked, now_ms, pos, scan
+from harness.http import consign, http, pkg_path
+from harness.instances import Instance
+from harness.tokens import token
+from harness.wait import eventually
+
 from .schema_check import assert_frame_valid
 
 CLIENTS = ("c1", "c2")

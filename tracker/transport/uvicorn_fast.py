@@ -24,10 +24,18 @@ from typing import Any, Final
 
 from websockets.frames import Frame, Opcode
 
-try:
-    from websockets.speedups import apply_mask
-except ImportError:  # pragma: no cover - the pure-Python fallback of python-websockets
-    from websockets.utils import apply_mask
+from ..protocol.wscodec import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameParser,
+    WsProtocolError,
+    close_body,
+    encode_frame,
+    parse_close,
+)
 
 # Verified on uvicorn 0.54.0 (pyproject.toml pins the same range): the attributes below are read
 # and written by this module. Outside the range, the portable path is used.
@@ -147,9 +155,7 @@ class FrameReader(asyncio.Protocol):
         self.proto = proto
         self.max_size = max_size
         self.on_frame: OnFrame = self._to_queue
-        self.rest = b""
-        self.parts: list[bytes] = []
-        self.parts_size = 0
+        self.parser = FrameParser(self._frame, max_size=max_size, masked=True)
         self.closed = False
 
     # -- the transport's callbacks: data is ours, the rest stays with uvicorn -------------------
@@ -169,69 +175,23 @@ class FrameReader(asyncio.Protocol):
         return result
 
     def data_received(self, data: bytes) -> None:
-        if self.rest:
-            data = self.rest + data
-            self.rest = b""
-        pos, n = 0, len(data)
-        while n - pos >= 2 and not self.closed:
-            b0, b1 = data[pos], data[pos + 1]
-            length = b1 & 0x7F
-            head = pos + 2
-            if length == 126:
-                if n - head < 2:
-                    break
-                length = int.from_bytes(data[head : head + 2], "big")
-                head += 2
-            elif length == 127:
-                if n - head < 8:
-                    break
-                length = int.from_bytes(data[head : head + 8], "big")
-                head += 8
-            if not b1 & 0x80 or b0 & 0x70:
-                self.fail(1002, "frames from a client must be masked, without extensions")
-                return
-            if length > self.max_size:
-                self.fail(1009, "frame too large")
-                return
-            end = head + 4 + length
-            if end > n:
-                break
-            payload = apply_mask(data[head + 4 : end], data[head : head + 4])
-            pos = end
-            self._frame(b0 & 0x0F, bool(b0 & 0x80), payload)
-        if pos < n and not self.closed:
-            self.rest = data[pos:]
+        try:
+            self.parser.feed(data)
+        except WsProtocolError as exc:
+            self.fail(exc.code, exc.reason)
 
     # -- frames ---------------------------------------------------------------------------------
 
     def _frame(self, opcode: int, fin: bool, payload: bytes) -> None:
-        if opcode in (1, 2):
-            if self.parts:
-                self.fail(1002, "a new message began inside a fragmented one")
-            elif fin:
-                self.on_frame(payload)
-            else:
-                self.parts, self.parts_size = [payload], len(payload)
-        elif opcode == 0:
-            if not self.parts:
-                self.fail(1002, "continuation without a message")
-                return
-            self.parts.append(payload)
-            self.parts_size += len(payload)
-            if self.parts_size > self.max_size:
-                self.fail(1009, "message too large")
-            elif fin:
-                message, self.parts = b"".join(self.parts), []
-                self.on_frame(message)
-        elif opcode == 9:
-            if len(payload) <= 125:
-                self.proto.transport.write(bytes((0x8A, len(payload))) + payload)
-        elif opcode == 10:
+        """One whole message or control frame from the codec (fragments arrive assembled)."""
+        if opcode == OP_TEXT or opcode == OP_BINARY:
+            self.on_frame(payload)
+        elif opcode == OP_PING:
+            self.proto.transport.write(encode_frame(OP_PONG, payload))
+        elif opcode == OP_PONG:
             self.proto.handle_pong(Frame(Opcode.PONG, payload))
-        elif opcode == 8:
+        elif opcode == OP_CLOSE:
             self._close_received(payload)
-        else:
-            self.fail(1002, "unknown opcode")
 
     def _close_received(self, payload: bytes) -> None:
         proto = self.proto
@@ -242,11 +202,9 @@ class FrameReader(asyncio.Protocol):
                 proto.close_timer = None
             proto.transport.close()
             return
-        code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-        reason = payload[2:].decode("utf-8", "replace")
+        code, reason = parse_close(payload)
         proto.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
-        echo = payload[:2]
-        proto.transport.write(bytes((0x88, len(echo))) + echo)
+        proto.transport.write(encode_frame(OP_CLOSE, payload[:2]))
         proto.close_sent = True
         proto.transport.close()
 
@@ -254,9 +212,9 @@ class FrameReader(asyncio.Protocol):
         """Close for a protocol violation: a close frame with `code`, then the connection."""
         proto = self.proto
         self.closed = True
+        self.parser.stop()
         if not proto.close_sent:
-            body = code.to_bytes(2, "big") + reason.encode()[:100]
-            proto.transport.write(bytes((0x88, len(body))) + body)
+            proto.transport.write(encode_frame(OP_CLOSE, close_body(code, reason)))
             proto.close_sent = True
             proto.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
         proto.transport.close()

@@ -22,7 +22,7 @@ from typing import Any
 
 import asyncpg
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # harness/, until pyproject installs it
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # repo root: harness/ (not in the wheel)
 
 import common
 from common import CpuMeter, log

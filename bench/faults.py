@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # harness/, until pyproject installs it
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # repo root: harness/ (not in the wheel)
 
 from harness.clients import Dash as Watcher  # the recording dashboard: Dash(url, token).start()
 from harness.fleet import Fleet

@@ -15,13 +15,12 @@ from typing import Any
 import orjson
 import pytest
 
+from harness.fakes import FakeChannel, next_iteration, until
 from tracker.auth import Principal
 from tracker.hub import Dashboard, Hub
 from tracker.protocol.events import Position, Scan
 from tracker.protocol.live import pos_frame, presence_frame, scan_frame
 from tracker.protocol.subscribe import Filter
-
-from .test_unit_ingest import FakeChannel, next_iteration, until
 
 T0 = 1_750_000_000_000
 

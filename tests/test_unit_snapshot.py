@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from harness.fakes import FakeChannel, next_iteration, until
 from tracker import store
 from tracker.auth import Principal
 from tracker.extension import NoExtension
@@ -23,8 +24,6 @@ from tracker.protocol.live import pos_frame, presence_frame
 from tracker.protocol.subscribe import Filter
 from tracker.snapshot import Snapshots
 from tracker.store import Pending
-
-from .test_unit_ingest import FakeChannel, next_iteration, until
 
 T0 = 1_750_000_000_000
 NO_POSTGRESQL: Any = None

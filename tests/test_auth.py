@@ -55,8 +55,9 @@ def test_verifier_refuses(name: str) -> None:
 
 
 def test_verifier_accepts_and_reads_claims() -> None:
-    p = TokenVerifier(alg="HS256", secret=SECRET).verify(mint_token(SECRET, role="client", sub="u", org="o",
-                                                                   client="clinic-9", name="Ama"))
+    p = TokenVerifier(alg="HS256", secret=SECRET).verify(
+        mint_token(SECRET, role="client", sub="u", org="o", client="clinic-9", name="Ama")
+    )
     assert (p.role, p.sub, p.org, p.client, p.name) == ("client", "u", "o", "clinic-9", "Ama")
     with pytest.raises(AuthError, match="client claim"):
         TokenVerifier(alg="HS256", secret=SECRET).verify(mint_token(SECRET, role="client", sub="u", org="o"))
@@ -64,8 +65,11 @@ def test_verifier_accepts_and_reads_claims() -> None:
 
 def test_rs256_pinned_and_algorithm_confusion_refused() -> None:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                        serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    pem = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
     verifier = TokenVerifier(alg="RS256", public_key=pem)
     assert verifier.verify(jwt.encode(claims(), key, algorithm="RS256")).sub == "d-1"
     # The public key used as an HMAC secret (algorithm confusion) must not pass.

@@ -16,10 +16,22 @@ def test_every_setting_is_documented_in_the_readme() -> None:
 
 
 def test_environment_is_parsed_and_checked() -> None:
-    s = Settings.from_env({"TRACKER_PORT": "9000", "TRACKER_WS_DEFLATE": "yes", "TRACKER_ALLOWED_ORIGINS": "a, b",
-                           "DATABASE_URL": "postgresql://x/y", "TRACKER_RATE_PER_S": "2.5"})
+    s = Settings.from_env(
+        {
+            "TRACKER_PORT": "9000",
+            "TRACKER_WS_DEFLATE": "yes",
+            "TRACKER_ALLOWED_ORIGINS": "a, b",
+            "DATABASE_URL": "postgresql://x/y",
+            "TRACKER_RATE_PER_S": "2.5",
+        }
+    )
     assert (s.port, s.ws_deflate, s.allowed_origins, s.database_url, s.rate_per_s) == (
-        9000, True, ("a", "b"), "postgresql://x/y", 2.5)
+        9000,
+        True,
+        ("a", "b"),
+        "postgresql://x/y",
+        2.5,
+    )
     with pytest.raises(ConfigError, match="TRACKER_PORT"):
         Settings.from_env({"TRACKER_PORT": "eighty"})
     with pytest.raises(ConfigError, match="RS256"):

@@ -43,8 +43,15 @@ class Principal:
 class TokenVerifier:
     """Verifies tokens with the configured, pinned algorithm and key(s)."""
 
-    def __init__(self, *, alg: str, secret: str | None = None, public_key: str | None = None,
-                 leeway_s: float = 30.0, max_ttl_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        alg: str,
+        secret: str | None = None,
+        public_key: str | None = None,
+        leeway_s: float = 30.0,
+        max_ttl_s: float = 0.0,
+    ) -> None:
         self.alg = alg
         self.leeway_s = leeway_s
         self.max_ttl_s = max_ttl_s  # a token issued for longer (exp - iat) is refused; 0: no cap
@@ -73,7 +80,11 @@ class TokenVerifier:
             if key is None:
                 raise AuthError("unknown key id")
             claims = jwt.decode(
-                token, key, algorithms=[self.alg], audience=AUDIENCE, leeway=self.leeway_s,
+                token,
+                key,
+                algorithms=[self.alg],
+                audience=AUDIENCE,
+                leeway=self.leeway_s,
                 options={"require": ["exp", "iat", "aud", "sub", "role", "org"]},
             )
         except jwt.ExpiredSignatureError:
@@ -101,8 +112,7 @@ def _principal(claims: dict[str, Any]) -> Principal:
         if not isinstance(value, str) or not 1 <= len(value) <= ID_MAX or not value.isprintable():
             raise AuthError(f"{name}: must be a string of 1 to {ID_MAX} characters")
     client = claims.get("client")
-    if role == "client" and (not isinstance(client, str) or not 1 <= len(client) <= ID_MAX
-                             or not client.isprintable()):
+    if role == "client" and (not isinstance(client, str) or not 1 <= len(client) <= ID_MAX or not client.isprintable()):
         raise AuthError("a client token needs a client claim")
     display: Any = claims.get("name")
     if not isinstance(display, str) or len(display) > 100 or "\x00" in display:
@@ -110,8 +120,9 @@ def _principal(claims: dict[str, Any]) -> Principal:
     exp = claims.get("exp")
     if not isinstance(exp, int | float):
         raise AuthError("exp must be a number")
-    return Principal(role=role, sub=sub, org=org, exp=int(exp), client=client if role == "client" else None,
-                     name=display)
+    return Principal(
+        role=role, sub=sub, org=org, exp=int(exp), client=client if role == "client" else None, name=display
+    )
 
 
 def _load_public_keys(source: str, alg: str) -> dict[str | None, Any]:
@@ -128,12 +139,28 @@ def _load_public_keys(source: str, alg: str) -> dict[str | None, Any]:
     return {None: algo.prepare_key(text)}
 
 
-def mint_token(secret: str, *, role: str, sub: str, org: str, client: str | None = None, name: str | None = None,
-               ttl_s: float = 3600.0, now: float | None = None, alg: str = "HS256") -> str:
+def mint_token(
+    secret: str,
+    *,
+    role: str,
+    sub: str,
+    org: str,
+    client: str | None = None,
+    name: str | None = None,
+    ttl_s: float = 3600.0,
+    now: float | None = None,
+    alg: str = "HS256",
+) -> str:
     """A token for development and tests (`tracker token`). `secret` may be a private key PEM."""
     issued = int(time.time() if now is None else now)
-    claims: dict[str, Any] = {"sub": sub, "role": role, "org": org, "aud": AUDIENCE, "iat": issued,
-                              "exp": issued + int(ttl_s)}
+    claims: dict[str, Any] = {
+        "sub": sub,
+        "role": role,
+        "org": org,
+        "aud": AUDIENCE,
+        "iat": issued,
+        "exp": issued + int(ttl_s),
+    }
     if client is not None:
         claims["client"] = client
     if name is not None:

@@ -42,7 +42,8 @@ class TickBatcher(Generic[K, V]):
         self._keys, self._futures = [], []
         for start in range(0, len(keys), self._max_batch):
             task = asyncio.get_running_loop().create_task(
-                self._call(keys[start:start + self._max_batch], futures[start:start + self._max_batch]))
+                self._call(keys[start : start + self._max_batch], futures[start : start + self._max_batch])
+            )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 

@@ -121,8 +121,16 @@ class Settings:
             raise ConfigError("TRACKER_JWT_LEEWAY_S must be 0..300 (a small clock skew allowance)")
         if self.jwt_max_ttl_s < 0 or self.handshake_timeout_s <= 0 or self.subscribe_rate_per_s <= 0:
             raise ConfigError("TRACKER_JWT_MAX_TTL_S must be >= 0; handshake timeout and subscribe rate > 0")
-        if min(self.max_pending, self.max_dashboards, self.max_dashboards_per_user, self.subscribe_max_ids,
-               self.subscribe_burst) < 1:
+        if (
+            min(
+                self.max_pending,
+                self.max_dashboards,
+                self.max_dashboards_per_user,
+                self.subscribe_max_ids,
+                self.subscribe_burst,
+            )
+            < 1
+        ):
             raise ConfigError("connection, subscription and burst limits must be at least 1")
 
 

@@ -10,20 +10,35 @@ POSITIONS_RECEIVED = EVENTS_RECEIVED.labels("pos")  # bound once: .labels() cost
 SCANS_RECEIVED = EVENTS_RECEIVED.labels("scan")
 EVENTS_STORED = Counter("tracker_events_stored_total", "Driver events acknowledged after commit")
 EVENTS_REFUSED = Counter("tracker_events_refused_total", "Driver events refused, by error code", ["code"])
-ACK_SECONDS = Histogram("tracker_ack_latency_seconds", "Receipt to ack sent",
-                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-FLUSH_SECONDS = Histogram("tracker_flush_seconds", "One batch write to PostgreSQL, commit included",
-                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5))
-BATCH_SIZE = Histogram("tracker_batch_events", "Events per PostgreSQL batch",
-                       buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000))
-FANOUT_LAG = Histogram("tracker_fanout_lag_seconds", "Publish on the ingesting instance to hub delivery here",
-                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
-FRAMES_CONFLATED = Counter("tracker_positions_conflated_total",
-                           "Position frames replaced by a newer one for a slow dashboard")
+ACK_SECONDS = Histogram(
+    "tracker_ack_latency_seconds",
+    "Receipt to ack sent",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+FLUSH_SECONDS = Histogram(
+    "tracker_flush_seconds",
+    "One batch write to PostgreSQL, commit included",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+)
+BATCH_SIZE = Histogram(
+    "tracker_batch_events", "Events per PostgreSQL batch", buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+)
+FANOUT_LAG = Histogram(
+    "tracker_fanout_lag_seconds",
+    "Publish on the ingesting instance to hub delivery here",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+FRAMES_CONFLATED = Counter(
+    "tracker_positions_conflated_total", "Position frames replaced by a newer one for a slow dashboard"
+)
 DASHBOARDS_DROPPED = Counter("tracker_dashboards_dropped_total", "Dashboards closed as slow consumers")
 LIVE_PUBLISHED = Counter("tracker_live_published_total", "Live frames published to the broker")
 LIVE_FAILED = Counter("tracker_live_publish_failed_total", "Live frames lost because the broker was unavailable")
 WRITER_BUFFERED = Gauge("tracker_writer_buffered_events", "Events waiting for PostgreSQL")
-GC_PAUSE = Histogram("tracker_gc_pause_seconds", "Cyclic garbage collections: how long the event loop stood still",
-                     ["generation"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+GC_PAUSE = Histogram(
+    "tracker_gc_pause_seconds",
+    "Cyclic garbage collections: how long the event loop stood still",
+    ["generation"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
 BROKER_LIVE = Gauge("tracker_broker_live", "1 when the Redis subscriber is proven to receive")

@@ -20,12 +20,20 @@ HEAD_MAX = 65_536  # bytes of request line and headers
 def uvicorn_config(app: Starlette, settings: Settings, **overrides: Any) -> uvicorn.Config:
     """Not uvicorn's defaults: 64 KiB frames, no compression unless configured, keepalive pings."""
     options: dict[str, Any] = dict(
-        host=settings.host, port=settings.port, ws="websockets-sansio", http=head_deadline_protocol(settings),
+        host=settings.host,
+        port=settings.port,
+        ws="websockets-sansio",
+        http=head_deadline_protocol(settings),
         loop="uvloop",
-        ws_max_size=settings.max_frame, ws_per_message_deflate=settings.ws_deflate,
-        ws_ping_interval=settings.ping_interval_s, ws_ping_timeout=settings.ping_timeout_s,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5, log_config=None,
-        log_level=settings.log_level, lifespan="on", backlog=4096,
+        ws_max_size=settings.max_frame,
+        ws_per_message_deflate=settings.ws_deflate,
+        ws_ping_interval=settings.ping_interval_s,
+        ws_ping_timeout=settings.ping_timeout_s,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
+        log_config=None,
+        log_level=settings.log_level,
+        lifespan="on",
+        backlog=4096,
     )
     options.update(overrides)
     from .app import asgi

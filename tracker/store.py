@@ -27,6 +27,7 @@ def load_migrations(folder: Path) -> list[Migration]:
     and the extensions number their migrations from one sequence."""
     return sorted((int(f.name.split("_", 1)[0]), f.read_text()) for f in folder.glob("[0-9]*_*.sql"))
 
+
 SQL_DIR: Final = Path(__file__).parent / "sql"
 MIGRATION_LOCK: Final = 0x7472_6B72  # "trkr": one advisory lock serialises concurrent migrators
 
@@ -112,28 +113,48 @@ async def insert_events(conn: asyncpg.Connection, items: Sequence[Pending]) -> l
     stored = 0
     async with conn.transaction():
         if pos:
-            ev = [it.event for it in pos]
+            ev: list[Position] = [it.event for it in pos]  # type: ignore[misc]
             status = await conn.execute(
-                INSERT_POSITIONS, [it.org for it in pos], [it.driver for it in pos], [e.seq for e in ev],
-                [e.ts for e in ev], [it.received_at for it in pos], [e.lat for e in ev], [e.lon for e in ev],
-                [e.acc for e in ev], [e.spd for e in ev], [e.hdg for e in ev], [e.alt for e in ev],  # type: ignore[union-attr]
-                [e.bat for e in ev],  # type: ignore[union-attr]
+                INSERT_POSITIONS,
+                [it.org for it in pos],
+                [it.driver for it in pos],
+                [e.seq for e in ev],
+                [e.ts for e in ev],
+                [it.received_at for it in pos],
+                [e.lat for e in ev],
+                [e.lon for e in ev],
+                [e.acc for e in ev],
+                [e.spd for e in ev],
+                [e.hdg for e in ev],
+                [e.alt for e in ev],
+                [e.bat for e in ev],
             )
             stored += _inserted(status)
         if scans:
             sv: list[Scan] = [it.event for it in scans]  # type: ignore[misc]
             status = await conn.execute(
-                INSERT_SCANS, [it.org for it in scans], [it.driver for it in scans], [e.seq for e in sv],
-                [e.ts for e in sv], [it.received_at for it in scans], [e.package for e in sv], [e.event for e in sv],
-                [e.lat for e in sv], [e.lon for e in sv], [e.temp_c for e in sv], [e.note for e in sv],
-                [e.recipient for e in sv], [e.pod for e in sv],
+                INSERT_SCANS,
+                [it.org for it in scans],
+                [it.driver for it in scans],
+                [e.seq for e in sv],
+                [e.ts for e in sv],
+                [it.received_at for it in scans],
+                [e.package for e in sv],
+                [e.event for e in sv],
+                [e.lat for e in sv],
+                [e.lon for e in sv],
+                [e.temp_c for e in sv],
+                [e.note for e in sv],
+                [e.recipient for e in sv],
+                [e.pod for e in sv],
             )
             stored += _inserted(status)
         if stored == len(items):
             return [True] * len(items)
         # Some keys were taken already: compare with what is stored under them.
-        rows = await conn.fetch(EXISTING, [it.org for it in items], [it.driver for it in items],
-                                [it.event.seq for it in items])
+        rows = await conn.fetch(
+            EXISTING, [it.org for it in items], [it.driver for it in items], [it.event.seq for it in items]
+        )
     verdict = [True] * len(items)
     for row in rows:
         it = items[row["i"] - 1]
@@ -141,8 +162,9 @@ async def insert_events(conn: asyncpg.Connection, items: Sequence[Pending]) -> l
     return verdict
 
 
-async def drivers_hello(conn: asyncpg.Connection | asyncpg.Pool,
-                        keys: Sequence[tuple[str, str, str | None]]) -> list[int]:
+async def drivers_hello(
+    conn: asyncpg.Connection | asyncpg.Pool, keys: Sequence[tuple[str, str, str | None]]
+) -> list[int]:
     """Record connections of (org, driver, name) in one statement; return each one's highest
     stored seq (0 if none): welcome's `last_seq`. Rows are locked in key order, so two instances
     doing this at once cannot deadlock."""
@@ -160,13 +182,16 @@ async def drivers_hello(conn: asyncpg.Connection | asyncpg.Pool,
                              (SELECT max(seq) FROM scans s WHERE s.org = k.org AND s.driver_id = k.d)) AS last
         FROM k ORDER BY k.i
         """,
-        [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys],
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+        [k[2] for k in keys],
     )
     return [int(row["last"] or 0) for row in rows]
 
 
-async def last_positions(conn: asyncpg.Connection | asyncpg.Pool, org: str,
-                         drivers: Sequence[str] | None = None) -> list[dict[str, Any]]:
+async def last_positions(
+    conn: asyncpg.Connection | asyncpg.Pool, org: str, drivers: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
     """Each driver's latest stored position (by phone ts), with its name: the snapshot's fallback
     when Redis has lost the live state."""
     rows = await conn.fetch(
@@ -179,7 +204,8 @@ async def last_positions(conn: asyncpg.Connection | asyncpg.Pool, org: str,
         ) p
         WHERE d.org = $1 AND ($2::text[] IS NULL OR d.driver_id = ANY($2::text[]))
         """,
-        org, list(drivers) if drivers is not None else None,
+        org,
+        list(drivers) if drivers is not None else None,
     )
     return [dict(row) for row in rows]
 
@@ -189,8 +215,9 @@ async def driver_names(conn: asyncpg.Connection | asyncpg.Pool, org: str) -> dic
     return {row["driver_id"]: row["name"] for row in rows}
 
 
-async def trail(conn: asyncpg.Connection | asyncpg.Pool, org: str, driver: str, start: int, end: int,
-                limit: int) -> list[asyncpg.Record]:
+async def trail(
+    conn: asyncpg.Connection | asyncpg.Pool, org: str, driver: str, start: int, end: int, limit: int
+) -> list[asyncpg.Record]:
     """Stored positions of one driver with start <= ts < end, in ts order, at most `limit` + 1."""
     return await conn.fetch(
         """
@@ -198,13 +225,20 @@ async def trail(conn: asyncpg.Connection | asyncpg.Pool, org: str, driver: str, 
         WHERE org = $1 AND driver_id = $2 AND ts >= $3 AND ts < $4
         ORDER BY ts LIMIT $5
         """,
-        org, driver, start, end, limit + 1,
+        org,
+        driver,
+        start,
+        end,
+        limit + 1,
     )
 
 
 async def count_trail(conn: asyncpg.Connection | asyncpg.Pool, org: str, driver: str, start: int, end: int) -> int:
     value = await conn.fetchval(
         "SELECT count(*) FROM positions WHERE org = $1 AND driver_id = $2 AND ts >= $3 AND ts < $4",
-        org, driver, start, end,
+        org,
+        driver,
+        start,
+        end,
     )
     return int(value)

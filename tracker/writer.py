@@ -30,16 +30,28 @@ from .store import Pending, insert_events
 log = logging.getLogger("tracker.writer")
 
 # Errors that say "this data cannot be stored" rather than "the database is not there".
-DATA_ERRORS: Final = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError,
-                      asyncpg.UntranslatableCharacterError, asyncpg.ProgramLimitExceededError)
+DATA_ERRORS: Final = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.UntranslatableCharacterError,
+    asyncpg.ProgramLimitExceededError,
+)
 
 Outcome = Callable[[list[Pending], list[tuple[Pending, str, str]]], None]
 
 
 class Writer:
-    def __init__(self, pool: asyncpg.Pool, on_done: Outcome, *, flush_interval_ms: int = 20,
-                 flush_max_events: int = 5_000, concurrency: int = 2, buffer_max: int = 200_000,
-                 answer_deadline_s: float = 25.0) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        on_done: Outcome,
+        *,
+        flush_interval_ms: int = 20,
+        flush_max_events: int = 5_000,
+        concurrency: int = 2,
+        buffer_max: int = 200_000,
+        answer_deadline_s: float = 25.0,
+    ) -> None:
         self._pool = pool
         self._on_done = on_done
         self._interval = flush_interval_ms / 1000
@@ -67,7 +79,7 @@ class Writer:
             rejected: list[Pending] = []
         else:
             self._buffer.extend(items[: max(room, 0)])
-            rejected = items[max(room, 0):]
+            rejected = items[max(room, 0) :]
         if self._buffer:
             self._wake.set()
         return rejected
@@ -183,16 +195,22 @@ class Writer:
                 refused.append((it, "conflict", "seq already names a different event"))
         return stored, refused
 
-    async def _store_unique(self, conn: Any, items: list[Pending], stored: list[Pending],
-                            refused: list[tuple[Pending, str, str]]) -> None:
+    async def _store_unique(
+        self, conn: Any, items: list[Pending], stored: list[Pending], refused: list[tuple[Pending, str, str]]
+    ) -> None:
         if not items:
             return
         try:
             verdicts = await insert_events(conn, items)
         except DATA_ERRORS as exc:
             if len(items) == 1:
-                log.warning("refusing an unstorable event of %s/%s seq %d: %s", items[0].org, items[0].driver,
-                            items[0].event.seq, exc)
+                log.warning(
+                    "refusing an unstorable event of %s/%s seq %d: %s",
+                    items[0].org,
+                    items[0].driver,
+                    items[0].event.seq,
+                    exc,
+                )
                 refused.append((items[0], "invalid", "the event cannot be stored"))
                 return
             half = len(items) // 2

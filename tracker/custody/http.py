@@ -30,6 +30,7 @@ from . import state as custody
 from . import store as ps
 from .live import PackageLayer
 from .process import _f32, process
+
 # Client ids end up inside live-frame stamps (JSON arrays matched by substring): no quotes, no escapes.
 CLIENT_ID: Final = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
 BODY_MAX: Final = 16_384

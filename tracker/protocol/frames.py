@@ -53,8 +53,14 @@ def ack(seqs: Iterable[int]) -> bytes:
     return orjson.dumps({"type": "ack", "ranges": seq_ranges(seqs)})
 
 
-def error(code: str, message: str | None = None, *, seq: int | None = None, seqs: Sequence[int] = (),
-          retry_ms: int | None = None) -> bytes:
+def error(
+    code: str,
+    message: str | None = None,
+    *,
+    seq: int | None = None,
+    seqs: Sequence[int] = (),
+    retry_ms: int | None = None,
+) -> bytes:
     """An `error` frame naming one `seq`, or several as `ranges`."""
     frame: dict[str, Any] = {"type": "error", "code": code}
     if seq is not None:

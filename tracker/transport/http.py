@@ -66,6 +66,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 def api(handler: Handler) -> Handler:
     """Map ApiError and storage outages to JSON errors."""
+
     async def wrapped(request: Request) -> Response:
         try:
             return await handler(request)
@@ -77,6 +78,7 @@ def api(handler: Handler) -> Handler:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RedisError) as exc:
             log.warning("%s %s: storage unavailable: %s", request.method, request.url.path, exc)
             return error_response(503, "unavailable", "storage is unavailable; retry later")
+
     wrapped.__name__ = handler.__name__
     return wrapped
 
@@ -125,15 +127,28 @@ async def list_drivers(request: Request) -> Response:
         positions, live_names, online = {}, {}, set()
     if not positions:
         for row in await store.last_positions(node.pool, p.org):
-            positions[row["driver_id"]] = (row["ts"], orjson.dumps({"ts": row["ts"], "lat": row["lat"],
-                                                                     "lon": row["lon"], "spd": row["spd"],
-                                                                     "bat": row["bat"], "seq": row["seq"]}))
+            positions[row["driver_id"]] = (
+                row["ts"],
+                orjson.dumps(
+                    {
+                        "ts": row["ts"],
+                        "lat": row["lat"],
+                        "lon": row["lon"],
+                        "spd": row["spd"],
+                        "bat": row["bat"],
+                        "seq": row["seq"],
+                    }
+                ),
+            )
     out = []
     for driver in sorted(names.keys() | positions.keys()):
         if visible is not None and driver not in visible:
             continue
-        entry: dict[str, Any] = {"driver": driver, "name": names.get(driver) or live_names.get(driver),
-                                 "online": driver in online}
+        entry: dict[str, Any] = {
+            "driver": driver,
+            "name": names.get(driver) or live_names.get(driver),
+            "online": driver in online,
+        }
         if driver in positions:
             last = orjson.loads(positions[driver][1])
             last.pop("type", None)
@@ -191,8 +206,15 @@ async def driver_trail(request: Request) -> Response:
     feature = {
         "type": "Feature",
         "geometry": {"type": "LineString", "coordinates": coords},
-        "properties": {"driver": driver, "from": start, "to": end, "count": len(rows), "downsampled": downsampled,
-                       "ts": [r["ts"] for r in rows], "seq": [r["seq"] for r in rows],
-                       "spd": [r["spd"] for r in rows]},
+        "properties": {
+            "driver": driver,
+            "from": start,
+            "to": end,
+            "count": len(rows),
+            "downsampled": downsampled,
+            "ts": [r["ts"] for r in rows],
+            "seq": [r["seq"] for r in rows],
+            "spd": [r["spd"] for r in rows],
+        },
     }
     return OrjsonResponse(feature, media_type="application/geo+json")

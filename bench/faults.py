@@ -4,10 +4,10 @@ events acknowledged, lost, duplicated, time to recover, peak RSS of the instance
     .venv/bin/python bench/faults.py                       # every scenario, default durations
     .venv/bin/python bench/faults.py redis pg_down --pg-down-s 60 --json bench/results/faults.json
 
-Each scenario starts a private PostgreSQL cluster and redis-server (tests/faultkit.py), so it may
+Each scenario starts a private PostgreSQL cluster and redis-server (harness/servers.py), so it may
 kill them, and fresh tracker subprocesses. "Lost" is an acknowledged (driver, seq) missing from
-PostgreSQL; "duplicated" is a (driver, seq) stored more than once. Phones are tests/faultkit.Driver:
-they keep what is not acknowledged and resend it, as PROTOCOL.md asks of the app.
+PostgreSQL; "duplicated" is a (driver, seq) stored more than once. Phones are harness.fleet.Driver:
+they keep what is not acknowledged and resend it, as docs/PROTOCOL.md asks of the app.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # repo root: harness/ (not in the wheel)
 
-from harness.clients import Dash as Watcher  # the recording dashboard: Dash(url, token).start()
+from harness.clients import Dash  # the recording dashboard: Dash(url, token).start()
 from harness.fleet import Fleet
 from harness.flood import Flood
 from harness.instances import TrackerProc
@@ -111,7 +111,7 @@ async def redis(env: Env) -> Result:
     res = Result("redis", f"Redis killed for {a.redis_down_s:g} s under steady ingest, restarted empty")
     inst = await env.spawn()
     org = new_org()
-    watcher = await Watcher(inst.url, dispatcher(org)).start()
+    watcher = await Dash(inst.url, dispatcher(org)).start()
     try:
         async with Fleet([inst.url], SECRET, org, a.drivers, interval=a.interval) as fleet:
             await warm(fleet, a.warm_s)
@@ -139,7 +139,7 @@ async def pg_down(env: Env) -> Result:
     res = Result("pg_down", f"PostgreSQL killed mid-batch (SIGKILL), down {a.pg_down_s:g} s")
     inst = await env.spawn()
     org = new_org()
-    watcher = await Watcher(inst.url, dispatcher(org)).start()
+    watcher = await Dash(inst.url, dispatcher(org)).start()
     try:
         async with Fleet([inst.url], SECRET, org, a.drivers, interval=a.interval, resend_after=30) as fleet:
             await warm(fleet, a.warm_s)
@@ -242,9 +242,9 @@ async def slow_dashboards(env: Env) -> Result:
     res = Result("slow_dashboards", "one dashboard on a 1 KB/s link, one that never reads; a healthy one measured")
     inst = await env.spawn()
     org = new_org()
-    fast = await Watcher(inst.url, dispatcher(org)).start()
+    fast = await Dash(inst.url, dispatcher(org)).start()
     proxy = await Proxy(inst.port, buffer=4096).start()
-    slow = await Watcher(f"ws://127.0.0.1:{proxy.port}", dispatcher(org)).start()
+    slow = await Dash(f"ws://127.0.0.1:{proxy.port}", dispatcher(org)).start()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", inst.port))

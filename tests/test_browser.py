@@ -1,6 +1,6 @@
 """End to end in headless Chromium: the dashboard page against a running service and moving drivers.
 
-Real phones (tests/client.py, real websockets) drive along a Nairobi road from the simulator's
+Real phones (harness/clients.py, real websockets) drive along a Nairobi road from the simulator's
 routes; packages are consigned over HTTP as a dispatcher; the page is Debian's `chromium` driven by
 Playwright (`executable_path`, nothing downloaded). The dispatcher's page signs in from the URL
 fragment, goes live, shows markers moving, a pickup scan (package row, marker count, temperature

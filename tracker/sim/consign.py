@@ -23,7 +23,7 @@ Planned = tuple[str, bool, float, float]  # (package id, cold chain, destination
 
 
 def consignment(planned: Planned, index: int, now_ms: int) -> dict[str, Any]:
-    """The ``POST /v1/packages`` body for one planned package (see tracker/packages.py)."""
+    """The ``POST /v1/packages`` body for one planned package (see tracker/custody/http.py)."""
     package, cold, lat, lon = planned
     client = CLIENTS[index % len(CLIENTS)]
     body: dict[str, Any] = {

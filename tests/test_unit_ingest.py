@@ -89,7 +89,7 @@ class Instance:
     async def connect(self, org: str, sub: str, *, name: str | None = None, welcome: bool = True) -> DriverConn:
         """What the driver endpoint does: register, then welcome (`welcomed_with` the last seq)."""
         conn = DriverConn(Principal("driver", sub, org, exp=2**40, name=name), FakeChannel())
-        self.welcomed_with[conn.conn_id] = await self.drivers.connected(conn)
+        self.welcomed_with[conn.conn_id] = conn.seq_high = await self.drivers.connected(conn)
         conn.welcomed = welcome
         return conn
 
@@ -353,3 +353,73 @@ async def test_frames_are_encoded_once_per_position(node: Instance, org: str) ->
     await node.submit(conn, [ev])
     [(_, [(kind, driver, lts, stamp, frame)])] = node.broker.published
     assert (kind, driver, lts, stamp, frame) == ("p", "d-1", T0 + 5, b"", pos_frame("d-1", ev))
+
+
+# -- only stored events are shown (issue 11, item 1) ------------------------------------------
+
+
+def live_positions(node: Instance, org: str) -> list[tuple[int, float]]:
+    return [(f["seq"], f["lat"]) for f in node.broker.live_frames(org) if f["type"] == "pos"]
+
+
+async def test_an_event_under_a_stored_seq_goes_live_only_once_stored(node: Instance, org: str) -> None:
+    node.last_seq[(org, "d-1")] = 5
+    conn = await node.connect(org, "d-1")
+    assert conn.seq_high == 5
+    other = Position(5, T0 + 900, 50.0, 50.0)  # newer than anything, under a stored seq
+    [refused] = await node.submit(conn, [other])
+    assert refused.deferred and node.broker.published == [], "not live at receipt"
+    node.ingest.answered([], [(refused, "conflict", "seq already names a different event")])
+    await next_iteration()
+    assert node.broker.published == [] and conn.live_ts == 0, "a refused event never goes live"
+    [resent] = await node.submit(conn, [p(4, T0 + 800)])  # a stored seq again: this time the same event
+    node.ingest.answered([resent], [])
+    await until(lambda: live_positions(node, org), "the stored position, live after its commit")
+    assert live_positions(node, org) == [(4, 1.0)] and conn.live_ts == T0 + 800
+
+
+async def test_a_seq_above_the_highest_seen_goes_live_at_receipt_once(node: Instance, org: str) -> None:
+    conn = await node.connect(org, "d-1")
+    pending = await node.submit(conn, [p(1, T0 + 100), Position(1, T0 + 200, 9.0, 9.0), p(2, T0 + 50)])
+    assert [it.deferred for it in pending] == [False, True, False] and conn.seq_high == 2
+    await until(lambda: live_positions(node, org), "seq 1 at receipt")
+    assert live_positions(node, org) == [(1, 1.0)], "the twin under seq 1 waits for its commit"
+    node.ingest.answered([pending[0], pending[2]], [(pending[1], "conflict", "seq already names a different event")])
+    await next_iteration()
+    assert live_positions(node, org) == [(1, 1.0)]
+    # A deferred position that is stored but no longer the newest stays off the map.
+    [late] = await node.submit(conn, [p(2, T0 + 60)])
+    node.ingest.answered([late], [])
+    await next_iteration()
+    assert live_positions(node, org) == [(1, 1.0)]
+
+
+async def test_a_deferred_scan_goes_live_only_once_stored(node: Instance, org: str) -> None:
+    node.last_seq[(org, "d-1")] = 3
+    conn = await node.connect(org, "d-1")
+    [bad, good] = await node.submit(conn, [Scan(3, T0, "pk-9", "deliver"), s(2)])
+    await next_iteration()
+    assert [f["type"] for f in node.broker.live_frames(org)] == ["presence"]
+    node.ingest.answered([good], [(bad, "conflict", "seq already names a different event")])
+    await until(lambda: len(node.broker.live_frames(org)) == 2, "the stored scan")
+    assert [(f["type"], f.get("seq")) for f in node.broker.live_frames(org)] == [("presence", None), ("scan", 2)]
+
+
+async def test_a_replaced_connection_starts_from_its_welcome(bus: MemoryBus, node: Instance, org: str) -> None:
+    """The conflicting event reaches instance b after instance a stored seq 1: b's welcome says 1."""
+    other = Instance(bus, "b")
+    try:
+        first = await node.connect(org, "d-1")
+        [stored] = await node.submit(first, [p(1, T0 + 100)])
+        node.ingest.answered([stored], [])
+        other.last_seq[(org, "d-1")] = 1  # what PostgreSQL answers b's hello now
+        conn = await other.connect(org, "d-1")
+        [conflict] = await other.submit(conn, [Position(1, T0 + 900, 50.0, 50.0)])
+        other.ingest.answered([], [(conflict, "conflict", "seq already names a different event")])
+        await until(lambda: node.broker.live_frames(org), "presence")
+        await other.broker.publish_control("mark", b"")
+        await until(lambda: len([f for f in node.broker.live_frames(org) if f["type"] == "presence"]) == 2, "b's")
+        assert live_positions(node, org) == [(1, 1.0)]
+        assert (await node.broker.live_state(org))[0]["d-1"][0] == T0 + 100
+    finally:
+        await other.broker.close()

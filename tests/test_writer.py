@@ -95,6 +95,50 @@ async def test_a_different_event_under_a_taken_seq_is_a_conflict(pool: asyncpg.P
         await writer.close()
 
 
+async def test_identity_is_the_whole_content(pool: asyncpg.Pool, org: str) -> None:
+    """Same seq and ts, other content: `conflict` (a `deliver` must never vanish behind an ack);
+    the same content again is a resend, also at the stored precision of optional numbers."""
+    answers = Answers()
+    writer = Writer(pool, answers, flush_interval_ms=5)
+    writer.start()
+    ts = 1_764_240_000_000
+    now = int(time.time() * 1000)  # received now: within the answer deadline
+    try:
+        writer.submit(
+            [
+                Pending(None, org, "d-1", Scan(1, ts, "PKG-1", "pickup", temp_c=4.1), now),
+                Pending(None, org, "d-1", Position(2, ts, -1.29, 36.82, bat=0.3), now),
+            ]
+        )
+        await answers.until(2)
+        again = [
+            Scan(1, ts, "PKG-1", "deliver", temp_c=4.1),  # another event
+            Scan(1, ts, "PKG-2", "pickup", temp_c=4.1),  # another package
+            Scan(1, ts, "PKG-1", "pickup", temp_c=4.2),  # another reading
+            Scan(1, ts, "PKG-1", "pickup", temp_c=4.1, note="x"),  # another note
+            Position(2, ts, -1.3, 36.82, bat=0.3),  # another lat
+            Position(2, ts, -1.29, 36.82),  # without its battery reading
+            Scan(1, ts, "PKG-1", "pickup", temp_c=4.1),  # the very scan: a resend
+            Position(2, ts, -1.29, 36.82, bat=0.3),  # the very position (bat stored as a real)
+        ]
+        for ev in again:  # one flush each: compared with what is stored
+            n = len(answers.stored) + len(answers.refused)
+            writer.submit([Pending(None, org, "d-1", ev, now)])
+            await answers.until(n + 1)
+        assert [(p.event.seq, code) for p, code, _ in answers.refused] == [(1, "conflict")] * 4 + [(2, "conflict")] * 2
+        assert [p.event.seq for p in answers.stored] == [1, 2, 1, 2]
+        # Twins in one batch: the same content piggybacks, other content is refused.
+        answers.refused.clear()
+        writer.submit(
+            [Pending(None, org, "d-1", Scan(3, ts, "PKG-1", ev_), now) for ev_ in ("deliver", "deliver", "fail")]
+        )
+        await answers.until(4 + 3)
+        assert [(p.event.seq, code) for p, code, _ in answers.refused] == [(3, "conflict")]
+        assert [p.event.seq for p in answers.stored[4:]] == [3, 3]
+    finally:
+        await writer.close()
+
+
 async def test_an_unstorable_event_is_refused_alone(pool: asyncpg.Pool, org: str, db: asyncpg.Connection) -> None:
     answers = Answers()
     writer = Writer(pool, answers, flush_interval_ms=50)

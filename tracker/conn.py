@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Final
 
 from .auth import Principal
 from .protocol.bucket import TokenBucket
 from .types import Channel
 
 DriverKey = tuple[str, str]  # (org, sub): a driver everywhere
+FIX_WINDOW: Final = 10  # the clock offset is estimated from this many of the connection's last fixes
 
 
 @dataclass(eq=False)
@@ -20,11 +23,29 @@ class DriverConn:
     channel: Channel
     conn_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     live_ts: int = 0  # the newest live ts fanned out for this driver
+    # The highest seq accepted on this connection, from welcome's `last_seq` (the highest stored):
+    # an event above it cannot name a stored event, so it may go live at receipt (ingest.py).
+    seq_high: int = 0
     bucket: TokenBucket = field(default_factory=lambda: TokenBucket(1.0, 1, 0.0))
     stamp: bytes = b""  # client ids entitled to this driver's live frames (packages it holds)
     closed: bool = False
     welcomed: bool = False  # nothing but `welcome` may reach the phone before `welcome`
+    # The order in which the broker registered the driver's connections (Broker.drivers_online):
+    # the highest is the newest, on whichever instance. None until the broker answered.
+    gen: int | None = None
+    # received - ts of the connection's last fixes (ms): network delay only adds to the phone's
+    # clock offset, so their minimum is the best bound on it (PROTOCOL.md, "Phones' clocks").
+    fix_gaps: deque[int] = field(default_factory=lambda: deque(maxlen=FIX_WINDOW), repr=False)
 
     @property
     def key(self) -> DriverKey:
         return self.principal.key
+
+    def observe_fix(self, ts: int, received: int) -> None:
+        """A position received on this connection: one more sample of the phone's clock offset."""
+        self.fix_gaps.append(received - ts)
+
+    def clock_offset(self) -> int | None:
+        """What to add to this phone's `ts` to get the server's clock (network delay included, so
+        an upper bound): the minimum of received - ts over its last fixes; None before any fix."""
+        return min(self.fix_gaps) if self.fix_gaps else None

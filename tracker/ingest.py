@@ -38,8 +38,12 @@ class Ingest:
     def submit(self, conn: DriverConn, events: Sequence[Event], received: int) -> None:
         """Queue one frame's accepted events for this tick. Never awaits.
 
-        Only a position that becomes the driver's newest (by live ts) goes live; scans go live at
-        receipt unless the extension publishes them after their commit."""
+        Only stored events may be shown. An event whose seq is above every seq this connection has
+        seen (starting from welcome's `last_seq`, the highest stored) cannot name a stored event,
+        so it may go live at receipt: a position if it becomes the driver's newest (by live ts), a
+        scan unless the extension publishes scans after their commit. Any other event (a resend,
+        or a different event under a taken seq: `conflict`) is `deferred`: it goes live only once
+        stored (`answered`), and a position only if it is still the newest."""
         if self.draining:
             for ev in events:
                 conn.channel.write(frames.error("unavailable", "the instance is restarting", seq=ev.seq, retry_ms=1000))
@@ -49,10 +53,14 @@ class Ingest:
         pending = self._pending
         live: list[LiveItem] | None = None
         for ev in events:
-            pending.append(Pending(conn, org, sub, ev, received))
+            fresh = ev.seq > conn.seq_high
+            if fresh:
+                conn.seq_high = ev.seq
+            pending.append(Pending(conn, org, sub, ev, received, not fresh))
             if type(ev) is Position:
+                conn.observe_fix(ev.ts, received)
                 lts = live_ts(ev.ts, received)
-                if lts > conn.live_ts:
+                if fresh and lts > conn.live_ts:
                     conn.live_ts = lts
                     if live is None:
                         live = self._live.setdefault(org, [])
@@ -60,7 +68,9 @@ class Ingest:
             else:
                 scan: Scan = ev  # type: ignore[assignment]
                 self.extension.scan_received(conn, scan)
-                if not self.extension.fans_out_scans:
+                pending[-1].offset_ms = conn.clock_offset()
+                pending[-1].seal = self.extension.seal(pending[-1])  # last: it covers the row as stored
+                if fresh and not self.extension.fans_out_scans:
                     if live is None:
                         live = self._live.setdefault(org, [])
                     live.append(("a", sub, scan.ts, conn.stamp, scan_frame(sub, scan)))
@@ -98,6 +108,8 @@ class Ingest:
         oldest: dict[DriverConn | None, int] = {}
         for it in stored:
             target = current(it.owner)
+            if it.deferred:
+                self._stored_live(it, target)
             seqs = acks.get(target)
             if seqs is None:
                 acks[target] = [it.event.seq]
@@ -127,6 +139,18 @@ class Ingest:
             target.channel.write(
                 frames.error("unavailable", "cannot store now; resend later", seqs=seqs, retry_ms=2000)
             )
+
+    def _stored_live(self, it: Pending, target: DriverConn | None) -> None:
+        """A deferred event is stored: it goes live now (a position only if still the newest)."""
+        ev = it.event
+        if type(ev) is Position:
+            lts = live_ts(ev.ts, it.received_at)
+            if target is not None and lts > target.live_ts:
+                target.live_ts = lts
+                self.publish(it.org, ("p", it.driver, lts, target.stamp, pos_frame(it.driver, ev)))
+        elif not self.extension.fans_out_scans:
+            conn: DriverConn = target if target is not None else it.owner
+            self.publish(it.org, ("a", it.driver, ev.ts, conn.stamp, scan_frame(it.driver, ev)))  # type: ignore[arg-type]
 
 
 def _no_writer(items: list[Pending]) -> list[Pending]:

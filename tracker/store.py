@@ -8,6 +8,7 @@ Times are integer milliseconds since the Unix epoch (as on the wire): `ts` is th
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,9 @@ class Pending:
     driver: str
     event: Position | Scan
     received_at: int
+    deferred: bool = False  # not live at receipt: goes live after its commit, if stored (ingest.py)
+    seal: bytes | None = None  # a scan's MAC by the extension, computed at receipt (Extension.seal)
+    offset_ms: int | None = None  # the connection's clock offset at receipt (DriverConn.clock_offset)
 
 
 INSERT_POSITIONS: Final = """
@@ -77,24 +81,57 @@ ON CONFLICT DO NOTHING
 """
 
 INSERT_SCANS: Final = """
-INSERT INTO scans (org, driver_id, seq, ts, received_at, package, event, lat, lon, temp_c, note, recipient, pod)
+INSERT INTO scans (org, driver_id, seq, ts, received_at, package, event, lat, lon, temp_c, note, recipient, pod,
+                   seal, offset_ms)
 SELECT t.* FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::text[], $7::text[],
-                       $8::float8[], $9::float8[], $10::float4[], $11::text[], $12::text[], $13::text[])
-    AS t(org, driver_id, seq, ts, received_at, package, event, lat, lon, temp_c, note, recipient, pod)
+                       $8::float8[], $9::float8[], $10::float4[], $11::text[], $12::text[], $13::text[],
+                       $14::bytea[], $15::int8[])
+    AS t(org, driver_id, seq, ts, received_at, package, event, lat, lon, temp_c, note, recipient, pod, seal,
+         offset_ms)
 WHERE NOT EXISTS (SELECT 1 FROM positions p WHERE p.org = t.org AND p.driver_id = t.driver_id AND p.seq = t.seq
                   OFFSET 0)
 ON CONFLICT DO NOTHING
 """
 
 # What is stored under each key now (read after the inserts, so rows committed meanwhile by
-# another instance are seen too): the kind and ts decide "same event" (ack) or "conflict".
+# another instance are seen too): the whole content decides "same event" (ack) or "conflict".
 EXISTING: Final = """
-SELECT k.i, 'pos' AS kind, p.ts FROM unnest($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS k(org, d, seq, i)
+SELECT k.i, 'pos' AS kind, p.ts, p.lat, p.lon, p.acc, p.spd, p.hdg, p.alt, p.bat, NULL::text AS package,
+       NULL::text AS event, NULL::real AS temp_c, NULL::text AS note, NULL::text AS recipient, NULL::text AS pod
+FROM unnest($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS k(org, d, seq, i)
     JOIN positions p ON p.org = k.org AND p.driver_id = k.d AND p.seq = k.seq
 UNION ALL
-SELECT k.i, 'scan', s.ts FROM unnest($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS k(org, d, seq, i)
+SELECT k.i, 'scan', s.ts, s.lat, s.lon, NULL, NULL, NULL, NULL, NULL, s.package, s.event, s.temp_c, s.note,
+       s.recipient, s.pod
+FROM unnest($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS k(org, d, seq, i)
     JOIN scans s ON s.org = k.org AND s.driver_id = k.d AND s.seq = k.seq
 """
+
+
+def _real(value: float | None) -> float | None:
+    """`value` as a `real` (float4) column stores it, so that a resend compares equal to the row."""
+    if value is None:
+        return None
+    try:
+        return float(struct.unpack("f", struct.pack("f", value))[0])
+    except OverflowError:  # out of float4's range: cannot be stored, so it cannot equal a row
+        return value
+
+
+def identity(ev: Position | Scan) -> tuple[Any, ...]:
+    """What names an event under its seq: its whole content as stored (every field the phone sent
+    but `seq`; optional numbers at the precision of their `real` columns). The same seq with the
+    same identity is a resend (ack); with another identity, a `conflict`."""
+    if type(ev) is Position:
+        return ("pos", ev.ts, ev.lat, ev.lon, _real(ev.acc), _real(ev.spd), _real(ev.hdg), _real(ev.alt), _real(ev.bat))
+    sc: Scan = ev  # type: ignore[assignment]
+    return ("scan", sc.ts, sc.package, sc.event, sc.lat, sc.lon, _real(sc.temp_c), sc.note, sc.recipient, sc.pod)
+
+
+def _stored_identity(row: asyncpg.Record) -> tuple[Any, ...]:
+    if row["kind"] == "pos":
+        return ("pos", *(row[k] for k in ("ts", "lat", "lon", "acc", "spd", "hdg", "alt", "bat")))
+    return ("scan", *(row[k] for k in ("ts", "package", "event", "lat", "lon", "temp_c", "note", "recipient", "pod")))
 
 
 def _inserted(status: str) -> int:
@@ -147,6 +184,8 @@ async def insert_events(conn: asyncpg.Connection, items: Sequence[Pending]) -> l
                 [e.note for e in sv],
                 [e.recipient for e in sv],
                 [e.pod for e in sv],
+                [it.seal for it in scans],
+                [it.offset_ms for it in scans],
             )
             stored += _inserted(status)
         if stored == len(items):
@@ -158,7 +197,7 @@ async def insert_events(conn: asyncpg.Connection, items: Sequence[Pending]) -> l
     verdict = [True] * len(items)
     for row in rows:
         it = items[row["i"] - 1]
-        verdict[row["i"] - 1] = row["kind"] == it.event.kind and row["ts"] == it.event.ts
+        verdict[row["i"] - 1] = _stored_identity(row) == identity(it.event)
     return verdict
 
 

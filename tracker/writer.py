@@ -25,7 +25,7 @@ import asyncpg
 
 from . import metrics
 from .clock import now_ms
-from .store import Pending, insert_events
+from .store import Pending, identity, insert_events
 
 log = logging.getLogger("tracker.writer")
 
@@ -180,7 +180,7 @@ class Writer:
             if seen is None:
                 first[key] = it
                 unique.append(it)
-            elif seen.event.kind == it.event.kind and seen.event.ts == it.event.ts:
+            elif identity(seen.event) == identity(it.event):
                 twins.append((it, seen))
             else:
                 refused.append((it, "conflict", "seq already names a different event"))

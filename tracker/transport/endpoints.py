@@ -48,11 +48,17 @@ def origin_allowed(ws: WebSocket, allowed: tuple[str, ...]) -> bool:
 
 
 async def _receive(ws: WebSocket) -> str | bytes:
+    """The next text frame. A binary frame closes 1003 (no encoding that uses them was negotiated,
+    PROTOCOL.md) and ends the connection like a disconnect."""
     message = await ws.receive()
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(message.get("code", 1000))
     text = message.get("text")
-    return text if text is not None else message.get("bytes") or b""
+    if text is None:
+        with contextlib.suppress(Exception):  # already closing: the disconnect below ends it alike
+            await ws.close(1003, "binary frames are not accepted")
+        raise WebSocketDisconnect(1003)
+    return text  # type: ignore[no-any-return]
 
 
 def flush(session: Session, channel: Channel) -> bool:
@@ -135,25 +141,34 @@ async def driver_endpoint(ws: WebSocket) -> None:
     if principal is None:
         return
     conn = DriverConn(principal, channel)
-    last_seq = await node.drivers.connected(conn)
-    session.welcome(last_seq, now_ms(), conn.bucket)
-    flush(session, channel)
-    conn.welcomed = True
-    adapter = DriverAdapter(node, session, conn)
-    # Frames now go straight from the transport to the session where the server allows it; then
-    # this loop only sees frames that were queued before the switch, and the end of the connection.
-    if reader is not None:
-        reader.deliver_to(adapter.on_frame)
-    elif channel.fast is not None:
-        channel.fast.receive_directly(adapter.on_frame)
+    adapter: DriverAdapter | None = None
     try:
+        last_seq = await node.drivers.connected(conn)
+        if conn.closed:  # superseded before its welcome: closed 4001 (Drivers.replace), never welcomed
+            while True:
+                await _receive(ws)
+        conn.seq_high = last_seq  # above it, an event cannot name a stored one: it may go live at receipt
+        session.welcome(last_seq, now_ms(), conn.bucket)
+        flush(session, channel)
+        conn.welcomed = True
+        adapter = DriverAdapter(node, session, conn)
+        # Frames now go straight from the transport to the session where the server allows it; then
+        # this loop only sees frames that were queued before the switch, and the end of the connection.
+        if reader is not None:
+            reader.deliver_to(adapter.on_frame)
+        elif channel.fast is not None:
+            channel.fast.receive_directly(adapter.on_frame)
         while True:
             adapter.on_frame(await _receive(ws))
     except WebSocketDisconnect:
         pass
+    except Exception:  # a bug during connect: 1011 (PROTOCOL.md), undone below; the details stay in the log
+        log.exception("driver %s/%s: internal error while connecting", principal.org, principal.sub)
+        await channel.close(1011, "internal error")
     finally:
-        adapter.expiry.cancel()
-        await node.drivers.disconnected(conn)
+        if adapter is not None:
+            adapter.expiry.cancel()
+        await node.drivers.disconnected(conn)  # registration, presence and the gauge: once, whatever happened
 
 
 class DriverAdapter:

@@ -148,7 +148,7 @@ class RedisHarness(Harness):
         org = self.org
         client = aioredis.Redis.from_url(self.url)
         try:
-            keys = [f"trk:{k}:{org}" for k in ("lastpos", "names", "pconn", "pstamp", "presence")]
+            keys = [f"trk:{k}:{org}" for k in ("lastpos", "names", "pconn", "pstamp", "presence", "pgen")]
             await client.delete(*keys)
             await client.hdel("trk:pgsynced", org)
             await client.srem("trk:orgs", org)
@@ -305,7 +305,8 @@ async def test_presence_online_then_offline(impl: Harness) -> None:
     a, b = await impl.peers2()
     org = impl.org
     on1, on2 = online_line("d-1", "Ann", b'["c-1"]'), online_line("d-2")
-    assert await a.broker.drivers_online([(org, "d-1", "c1", "Ann", on1), (org, "d-2", "c2", None, on2)]) == [0, 0]
+    answers = await a.broker.drivers_online([(org, "d-1", "c1", "Ann", on1), (org, "d-2", "c2", None, on2)])
+    assert [(r.live_ts, r.current) for r in answers] == [(0, True), (0, True)]
     for p in (a, b):
         await until(lambda p=p: p.lines(org) == [on1, on2], "both presence lines, as given")
     assert all(not m.startswith(b"#") for m in a.messages(org)), "presence lines are published as they are"
@@ -328,7 +329,7 @@ async def test_online_returns_each_drivers_newest_live_ts(impl: Harness) -> None
     lasts = await b.broker.drivers_online(
         [(org, "d-1", "c1", None, online_line("d-1")), (org, "d-2", "c2", None, online_line("d-2"))]
     )
-    assert lasts == [7_000, 0]
+    assert [r.live_ts for r in lasts] == [7_000, 0]
 
 
 async def test_stale_offline_never_hides_the_newer_connection(impl: Harness) -> None:
@@ -350,14 +351,37 @@ async def test_kick_reaches_the_replaced_connections_instance(impl: Harness) -> 
     org = impl.org
     await a.broker.drivers_online([(org, "d-1", "c1", None, online_line("d-1"))])
     await b.broker.drivers_online([(org, "d-1", "c1", None, online_line("d-1"))])  # the same connection again
-    await b.broker.drivers_online([(org, "d-1", "c2", None, online_line("d-1"))])  # a newer one
-    kick = ["kick", org, "d-1", "c2"]
+    [c2] = await b.broker.drivers_online([(org, "d-1", "c2", None, online_line("d-1"))])  # a newer one
+    kick = ["kick", org, "d-1", "c2", str(c2.gen)]
     await until(lambda: kick in a.ctl, "kick on the replaced connection's instance")
     await until(lambda: kick in b.ctl, "kick on every instance")
     await a.broker.publish_control("mark", b"")
     for p in (a, b):
         await until(lambda p=p: ["mark", ""] in p.ctl, "the marker control message")
         assert p.ctl == [kick, ["mark", ""]], "no kick for a first connection or the same connection"
+
+
+async def test_online_orders_connections_by_registration(impl: Harness) -> None:
+    """The store is the one serialisation point of a reconnect storm: in one call and across calls
+    and instances, generations grow in registration order, only the last connection of a driver
+    in a call is current, every kick names the newest with its generation, and the generations
+    keep growing after the store lost its state."""
+    a, b = await impl.peers2()
+    org = impl.org
+    burst = await a.broker.drivers_online([(org, "d-1", f"a{i}", None, online_line("d-1")) for i in range(3)])
+    assert [r.current for r in burst] == [False, False, True]
+    later = await b.broker.drivers_online(
+        [(org, "d-1", "b0", None, online_line("d-1")), (org, "d-2", "x", None, online_line("d-2"))]
+    )
+    assert [r.current for r in later] == [True, True]
+    gens = [r.gen for r in burst] + [later[0].gen]
+    assert gens == sorted(gens) and len(set(gens)) == 4
+    kicks = [["kick", org, "d-1", c, str(g)] for c, g in zip(["a1", "a2", "b0"], gens[1:], strict=True)]
+    for p in (a, b):
+        await until(lambda p=p: [k for k in p.ctl if k[0] == "kick"] == kicks, "a kick per replacement, in order")
+    await impl.lose_state()
+    [after] = await a.broker.drivers_online([(org, "d-1", "c9", None, online_line("d-1"))])
+    assert after.current and after.gen > gens[-1], "a restarted store still orders after what it forgot"
 
 
 async def test_refresh_keeps_online_and_expiry_is_swept_once(impl: Harness) -> None:

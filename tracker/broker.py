@@ -13,7 +13,7 @@ told, and get a fresh snapshot when it comes back.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
 class BrokerUnavailable(ConnectionError):
@@ -31,6 +31,21 @@ LiveItem = tuple[str, str, int, bytes, bytes]
 Online = tuple[str, str, str, str | None, bytes]
 Offline = tuple[str, str, str, bytes]
 Held = tuple[str, str, str, bytes]
+
+
+class Registered(NamedTuple):
+    """What `drivers_online` answers for one connection."""
+
+    live_ts: int
+    """The driver's newest live ts known to the store (0 if none)."""
+    gen: int
+    """The connection's generation: grows per driver in the order the store registered the
+    connections (across every instance), and keeps growing after the store lost its state."""
+    current: bool
+    """Still the driver's current connection when the call ended (a later connection of the same
+    driver in the same call supersedes it: it must be closed 4001, never welcomed)."""
+
+
 # An org's live state: driver -> (live ts, newest pos frame), driver -> name, drivers online.
 LiveState = tuple[dict[str, tuple[int, bytes]], dict[str, str], set[str]]
 
@@ -72,10 +87,12 @@ class Broker(Protocol):
     async def publish_control(self, kind: str, payload: bytes) -> None:
         """Send a control message to every instance (this one included): `on_ctl([kind, ...])`."""
 
-    async def drivers_online(self, conns: list[Online]) -> list[int]:
-        """Mark connections online (publishing their presence line), replacing any other connection
-        of the same driver (whose instance gets `kick`); returns each driver's newest live ts (0 if
-        none)."""
+    async def drivers_online(self, conns: list[Online]) -> list[Registered]:
+        """Mark connections online (publishing their presence line), in order: each replaces any
+        other connection of the same driver, and every instance gets `on_ctl(["kick", org,
+        driver, conn id, gen])` naming the new one; an instance closes its connections of that
+        driver whose generation is lower. The store is the one serialisation point: the newest
+        connection is the one it registered last. Returns one `Registered` per connection."""
 
     async def drivers_offline(self, conns: list[Offline]) -> list[bool]:
         """Offline only where that connection is still the one that set the driver online, so a

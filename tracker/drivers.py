@@ -1,9 +1,13 @@
 """This process's driver connections: the registry, replacement (4001) and presence.
 
-A driver is `(org, sub)`. One connection per driver: a newer one replaces the older (here, or on
-another instance, which the broker tells with `kick`). Presence lives in the broker with an
-expiry this instance refreshes, so a dead instance leaves no driver online past the TTL, and only
-the connection that set a driver online sets it offline.
+A driver is `(org, sub)`. One connection per driver: the newest one, where "newest" is the order
+in which the broker registered them (`Broker.drivers_online`: one serialisation point across
+instances, told to every instance with `kick` and a generation). A connection is welcomed only if
+the broker registered it as current; every older one is closed 4001, also one superseded before
+its welcome (then it is never welcomed), however many hellos arrive in one tick or on how many
+instances. Presence lives in the broker with an expiry this instance refreshes, so a dead instance
+leaves no driver online past the TTL, and only the connection that set a driver online sets it
+offline. A failure during a connect undoes it all (registration, presence, the gauge).
 """
 
 from __future__ import annotations
@@ -34,7 +38,11 @@ class Drivers:
         self.settings = settings
         self.broker = broker
         self.extension = extension
-        self.sessions: dict[DriverKey, DriverConn] = {}
+        self.sessions: dict[DriverKey, DriverConn] = {}  # each driver's current connection here
+        # Every open connection of a driver here (hellos in progress and superseded ones not yet
+        # gone included), and the highest generation heard of (own answers and kicks).
+        self._local: dict[DriverKey, list[DriverConn]] = {}
+        self._newest: dict[DriverKey, int] = {}
         self._buckets: dict[DriverKey, TokenBucket] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._hello: TickBatcher[tuple[str, str, str | None], int] = TickBatcher(store_hello, max_batch=2000)
@@ -65,57 +73,133 @@ class Drivers:
         task.add_done_callback(self._background.discard)
 
     async def connected(self, conn: DriverConn) -> int:
-        """Register a connection (replacing an older one), record it in PostgreSQL and the broker;
-        returns welcome's `last_seq` (0 while PostgreSQL is away: the map must not freeze)."""
+        """Register a connection, record it in PostgreSQL and the broker; returns welcome's
+        `last_seq` (0 while PostgreSQL is away: the map must not freeze). Welcome it only if it is
+        not `closed` afterwards: superseded before its welcome, it was closed 4001. If this raises,
+        the connection is already undone (as by `disconnected`)."""
         p = conn.principal
-        bucket = self._buckets.get(conn.key)
+        key = conn.key
+        bucket = self._buckets.get(key)
         if bucket is None:
             s = self.settings
-            bucket = self._buckets[conn.key] = TokenBucket(s.rate_per_s, s.rate_burst, time.monotonic())
+            bucket = self._buckets[key] = TokenBucket(s.rate_per_s, s.rate_burst, time.monotonic())
         conn.bucket = bucket
-        old = self.sessions.get(conn.key)
-        if old is not None and old is not conn:
-            self.replace(old)
-        self.sessions[conn.key] = conn
+        self._local.setdefault(key, []).append(conn)
         metrics.CONNECTIONS.labels("driver").inc()
-        await self.extension.driver_connected(conn)  # may set conn.stamp
-        line = conn.stamp + b"\t" + presence_frame(p.sub, True, now_ms(), p.name)
-        online, hello = await asyncio.gather(
-            self._online.get((p.org, p.sub, conn.conn_id, p.name, line)),
-            self._hello.get((p.org, p.sub, p.name)),
-            return_exceptions=True,
-        )
-        if isinstance(online, BaseException):
-            log.debug("presence not recorded (broker: %s)", online)
-        else:
-            conn.live_ts = online
+        try:
+            # The newest hello here holds the registry (stamps apply to it) until the broker says
+            # which connection is current; the older one stays open until then.
+            self._switch(key, conn, self.sessions.get(key))
+            await self.extension.driver_connected(conn)  # may set conn.stamp
+            line = conn.stamp + b"\t" + presence_frame(p.sub, True, now_ms(), p.name)
+            online, hello = await asyncio.gather(
+                self._online.get((p.org, p.sub, conn.conn_id, p.name, line)),
+                self._hello.get((p.org, p.sub, p.name)),
+                return_exceptions=True,
+            )
+            if isinstance(online, OSError):
+                log.debug("presence not recorded (broker: %s); the newest hello here wins", online)
+                self._registered_here(conn)
+            elif isinstance(online, BaseException):
+                raise online
+            else:
+                conn.live_ts = max(conn.live_ts, online.live_ts)
+                self._registered(conn, online.gen, online.current)
+        except Exception:
+            await self.disconnected(conn)
+            raise
         if isinstance(hello, BaseException):
             log.warning("last_seq unknown for %s/%s (PostgreSQL: %s); welcoming with 0", p.org, p.sub, hello)
             return 0
         return hello
 
+    def _registered(self, conn: DriverConn, gen: int, current: bool) -> None:
+        """The broker registered `conn` with generation `gen`: close whichever is older."""
+        key = conn.key
+        conn.gen = gen
+        if not current or gen < self._newest.get(key, 0) or conn.closed:
+            self.replace(conn)  # superseded before its welcome
+            return
+        self._newest[key] = gen
+        self._close_older(key, gen, conn.conn_id)
+
+    def _registered_here(self, conn: DriverConn) -> None:
+        """The broker could not order it: the newest hello here wins, as it is the registry's."""
+        if conn.closed or self.sessions.get(conn.key) is not conn:
+            self.replace(conn)
+            return
+        conn.gen = self._newest.get(conn.key, 0)
+        for other in list(self._local.get(conn.key, ())):
+            if other is not conn and other.gen is not None:
+                self.replace(other)
+
+    def _close_older(self, key: DriverKey, gen: int, conn_id: str) -> None:
+        """Close (4001) this instance's connections of `key` registered before generation `gen`;
+        those whose registration is still in flight decide when it is answered."""
+        for other in list(self._local.get(key, ())):
+            if other.conn_id != conn_id and other.gen is not None and other.gen < gen:
+                self.replace(other)
+
+    def _switch(self, key: DriverKey, new: DriverConn, prev: DriverConn | None) -> None:
+        """Make `new` the registry's connection of `key`; the stamp and live ts are the driver's."""
+        if prev is not None and prev is not new:
+            new.stamp = prev.stamp
+            new.live_ts = max(new.live_ts, prev.live_ts)
+        self.sessions[key] = new
+
     def replace(self, old: DriverConn) -> None:
+        """Close `old` with 4001 (a newer connection of its driver exists)."""
+        if old.closed:
+            return
         old.closed = True
-        self.sessions.pop(old.key, None)
+        if self.sessions.get(old.key) is old:
+            self._fall_back(old)
         self.spawn(old.channel.close(4001, "replaced by a newer connection"))
 
-    def kick(self, org: str, driver: str, conn_id: str) -> None:
-        """Another instance took this driver's newest connection: close ours (4001)."""
-        conn = self.sessions.get((org, driver))
-        if conn is not None and conn.conn_id != conn_id:
-            self.replace(conn)
+    def _fall_back(self, gone: DriverConn) -> None:
+        """`gone` held the registry: hand it to the driver's best open connection here, if any (a
+        hello in progress first, else the highest generation)."""
+        rest = [c for c in self._local.get(gone.key, ()) if not c.closed and c is not gone]
+        if rest:
+            self._switch(gone.key, max(reversed(rest), key=lambda c: (c.gen is None, c.gen or 0)), gone)
+        else:
+            self.sessions.pop(gone.key, None)
+
+    def kick(self, org: str, driver: str, conn_id: str, gen: int | None = None) -> None:
+        """The broker registered `conn_id` as the driver's newest connection, with generation `gen`:
+        close ours registered before it (4001). Without `gen` (an instance of the previous release),
+        close every registered one but `conn_id`."""
+        key = (org, driver)
+        if key not in self._local:
+            return
+        if gen is None:
+            gen = max((c.gen or 0 for c in self._local[key]), default=0) + 1
+        elif gen > self._newest.get(key, 0):
+            self._newest[key] = gen
+        self._close_older(key, gen, conn_id)
 
     async def disconnected(self, conn: DriverConn) -> None:
-        if self.sessions.get(conn.key) is conn:
-            del self.sessions[conn.key]
+        """The connection ended (or its connect failed): unregister it, set it offline if it is
+        still the driver's connection in the broker, and count it gone. Once per connection."""
+        local = self._local.get(conn.key)
+        if local is None or conn not in local:
+            return
+        local.remove(conn)
+        if not local:
+            del self._local[conn.key]
+            self._newest.pop(conn.key, None)
         conn.closed = True
+        if self.sessions.get(conn.key) is conn:
+            self._fall_back(conn)
         metrics.CONNECTIONS.labels("driver").dec()
         p = conn.principal
-        line = conn.stamp + b"\t" + presence_frame(p.sub, False, now_ms())
         try:
+            line = conn.stamp + b"\t" + presence_frame(p.sub, False, now_ms())
             await self._offline.get((p.org, p.sub, conn.conn_id, line))
         except OSError as exc:
             log.debug("presence offline not recorded (broker: %s); it expires", exc)
+        except Exception:
+            log.exception("presence offline of %s/%s not recorded; it expires", p.org, p.sub)
 
     # -- presence -------------------------------------------------------------------------------
 

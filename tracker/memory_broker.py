@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import metrics
-from .broker import BrokerUnavailable, Held, LiveItem, LiveState, Offline, Online
+from .broker import BrokerUnavailable, Held, LiveItem, LiveState, Offline, Online, Registered
 from .clock import now_ms
 from .protocol.live import presence_frame
 
@@ -50,6 +50,8 @@ class MemoryBus:
         self.orgs: dict[str, _OrgState] = {}
         self.synced: set[str] = set()
         self.is_up = True
+        # The last connection generation given; survives `wipe`, as Redis's clock does (presence_on.lua).
+        self.generation = 0
         self.brokers: list[MemoryBroker] = []  # started and not closed: the subscribers
 
     def org(self, org: str) -> _OrgState:
@@ -217,15 +219,17 @@ class MemoryBroker:
 
     # -- presence -------------------------------------------------------------------------------
 
-    async def drivers_online(self, conns: list[Online]) -> list[int]:
-        """tracker/lua/presence_on.lua: publish each presence line, kick a replaced connection."""
+    async def drivers_online(self, conns: list[Online]) -> list[Registered]:
+        """tracker/lua/presence_on.lua: in order, publish each presence line, give the connection
+        the driver's next generation, kick the connection it replaces; then say which are current."""
         await self._round_trip()
         bus = self.bus
         expiry = bus.clock() + self.presence_ttl_ms
-        lasts: list[int] = []
+        out: list[tuple[int, int]] = []
         for org, driver, conn, name, line in conns:
             state = bus.org(org)
             prev = state.conn.get(driver)
+            gen = bus.generation = max(bus.generation + 1, bus.clock() * 1000)
             state.conn[driver] = conn
             state.stamp[driver] = line.partition(b"\t")[0]
             state.expiry[driver] = expiry
@@ -233,10 +237,13 @@ class MemoryBroker:
                 state.names[driver] = name
             bus.publish_live(org, line)
             if prev is not None and prev != conn:
-                bus.publish_control(f"kick\t{org}\t{driver}\t{conn}")
+                bus.publish_control(f"kick\t{org}\t{driver}\t{conn}\t{gen}")
             last = state.lastpos.get(driver)
-            lasts.append(last[0] if last is not None else 0)
-        return lasts
+            out.append((last[0] if last is not None else 0, gen))
+        return [
+            Registered(lts, gen, bus.org(org).conn.get(driver) == conn)
+            for (org, driver, conn, _, _), (lts, gen) in zip(conns, out, strict=True)
+        ]
 
     async def drivers_offline(self, conns: list[Offline]) -> list[bool]:
         """tracker/lua/presence_off.lua: offline only from the connection that set it online."""

@@ -109,7 +109,9 @@ class Node:
         return await drivers_hello(self.pool, keys)
 
     def _on_ctl(self, parts: list[str]) -> None:
-        if len(parts) == 4 and parts[0] == "kick":
+        if len(parts) == 5 and parts[0] == "kick" and parts[4].isdigit():
+            self.drivers.kick(parts[1], parts[2], parts[3], int(parts[4]))
+        elif len(parts) == 4 and parts[0] == "kick":  # from an instance of the previous release
             self.drivers.kick(parts[1], parts[2], parts[3])
         elif len(parts) == 2 and parts[0] and parts[0] == self.extension.control_kind:
             self.extension.control(parts[1])

@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from . import metrics
-from .broker import BrokerUnavailable, LiveItem
+from .broker import BrokerUnavailable, LiveItem, Registered
 
 log = logging.getLogger("tracker.broker")
 
@@ -181,14 +181,17 @@ class RedisBroker:
     # -- presence -----------------------------------------------------------------------------
 
     @unavailable
-    async def drivers_online(self, conns: list[tuple[str, str, str, str | None, bytes]]) -> list[int]:
-        """Mark connections (org, driver, conn id, name, presence line) online, replacing any other
-        of the same driver; returns each driver's newest live ts known to Redis (0 if none)."""
+    async def drivers_online(self, conns: list[tuple[str, str, str, str | None, bytes]]) -> list[Registered]:
+        """Mark connections (org, driver, conn id, name, presence line) online, in order, each
+        replacing any other of the same driver (lua/presence_on.lua: Redis's order is "newest")."""
         args: list[Any] = [int(time.time() * 1000) + self.presence_ttl_ms]
         for org, driver, conn, name, line in conns:
             args += (org, driver, conn, name or "", line)
-        lasts = await self._on(args=args)
-        return [int(last.split(b"\t", 1)[0]) if last else 0 for last in lasts]
+        out = await self._on(args=args)
+        return [
+            Registered(int(last.split(b"\t", 1)[0]) if last else 0, int(gen), bool(current))
+            for last, gen, current in zip(out[0::3], out[1::3], out[2::3], strict=True)
+        ]
 
     @unavailable
     async def drivers_offline(self, conns: list[tuple[str, str, str, bytes]]) -> list[bool]:
@@ -269,11 +272,17 @@ class RedisBroker:
         await self.redis.aclose()
         await self.redis.connection_pool.disconnect()  # a pool we made is not closed by the client
 
+    _was_live = False  # the first "live" is the start, not a restoration
+
     def _set_live(self, live: bool) -> None:
         metrics.BROKER_LIVE.set(1 if live else 0)
         if live != self.live:
             self.live = live
-            log.warning("live feed %s", "restored" if live else "interrupted")
+            if live and not self._was_live:
+                log.info("live feed up")
+            else:
+                log.warning("live feed %s", "restored" if live else "interrupted")
+            self._was_live = self._was_live or live
             self.on_status(live)
 
     async def ping(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -19,6 +20,32 @@ import jwt
 AUDIENCE: Final = "tracker"
 ROLES: Final = frozenset({"driver", "dispatcher", "client"})
 ID_MAX: Final = 64
+NAME_MAX: Final = 100
+REQUIRED_CLAIMS: Final = ("exp", "iat", "aud", "sub", "role", "org")
+
+
+def _since_2_10(name: str, words: str) -> tuple[tuple[type[jwt.PyJWTError], str], ...]:
+    kind = getattr(jwt.exceptions, name, None)
+    return ((kind, words),) if kind is not None else ()
+
+
+# PyJWT's refusals in the service's words, most specific first (InvalidSignatureError is a DecodeError).
+PYJWT_WORDS: Final[tuple[tuple[type[jwt.PyJWTError], str], ...]] = (
+    (jwt.ExpiredSignatureError, "token expired"),
+    (jwt.InvalidSignatureError, "token signature is invalid"),
+    (jwt.InvalidAudienceError, f"token audience must be {AUDIENCE}"),
+    (jwt.ImmatureSignatureError, "token is not valid yet (iat or nbf in the future)"),
+    (jwt.InvalidIssuedAtError, "token claim iat must be a number"),
+    (jwt.DecodeError, "token is malformed"),
+    # PyJWT >= 2.10 checks sub and jti itself (pyproject allows 2.8, where these do not exist).
+    *_since_2_10("InvalidSubjectError", f"sub: must be a string of 1 to {ID_MAX} characters"),
+    *_since_2_10("InvalidJTIError", "token claim jti must be a string"),
+)
+# Characters no claim may hold: controls, format characters (bidi controls U+202A-U+202E and
+# U+2066-U+2069, zero-width U+200B-U+200D, U+2060, U+FEFF), lone surrogates, private use and
+# unassigned code points, line and paragraph separators. An id or a name holding one could show as
+# another on a dispatcher's screen; a lone surrogate cannot even be encoded.
+_UNSHOWABLE: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
 class AuthError(Exception):
@@ -85,14 +112,13 @@ class TokenVerifier:
                 algorithms=[self.alg],
                 audience=AUDIENCE,
                 leeway=self.leeway_s,
-                options={"require": ["exp", "iat", "aud", "sub", "role", "org"]},
+                options={"require": list(REQUIRED_CLAIMS)},
             )
-        except jwt.ExpiredSignatureError:
-            raise AuthError("token expired") from None
         except jwt.PyJWTError as exc:
-            raise AuthError(f"bad token: {exc}") from None
-        except (TypeError, ValueError, KeyError, ArithmeticError) as exc:  # e.g. a key of another type, exp: 1e999
-            raise AuthError(f"bad token: {type(exc).__name__}") from None
+            raise AuthError(self._words(exc)) from None
+        # A key of another type, exp: 1e999, a lone surrogate in the token (it cannot be encoded).
+        except (TypeError, ValueError, KeyError, ArithmeticError):
+            raise AuthError("token is malformed") from None
         principal = _principal(claims)
         iat: Any = claims.get("iat")
         if type(iat) not in (int, float):
@@ -100,6 +126,26 @@ class TokenVerifier:
         if self.max_ttl_s and principal.exp - iat > self.max_ttl_s:
             raise AuthError(f"token lifetime exceeds {self.max_ttl_s:g} s")
         return principal
+
+    def _words(self, exc: jwt.PyJWTError) -> str:
+        """The service's own words for PyJWT's refusal: its messages (library internals, which
+        change between versions) never reach a client."""
+        if isinstance(exc, jwt.MissingRequiredClaimError):
+            return f"token is missing claim {exc.claim}" if exc.claim in REQUIRED_CLAIMS else "token is missing a claim"
+        if isinstance(exc, jwt.InvalidAlgorithmError):
+            return f"token algorithm must be {self.alg}"
+        for kind, words in PYJWT_WORDS:
+            if isinstance(exc, kind):
+                return words
+        return "token is invalid"
+
+
+_NO_INVISIBLE: Final = " (no controls, bidi or zero-width characters)"
+
+
+def _id_claim(value: object) -> bool:
+    # isprintable() is False for every category in _UNSHOWABLE and for spaces other than U+0020.
+    return isinstance(value, str) and 1 <= len(value) <= ID_MAX and value.isprintable()
 
 
 def _principal(claims: dict[str, Any]) -> Principal:
@@ -109,14 +155,22 @@ def _principal(claims: dict[str, Any]) -> Principal:
     if not isinstance(role, str) or role not in ROLES:  # a list or object is unhashable: no TypeError
         raise AuthError("role must be driver, dispatcher or client")
     for name, value in (("sub", sub), ("org", org)):
-        if not isinstance(value, str) or not 1 <= len(value) <= ID_MAX or not value.isprintable():
-            raise AuthError(f"{name}: must be a string of 1 to {ID_MAX} characters")
+        if not _id_claim(value):
+            raise AuthError(f"{name}: must be a string of 1 to {ID_MAX} printable characters{_NO_INVISIBLE}")
     client = claims.get("client")
-    if role == "client" and (not isinstance(client, str) or not 1 <= len(client) <= ID_MAX or not client.isprintable()):
-        raise AuthError("a client token needs a client claim")
+    if role == "client" and not _id_claim(client):
+        raise AuthError(
+            f"client: a client token needs a client claim of 1 to {ID_MAX} printable characters{_NO_INVISIBLE}"
+        )
     display: Any = claims.get("name")
-    if not isinstance(display, str) or len(display) > 100 or "\x00" in display:
+    if display == "":
         display = None
+    if display is not None and not (
+        isinstance(display, str)
+        and len(display) <= NAME_MAX
+        and not any(unicodedata.category(c) in _UNSHOWABLE for c in display)
+    ):
+        raise AuthError(f"name: must be a string of at most {NAME_MAX} printable characters{_NO_INVISIBLE}")
     exp = claims.get("exp")
     if not isinstance(exp, int | float):
         raise AuthError("exp must be a number")

@@ -23,7 +23,7 @@ from starlette.routing import BaseRoute, Route
 
 from ..auth import Principal
 from ..clock import now_ms
-from ..protocol.events import PACKAGE_MAX
+from ..protocol.events import PACKAGE_MAX, id_text
 from ..transport.http import ApiError, OrjsonResponse, api, principal_of
 from . import chain
 from . import state as custody
@@ -123,8 +123,9 @@ def parse_consignment(body: Any, consigned_at: int) -> tuple[str, chain.Consignm
     if type(body) is not dict:
         raise ApiError(400, "invalid", "the body must be a JSON object")
     package = body.get("id", body.get("package"))
-    if type(package) is not str or not 1 <= len(package) <= PACKAGE_MAX or "\x00" in package:
-        raise ApiError(400, "invalid", f"id: must be a string of 1 to {PACKAGE_MAX} characters")
+    if type(package) is not str or not 1 <= len(package) <= PACKAGE_MAX or not id_text(package):
+        why = f"id: must be a string of 1 to {PACKAGE_MAX} characters without bidi or zero-width characters"
+        raise ApiError(400, "invalid", why)
     client = body.get("client")
     if type(client) is not str or not CLIENT_ID.fullmatch(client):
         raise ApiError(400, "invalid", "client: 1 to 64 of A-Z a-z 0-9 . _ : @ -")

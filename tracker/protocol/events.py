@@ -8,12 +8,17 @@ Rules:
 - a bad *required* field refuses the event (`invalid`, naming its seq when the seq is usable);
 - a bad *optional* field is stored as null, so a scan (a physical fact) is never lost over a bad
   battery reading;
-- every accepted value is storable as is: bounded strings without NUL, seq and ts in range.
+- every accepted value is storable as is: bounded strings without NUL nor lone surrogates (a
+  `"\\ud83d"` escape, half an emoji: PostgreSQL text and UTF-8 cannot hold it), finite numbers
+  (`1e400` parses as infinity), seq and ts in range;
+- an id (`package`) also holds no bidi control (U+202A-U+202E, U+2066-U+2069) nor zero-width
+  character (U+200B-U+200D, U+2060, U+FEFF): it would show as another id on a screen.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -27,6 +32,22 @@ PACKAGE_MAX: Final = 64
 NOTE_MAX: Final = 500
 RECIPIENT_MAX: Final = 200
 POD_MAX: Final = 500
+
+# Characters no stored string may hold: NUL, and lone surrogates (the stdlib parser lets them through).
+_UNSTORABLE: Final = re.compile("[\x00\ud800-\udfff]")
+# ... nor an id: bidi controls and zero-width characters would make it look like another id.
+_NOT_IN_ID: Final = re.compile("[\x00\ud800-\udfff\u200b-\u200d\u2060\ufeff\u202a-\u202e\u2066-\u2069]")
+
+
+def storable_text(value: str) -> bool:
+    """No NUL and no lone surrogate (PostgreSQL text and UTF-8 hold neither)."""
+    return _UNSTORABLE.search(value) is None
+
+
+def id_text(value: str) -> bool:
+    """Storable, and shown as what it is: no bidi control nor zero-width character."""
+    return _NOT_IN_ID.search(value) is None
+
 
 # Optional numeric fields: (min, max), inclusive. Out of range or of the wrong type -> null.
 POS_OPTIONAL: Final[dict[str, tuple[float, float]]] = {
@@ -100,7 +121,7 @@ def _opt_number(obj: dict[str, Any], key: str, lo: float, hi: float) -> float | 
 
 def _opt_string(obj: dict[str, Any], key: str, limit: int) -> str | None:
     value = obj.get(key)
-    if type(value) is not str or len(value) > limit or "\x00" in value:
+    if type(value) is not str or len(value) > limit or not storable_text(value):
         return None
     return value
 
@@ -150,8 +171,13 @@ def check_scan(obj: dict[str, Any], now_ms: int) -> Scan | Refusal:
         return common
     seq, ts = common  # type: ignore[misc]
     package = obj.get("package")
-    if type(package) is not str or not 1 <= len(package) <= PACKAGE_MAX or "\x00" in package:
-        return Refusal("invalid", seq, f"package: must be a string of 1 to {PACKAGE_MAX} characters without NUL")
+    if type(package) is not str or not 1 <= len(package) <= PACKAGE_MAX or not id_text(package):
+        return Refusal(
+            "invalid",
+            seq,
+            f"package: must be a string of 1 to {PACKAGE_MAX} characters without NUL, lone surrogates,"
+            " bidi controls or zero-width characters",
+        )
     event = obj.get("event")
     if type(event) is not str or event not in SCAN_EVENTS:
         return Refusal("invalid", seq, "event: must be one of pickup, handover, deliver, fail, return")

@@ -6,6 +6,7 @@ Outgoing frames are encoded here, once, as bytes; the hub joins pre-encoded fram
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
@@ -26,16 +27,47 @@ class ProtocolError(Exception):
 
 
 def decode(data: str | bytes) -> dict[str, Any]:
-    """Parse one frame: a JSON object with a string `type`, else ProtocolError (1008)."""
+    """Parse one frame: a JSON object with a string `type`, else ProtocolError (1008).
+
+    orjson refuses some valid JSON: a number beyond a double (`1e400`) and a lone surrogate escape
+    (`"\\ud83d"`, an emoji cut in half). Only then does the stdlib parser try (the hot path stays on
+    orjson): such a value reaches the validators, which store a bad optional field as null and refuse
+    an event whose required field is bad; a valid frame is never called "not JSON".
+    """
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
-        raise ProtocolError("frame is not JSON") from None
+        obj = _decode_slowly(data)
     if type(obj) is not dict:
         raise ProtocolError("frame must be a JSON object")
     if type(obj.get("type")) is not str:
         raise ProtocolError("frame has no type")
     return obj
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(name)  # NaN, Infinity, -Infinity: Python's json accepts them, JSON does not
+
+
+def _parse_int(text: str) -> int | float:
+    # Python refuses to parse more than 4300 digits; no field takes an integer of over 100 (seq < 2^53):
+    # as a float it is out of range, like 1e400, so the field's validator decides.
+    return int(text) if len(text) <= 100 else float(text)
+
+
+def _decode_slowly(data: str | bytes) -> Any:
+    """What orjson refused, parsed by the stdlib: valid JSON it takes, anything else is not JSON."""
+    if not isinstance(data, str):
+        try:
+            data = data.decode("utf-8")  # never the UTF-16/32 guessing of json.loads(bytes)
+        except UnicodeDecodeError:
+            raise ProtocolError("frame is not UTF-8") from None  # 1008, like every frame not JSON
+    try:
+        return json.loads(data, parse_constant=_refuse_constant, parse_int=_parse_int)
+    except RecursionError:
+        raise ProtocolError("frame nests too deeply") from None
+    except ValueError:  # JSONDecodeError, NaN or Infinity
+        raise ProtocolError("frame is not JSON") from None
 
 
 def seq_ranges(seqs: Iterable[int]) -> Ranges:

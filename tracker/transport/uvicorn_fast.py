@@ -88,8 +88,15 @@ class FastPath:
         def deliver() -> None:
             data = proto.frames[0] if len(proto.frames) == 1 else b"".join(proto.frames)
             proto.frames = []
-            if not proto.close_sent:
-                on_frame(data)
+            if proto.close_sent:
+                return
+            if getattr(proto, "curr_msg_data_type", "text") != "text":  # a binary message: 1003
+                proto.transport.write(encode_frame(OP_CLOSE, close_body(1003, "binary frames are not accepted")))
+                proto.close_sent = True
+                proto.queue.put_nowait({"type": "websocket.disconnect", "code": 1003, "reason": ""})
+                proto.transport.close()
+                return
+            on_frame(data)
 
         proto.send_receive_event_to_app = deliver
         return True
@@ -183,9 +190,12 @@ class FrameReader(asyncio.Protocol):
     # -- frames ---------------------------------------------------------------------------------
 
     def _frame(self, opcode: int, fin: bool, payload: bytes) -> None:
-        """One whole message or control frame from the codec (fragments arrive assembled)."""
-        if opcode == OP_TEXT or opcode == OP_BINARY:
+        """One whole message or control frame from the codec (fragments arrive assembled). Binary
+        messages close 1003: no encoding that uses them was negotiated (PROTOCOL.md)."""
+        if opcode == OP_TEXT:
             self.on_frame(payload)
+        elif opcode == OP_BINARY:
+            self.fail(1003, "binary frames are not accepted")
         elif opcode == OP_PING:
             self.proto.transport.write(encode_frame(OP_PONG, payload))
         elif opcode == OP_PONG:
@@ -222,8 +232,14 @@ class FrameReader(asyncio.Protocol):
     # -- delivery -------------------------------------------------------------------------------
 
     def _to_queue(self, payload: bytes) -> None:
-        """Until the endpoint is ready (hello): frames go through ASGI `receive` as usual."""
-        self.proto.queue.put_nowait({"type": "websocket.receive", "bytes": payload})
+        """Until the endpoint is ready (hello): frames go through ASGI `receive` as usual, as the
+        text frames they are (the endpoint closes 1003 on an ASGI `bytes` message)."""
+        try:
+            text = payload.decode()
+        except UnicodeDecodeError:
+            self.fail(1007, "text frame is not UTF-8")
+            return
+        self.proto.queue.put_nowait({"type": "websocket.receive", "text": text})
 
     def deliver_to(self, on_frame: OnFrame) -> None:
         """From now on, hand frames to `on_frame` directly; frames still queued go first."""

@@ -30,6 +30,7 @@ from .custody import http as custody_http
 from .custody.extension import CustodyExtension, custody_key, migrations
 from .embedded import Embedded
 from .hub import Hub
+from .looplag import LoopLag
 from .node import Node
 from .redis_broker import RedisBroker, default_instance_id
 from .transport import http as http_api
@@ -42,7 +43,7 @@ HTTP_CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "met
 
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:{tiles}; "
-    "connect-src 'self' ws: wss:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
 
 
@@ -78,9 +79,11 @@ class SecurityHeaders:
 
 
 def jwt_secret(settings: Settings) -> str:
-    """The configured HS256 secret, or one generated once for the data folder (development)."""
+    """The configured HS256 secret, or one generated once for the data folder: development only (no
+    DATABASE_URL); a deployment without TRACKER_JWT_SECRET is a ConfigError (Settings.check)."""
     if settings.jwt_secret:
         return settings.jwt_secret
+    settings.check()  # with DATABASE_URL (a deployment) the secret is required: never a file
     path = settings.data_dir.expanduser() / "jwt-secret"
     if path.exists():
         return path.read_text().strip()
@@ -88,12 +91,7 @@ def jwt_secret(settings: Settings) -> str:
     secret = new_secret()
     path.write_text(secret + "\n")
     path.chmod(0o600)
-    log.warning(
-        "no TRACKER_JWT_SECRET: generated one in %s; mint tokens with "
-        "`tracker token --role driver --sub d-17 --org acme --data-dir %s`",
-        path,
-        settings.data_dir,
-    )
+    log.info("no TRACKER_JWT_SECRET: generated one in %s (the start banner says how to mint tokens)", path)
     return secret
 
 
@@ -163,6 +161,7 @@ def create_app(settings: Settings) -> Starlette:
                 custody = CustodyExtension(node, custody_key(settings))
                 node.register(custody)
                 node.start()
+                loop_lag = LoopLag(node).start()
                 app.state.node = node
                 app.state.custody = custody.layer
                 log.info(
@@ -176,6 +175,7 @@ def create_app(settings: Settings) -> Starlette:
                 finally:
                     if not node.draining:
                         await node.drain()
+                    await loop_lag.stop()
                     await node.close()
             finally:
                 await pool.close()
@@ -230,9 +230,24 @@ def asgi(app: Starlette) -> ASGIApp:
     async def entry(scope: Scope, receive: Receive, send: Send) -> None:
         handler = sockets.get(scope["path"]) if scope["type"] == "websocket" else None
         if handler is None:
+            if scope["type"] == "websocket":
+                await _no_such_socket(scope, send)
+                return
             await app(scope, receive, send)
             return
         scope["app"] = app
         await handler(WebSocket(scope, receive, send))
 
     return entry
+
+
+async def _no_such_socket(scope: Scope, send: Send) -> None:
+    """A websocket handshake to a path that has none: 404 with the JSON error body where the server
+    can answer the handshake with a response (uvicorn can), else a plain refusal."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1000})
+        return
+    body = http_api.error_response(404, "not_found", "no websocket at this path").body
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "websocket.http.response.start", "status": 404, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": bytes(body)})

@@ -42,3 +42,20 @@ GC_PAUSE = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
 )
 BROKER_LIVE = Gauge("tracker_broker_live", "1 when the Redis subscriber is proven to receive")
+
+# Day-two operations (docs/OPERATIONS.md; deploy/prometheus/alerts.yml alerts on these).
+LOOP_LAG = Histogram(
+    "tracker_loop_lag_seconds",
+    "How late the event loop ran a timer due every 0.5 s (tracker/looplag.py)",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+WRITER_BUFFER_MAX = Gauge("tracker_writer_buffer_max_events", "Capacity of the writer's buffer (then: unavailable)")
+READY = Gauge("tracker_ready", "1 when the checks of /readyz pass (probed every 5 s) and the instance is not draining")
+BACKEND_ERRORS = Counter(
+    "tracker_backend_errors_total", "Failed probes of PostgreSQL or Redis (every 5 s)", ["backend"]
+)
+POSTGRES_ERRORS = BACKEND_ERRORS.labels("postgres")  # bound once, so both series exist from the start
+REDIS_ERRORS = BACKEND_ERRORS.labels("redis")
+CUSTODY_VERIFY_FAILED = Counter(
+    "tracker_custody_verify_failures_total", "Package verifications (GET .../verify) that found problems"
+)

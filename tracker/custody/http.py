@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from .. import metrics
 from ..auth import Principal
 from ..clock import now_ms
 from ..protocol.events import PACKAGE_MAX, id_text
@@ -35,6 +36,7 @@ from .process import _f32, process
 CLIENT_ID: Final = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
 BODY_MAX: Final = 16_384
 LIST_MAX: Final = 1_000
+UNCHAINED_MAX: Final = 1_000  # unchained scans of a package whose seal /verify checks
 
 
 def routes() -> list[BaseRoute]:
@@ -88,7 +90,7 @@ def _in_scope(row: asyncpg.Record | None, p: Principal) -> asyncpg.Record:
 
 
 def _alert_visible(kind: str, p: Principal) -> bool:
-    return p.role == "dispatcher" or kind != custody.SCAN_ANOMALY
+    return p.role == "dispatcher" or kind not in (custody.SCAN_ANOMALY, chain.TAMPER)
 
 
 # -- consign ----------------------------------------------------------------------------------
@@ -176,6 +178,7 @@ async def consign_package(request: Request) -> Response:
         out = await process(conn, layer.key, [], max_delivery_m=layer.max_delivery_m, announce=[(p.org, package)])
         row = await ps.get_package(conn, p.org, package)
     await layer.publish(out, [])
+    layer.stamps.consigned(p.org, package, terms.client)
     assert row is not None
     return OrjsonResponse(package_json(row, p), status_code=201)
 
@@ -278,6 +281,12 @@ async def verify_package(request: Request) -> Response:
     head = bytes(row["chain_head"]) if row["chain_head"] is not None else None
     tag = bytes(row["head_tag"]) if row["head_tag"] is not None else None
     problems = chain.verify(layer.key, p.org, package, records, row["chain_len"], head, tag, ps.consignment(row))
+    problems += chain.against_checkpoint(records, row["chain_len"], await layer.checkpoints.latest(p.org, package))
+    for scan in await ps.unchained_of(pool, p.org, package, UNCHAINED_MAX):
+        if not chain.sealed(layer.key, p.org, ps.content(scan), scan["offset_ms"], scan["seal"]):
+            why = "this scan row was not written by the service (its seal does not verify): never chained"
+            problems.append(chain.Problem(None, why, (scan["driver_id"], scan["seq"])))
+    metrics.CUSTODY_VERIFY_FAILED.inc(1 if problems else 0)
     return OrjsonResponse(
         {
             "package": package,

@@ -265,6 +265,7 @@ def start_server(
             DATABASE_URL=dsn,
             REDIS_URL=redis_url,
             TRACKER_JWT_SECRET=SECRET,
+            TRACKER_CUSTODY_KEY="bench-custody-key-" + "y" * 40,  # required with DATABASE_URL
             TRACKER_PORT=str(port),
             TRACKER_HOST="127.0.0.1",
             TRACKER_LOG_LEVEL=base.get("TRACKER_LOG_LEVEL", "warning"),

@@ -124,7 +124,10 @@ class Driver:
         self.close_times.append((time.monotonic(), code))
 
     async def _session(self, ws: ClientConnection) -> None:
-        await ws.send(orjson.dumps({"type": "hello", "token": self.token, "device": "fault", "app": "fault/1"}))
+        # Every frame as text: a binary frame closes 1003 (PROTOCOL.md).
+        await ws.send(
+            orjson.dumps({"type": "hello", "token": self.token, "device": "fault", "app": "fault/1"}).decode()
+        )
         welcome = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
         if welcome.get("type") != "welcome":
             raise OSError(f"no welcome: {welcome}")
@@ -148,7 +151,7 @@ class Driver:
                     self.outbox[self.seq] = (event, time.monotonic())
                     self.born[self.seq] = time.monotonic()
                     self.stats.generated += 1
-                    await ws.send(orjson.dumps(event))
+                    await ws.send(orjson.dumps(event).decode())
                 if time.monotonic() >= self._next_scan:  # unanswered for resend_after: send again
                     self._next_scan = time.monotonic() + self.resend_after / 4
                     limit = time.monotonic() - self.resend_after
@@ -174,7 +177,7 @@ class Driver:
                 self.outbox[s] = (event, time.monotonic())
                 items.append(event)
         for start in range(0, len(items), 200):
-            await ws.send(orjson.dumps({"type": "batch", "items": items[start : start + 200]}))
+            await ws.send(orjson.dumps({"type": "batch", "items": items[start : start + 200]}).decode())
 
     async def _read(self, ws: ClientConnection) -> None:
         async for data in ws:

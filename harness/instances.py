@@ -23,6 +23,7 @@ from tracker.server import Server, uvicorn_config
 from .http import wait_ready
 from .ports import free_port
 from .servers import popen, stop_process
+from .tokens import CUSTODY_KEY
 from .wait import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +95,7 @@ class TrackerProc:
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
             "TRACKER_JWT_SECRET": secret,
+            "TRACKER_CUSTODY_KEY": CUSTODY_KEY,
             "TRACKER_LOG_LEVEL": "warning",
             **(env or {}),
         }

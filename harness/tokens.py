@@ -7,6 +7,7 @@ from typing import Any
 from tracker.auth import mint_token
 
 SECRET = "test-secret-" + "x" * 40
+CUSTODY_KEY = "test-custody-key-" + "y" * 40  # every instance under test shares it, as a deployment must
 
 
 def token(role: str, sub: str, org: str, *, secret: str = SECRET, **claims: Any) -> str:

@@ -27,7 +27,7 @@ import pytest
 from harness import clients
 from harness.instances import Instance, Spawn, TrackerProc
 from harness.servers import PgCluster, RedisServer
-from harness.tokens import SECRET, token
+from harness.tokens import CUSTODY_KEY, SECRET, token
 from tracker.config import Settings
 
 # Still importable from here for test modules written before harness/: new ones import harness.
@@ -89,6 +89,7 @@ async def start_instance(database_url: str, redis_url: str, tmp_path: Path) -> A
             database_url=database_url,
             redis_url=redis_url,
             jwt_secret=SECRET,
+            custody_key=CUSTODY_KEY,  # required with database_url, as in a deployment (Settings.check)
             port=0,
             data_dir=tmp_path,
             instance_id=f"test-{uuid.uuid4().hex[:8]}",

@@ -22,6 +22,8 @@ def test_environment_is_parsed_and_checked() -> None:
             "TRACKER_WS_DEFLATE": "yes",
             "TRACKER_ALLOWED_ORIGINS": "a, b",
             "DATABASE_URL": "postgresql://x/y",
+            "TRACKER_JWT_SECRET": "s" * 40,  # a deployment (DATABASE_URL) must name its shared keys
+            "TRACKER_CUSTODY_KEY": "k" * 40,
             "TRACKER_RATE_PER_S": "2.5",
         }
     )

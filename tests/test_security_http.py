@@ -115,6 +115,7 @@ async def test_dashboard_page_security_headers_and_no_inline_code(start_instance
     assert policy["default-src"] == ["'self'"]
     assert policy["frame-ancestors"] == ["'none'"] and policy["base-uri"] == ["'none'"]
     assert policy["img-src"] == ["'self'", "data:", "https://tiles.example.org"]  # the tile origin, no path
+    assert policy["connect-src"] == ["'self'"]  # the page's own origin (ws/wss included), no other host
     assert headers["referrer-policy"] == "no-referrer"
     assert headers["x-content-type-options"] == "nosniff"
     assert headers["x-frame-options"] == "DENY"

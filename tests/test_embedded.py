@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from harness.clients import Phone, pos
@@ -23,7 +25,10 @@ def clean_env() -> dict[str, str]:
 
 
 async def test_serve_without_configuration_accepts_a_driver(tmp_path: Path) -> None:
-    port, data = free_port(), tmp_path / "data"
+    # Outside pytest's 0700 base folder, which another pytest session may reset at any time:
+    # PostgreSQL runs as an unprivileged user under root and must reach its folder.
+    home = Path(tempfile.mkdtemp(prefix="tracker-embedded-"))
+    port, data = free_port(), home / "data"
     log = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tracker", "serve", "--port", str(port), "--data-dir", str(data)],
@@ -70,6 +75,7 @@ async def test_serve_without_configuration_accepts_a_driver(tmp_path: Path) -> N
     assert "tracker token" in text  # it says how to mint tokens
     assert "Traceback" not in text
     assert (data / "jwt-secret").exists() and (data / "postgres").is_dir()
+    shutil.rmtree(home, ignore_errors=True)
 
 
 def test_help_explains_itself() -> None:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
+import signal
+import socket
+import threading
 import time
+from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -122,13 +128,63 @@ def head_deadline_protocol(settings: Settings) -> type[asyncio.Protocol]:
     return HeadDeadline
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything else starts: a busy port is an OSError here, at
+    once, never after the embedded servers started."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(4096)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
 class Server(uvicorn.Server):
     """uvicorn, but a shutdown (SIGTERM: a rolling deploy) first drains the node: stop accepting,
-    commit and ack what is buffered, close connections with 1012, and only then let uvicorn go."""
+    commit and ack what is buffered, close connections with 1012, and only then let uvicorn go.
 
-    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
+    A second SIGINT/SIGTERM, or a shutdown still running `hard_exit_s` after the first, stops the
+    embedded servers and exits at once (130 after SIGINT, 143 after SIGTERM): a stop is never
+    ignored. `on_started` runs once the socket accepts (the banner)."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        app: Starlette,
+        *,
+        on_started: Callable[[Server], None] | None = None,
+        hard_exit_s: float | None = None,
+    ) -> None:
         super().__init__(config)
         self.app = app
+        self.on_started = on_started
+        self.hard_exit_s = hard_exit_s
+        self._signals = 0
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals >= 2:
+            self._hard_exit(sig, "a second stop signal")
+        super().handle_exit(sig, frame)
+        if self._signals == 1 and self.hard_exit_s is not None:
+            timer = threading.Timer(
+                self.hard_exit_s, self._hard_exit, (sig, f"still stopping after {self.hard_exit_s:g} s")
+            )
+            timer.daemon = True
+            timer.start()
+
+    def _hard_exit(self, sig: int, why: str) -> None:
+        from .embedded import stop_all
+
+        logging.getLogger("tracker").error("%s: stopping the embedded servers and exiting now", why)
+        stop_all()
+        logging.shutdown()
+        os._exit(128 + int(sig) if sig in (signal.SIGINT, signal.SIGTERM) else 1)
 
     async def shutdown(self, sockets: Any = None) -> None:
         for server in self.servers:
@@ -142,6 +198,8 @@ class Server(uvicorn.Server):
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
         tune_gc()
+        if self.started and self.on_started is not None:
+            self.on_started(self)
 
     @property
     def port(self) -> int:

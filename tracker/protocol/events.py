@@ -139,6 +139,8 @@ def _check_common(obj: dict[str, Any], now_ms: int) -> Refusal | tuple[int, int]
     if seq is None:
         return Refusal("invalid", None, "seq: must be an integer, 1 <= seq < 2^53")
     ts: Any = obj.get("ts")
+    if type(ts) in (int, float) and 1.5e9 <= ts <= 1e11:  # 2017..5138 in seconds; 1970 in ms
+        return Refusal("invalid", seq, "ts: milliseconds since the Unix epoch are expected (this looks like seconds)")
     if not _int(ts):
         return Refusal("invalid", seq, "ts: must be an integer (ms since the Unix epoch)")
     if ts < TS_MIN or ts > now_ms + TS_FUTURE_MS:

@@ -7,15 +7,17 @@ without NUL, float32 where the column is `real`).
 
 `schema_frames(name)` turns a schema into a Hypothesis strategy. It covers the keywords our schemas
 use (`$ref`, `const`, `enum`, `type`, `properties`/`required`, numeric and length bounds, `pattern`
-(only "no NUL"), `items`/`prefixItems`/`maxItems`, `oneOf`, and the documentation keywords `x-type`/
-`x-range`/`x-maxLength` of optional fields); hypothesis-jsonschema does not run on the Hypothesis
-this project uses (nor knows draft 2020-12's `prefixItems`), so this small walker stands in for it.
+(characters to avoid, applied as a filter), `items`/`prefixItems`/`maxItems`, `oneOf`, and the
+documentation keywords `x-type`/`x-range`/`x-maxLength` of optional fields); hypothesis-jsonschema
+does not run on the Hypothesis this project uses (nor knows draft 2020-12's `prefixItems`), so this
+small walker stands in for it.
 Other test modules import it (tests/test_fuzz_endpoints.py).
 """
 
 from __future__ import annotations
 
 import math
+import re
 import struct
 import time
 from typing import Any
@@ -133,7 +135,10 @@ def from_schema(schema: dict[str, Any] | bool, doc: dict[str, Any]) -> st.Search
     if kind == "string":
         alphabet = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")
         size = schema.get("maxLength", schema.get("x-maxLength", 80))
-        return st.text(alphabet=alphabet, min_size=schema.get("minLength", 0), max_size=min(size, 80) if size else 0)
+        text = st.text(alphabet=alphabet, min_size=schema.get("minLength", 0), max_size=min(size, 80) if size else 0)
+        if "pattern" in schema:  # "no NUL", and for ids no bidi control nor zero-width character either
+            return text.filter(re.compile(schema["pattern"]).search)
+        return text
     return JSON
 
 

@@ -108,6 +108,10 @@ def test_helper_reports_the_failing_field() -> None:
 POS = {"type": "pos", "seq": 1042, "ts": 1764240001000, "lat": -1.29207, "lon": 36.82195}
 SCAN = {"type": "scan", "seq": 1043, "ts": 1764240002500, "package": "PKG-000123", "event": "pickup"}
 _MISSING = object()
+# Characters an id may not hold besides NUL: zero-width characters and bidi controls.
+INVISIBLE = frozenset("\u200b\u200c\u200d\u2060\ufeff") | frozenset(
+    map(chr, [*range(0x202A, 0x202F), *range(0x2066, 0x206A)])
+)
 
 
 def edit(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
@@ -163,6 +167,13 @@ REFUSED = {
     "scan package 64 chars + newline": edit(SCAN, package="P" * 64 + "\n"),
     "scan package with NUL": edit(SCAN, package="PKG\x00123"),
     "scan package NUL only": edit(SCAN, package="\x00"),
+    "scan package with a lone surrogate": edit(SCAN, package="PKG-\ud83d"),
+    "scan package with a bidi override": edit(SCAN, package="PKG\u202e1"),
+    "scan package with a bidi isolate": edit(SCAN, package="\u2066PKG\u2069"),
+    "scan package with a zero-width space": edit(SCAN, package="PKG\u200b1"),
+    "scan package with a zero-width joiner": edit(SCAN, package="PKG\u200d1"),
+    "scan package with a word joiner": edit(SCAN, package="PKG\u2060"),
+    "scan package with a BOM": edit(SCAN, package="\ufeffPKG"),
     "scan package number": edit(SCAN, package=123),
     "scan package null": edit(SCAN, package=None),
     "scan missing event": edit(SCAN, event=_MISSING),
@@ -301,9 +312,10 @@ FIELDS: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]] = {
     "lat": (numbers_in(-90, 90), numbers_around(-90, 90)),
     "lon": (numbers_in(-180, 180), numbers_around(-180, 180)),
     "package": (
-        st.text(min_size=1, max_size=64).filter(lambda s: "\x00" not in s),
+        st.text(min_size=1, max_size=64).filter(lambda s: "\x00" not in s and not INVISIBLE.intersection(s)),
         st.one_of(
             st.text(max_size=70),
+            st.text(alphabet=st.sampled_from("P-1\u200b\u200d\u2060\ufeff\u202a\u202e\u2066\u2069"), max_size=8),
             st.text(alphabet=st.sampled_from("a\x00\n\u03a9\U0001f4e6"), min_size=60, max_size=68),
             st.sampled_from(["", "P" * 64, "P" * 65, "\x00", "PKG-1\n", "P" * 64 + "\n"]),
             json_scalars,

@@ -20,7 +20,7 @@ from harness.clients import Dash, Peer, Phone, now_ms, pos, scan
 from harness.http import DEST, http
 from harness.instances import Instance
 from harness.tokens import token
-from tracker.protocol.wscodec import OP_PING, apply_mask
+from tracker.protocol.wscodec import OP_PING, OP_TEXT, apply_mask, encode_frame
 
 # Valid JSON that orjson refuses: a number beyond a double, and half a surrogate pair (an emoji cut in two).
 HUGE = "1e400"
@@ -227,3 +227,13 @@ async def test_binary_frames_close_1003_on_both_endpoints(start_instance: Any, o
     peer = Peer(await connect(inst.url + "/v1/live", compression=None))
     await peer.send(orjson.dumps({"type": "hello", "token": token("dispatcher", "u-1", org)}))
     assert await peer.closed() == 1003
+
+
+@PATHS
+async def test_a_text_frame_that_is_not_utf8_before_hello_closes_1007(start_instance: Any, fast: bool) -> None:
+    """The fast path queues pre-hello frames as the ASGI text messages they are (so that a binary one
+    can be told apart): one that is not UTF-8 closes 1007, as on the portable path."""
+    inst = await start_instance(ws_fast_path=fast)
+    peer = Peer(await connect(inst.url + "/v1/driver", compression=None))
+    peer.ws.transport.write(encode_frame(OP_TEXT, b'{"type":"hello","token":"\xff"}', mask=b"\x01\x02\x03\x04"))
+    assert await peer.closed() == 1007

@@ -154,9 +154,12 @@ def _system_user() -> str | None:
 class PgCluster:
     """A private PostgreSQL cluster: initdb once, then start, kill (SIGKILL, the whole process
     group: crash recovery at the next start) and stop as often as a test needs. The data folder
-    survives restarts: what was committed stays committed."""
+    survives restarts: what was committed stays committed.
 
-    def __init__(self) -> None:
+    `standby_of` (a running cluster) makes a streaming standby of it instead (`pg_basebackup -R`),
+    which `promote` turns into a primary."""
+
+    def __init__(self, *, standby_of: PgCluster | None = None) -> None:
         self.user = _system_user()
         self.bin = pg_bin_dir(self.user)
         self.dir = Path(tempfile.mkdtemp(prefix="tracker-fault-pg-"))
@@ -166,6 +169,19 @@ class PgCluster:
         os.chmod(self.dir, 0o755)
         if self.user is not None:
             shutil.chown(self.dir, self.user)
+        if standby_of is not None:
+            subprocess.run(
+                [
+                    str(self.bin / "pg_basebackup"),
+                    *("-h", "127.0.0.1", "-p", str(standby_of.port), "-U", "postgres", "-D", str(self.data)),
+                    *("-R", "-X", "stream", "-c", "fast", "--no-sync"),
+                ],
+                check=True,
+                user=self.user,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            return
         subprocess.run(
             [
                 str(self.bin / "initdb"),
@@ -241,6 +257,23 @@ class PgCluster:
         finally:
             await conn.close()
         return self.url(name)
+
+    async def promote(self) -> None:
+        """A standby becomes a primary (returns once it accepts writes)."""
+        conn = await asyncpg.connect(self.url(), timeout=5)
+        try:
+            assert await conn.fetchval("SELECT pg_promote(true, 30)"), "the standby was not promoted"
+        finally:
+            await conn.close()
+
+    async def standbys(self) -> list[str]:
+        """The `sync_state` of each standby streaming from this primary now ('async', 'sync')."""
+        conn = await asyncpg.connect(self.url(), timeout=5)
+        try:
+            rows = await conn.fetch("SELECT sync_state FROM pg_stat_replication WHERE state = 'streaming'")
+            return [row["sync_state"] for row in rows]
+        finally:
+            await conn.close()
 
     def kill(self) -> None:
         """SIGKILL to the postmaster and every backend at once: a crash mid-transaction."""

@@ -6,15 +6,17 @@ transaction (array parameters, ON CONFLICT DO NOTHING) and hands the outcome to 
 stored (ack) or refused (`conflict`, `invalid`, `unavailable`). Up to `writer_concurrency`
 flushes run at once, each on its own pooled connection.
 
-Faults: a connection or server failure puts the batch back and retries with backoff; events not
-stored within `answer_deadline_s` of receipt are answered `unavailable` (the phone keeps and
-resends them), so every event is answered within 30 s and memory stays bounded. A batch that
-fails on its *data* is split in halves until the bad event is found and refused alone.
+Faults: any failure of a flush (a connection or server failure, no writable host yet during a
+switchover, a bug) puts the batch back and retries with backoff; events not stored within
+`answer_deadline_s` of receipt are answered `unavailable` (the phone keeps and resends them), so
+every event is answered within 30 s and memory stays bounded. A batch that fails on its *data* is
+split in halves until the bad event is found and refused alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -136,22 +138,18 @@ class Writer:
         kept = [it for it in self._buffer if it.received_at > limit]
         self._buffer = deque(kept)
         metrics.EVENTS_REFUSED.labels("unavailable").inc(len(expired))
-        self._on_done([], [(it, "unavailable", "the database is unavailable; resend later") for it in expired])
+        self._answer([], [(it, "unavailable", "the database is unavailable; resend later") for it in expired])
 
     async def _flush(self, batch: list[Pending]) -> None:
         started = time.perf_counter()
         try:
             stored, refused = await self._store(batch)
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            # The database is unreachable or refuses writes (failover, read-only): keep the batch.
-            if self.healthy:
-                log.warning("PostgreSQL write failed (%s: %s); retrying", type(exc).__name__, exc)
-            self.healthy = False
-            if isinstance(exc, asyncpg.ReadOnlySQLTransactionError | asyncpg.CannotConnectNowError):
-                await self._pool.expire_connections()  # a failed-over primary: reconnect to the new one
-            self._backoff = min(max(self._backoff * 2, 0.1), 2.0)
-            self._buffer.extendleft(reversed(batch))
-            self._wake.set()
+        except Exception as exc:
+            # Whatever failed (the database unreachable or refusing writes during a failover, no
+            # host of a multi-host DSN writable yet during a switchover: asyncpg's
+            # TargetServerAttributeNotMatched, or a bug), the batch is kept: retried with backoff,
+            # and answered `unavailable` at its deadline (`_expire`) if it still cannot be stored.
+            await self._failed(exc, batch)
             return
         finally:
             self.in_flight -= len(batch)
@@ -165,7 +163,33 @@ class Writer:
         metrics.EVENTS_STORED.inc(len(stored))
         for _, code, _ in refused:
             metrics.EVENTS_REFUSED.labels(code).inc()
-        self._on_done(stored, refused)
+        self._answer(stored, refused)
+
+    def _answer(self, stored: list[Pending], refused: list[tuple[Pending, str, str]]) -> None:
+        """Hand an outcome to `on_done`; a failure there (a bug) is logged and never kills the
+        writer's tasks (the phone resends what it was not told, and the resend is acked)."""
+        try:
+            self._on_done(stored, refused)
+        except Exception:
+            log.exception("answering %d stored and %d refused events failed", len(stored), len(refused))
+
+    async def _failed(self, exc: Exception, batch: list[Pending]) -> None:
+        """A flush failed: put its batch back first (never lost, never left unanswered); never raises."""
+        self._buffer.extendleft(reversed(batch))
+        self._wake.set()
+        self._backoff = min(max(self._backoff * 2, 0.1), 2.0)
+        expected = isinstance(exc, TimeoutError | OSError | asyncpg.PostgresError | asyncpg.InterfaceError)
+        if self.healthy or not expected:  # an unexpected failure is logged every time, with its traceback
+            log.warning(
+                "PostgreSQL write failed (%s: %s); retrying",
+                type(exc).__name__,
+                exc,
+                exc_info=None if expected else exc,
+            )
+        self.healthy = False
+        if isinstance(exc, asyncpg.ReadOnlySQLTransactionError | asyncpg.CannotConnectNowError):
+            with contextlib.suppress(Exception):
+                await self._pool.expire_connections()  # a failed-over primary: reconnect to the new one
 
     async def _store(self, batch: list[Pending]) -> tuple[list[Pending], list[tuple[Pending, str, str]]]:
         # Dedupe within the batch: a resend of the same event piggybacks on the first one; a

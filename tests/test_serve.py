@@ -5,6 +5,7 @@ person sees, and checks that no embedded postgres or redis-server of the data fo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -82,7 +83,8 @@ async def exit_code(proc: subprocess.Popen[bytes], timeout: float) -> int:
         pytest.fail(f"{proc.args!r} still running after {timeout} s")
 
 
-async def driver_acked(port: int, data: Path) -> None:
+def driver_token(data: Path) -> str:
+    """`tracker token` for a driver, signed with the data folder's generated secret."""
     minted = subprocess.run(
         [
             *(sys.executable, "-m", "tracker", "token", "--role", "driver", "--sub", "d-1", "--org", "acme"),
@@ -93,7 +95,11 @@ async def driver_acked(port: int, data: Path) -> None:
         text=True,
         check=True,
     )
-    phone = await Phone.connect(f"ws://127.0.0.1:{port}", minted.stdout.strip())
+    return minted.stdout.strip()
+
+
+async def driver_acked(port: int, data: Path) -> None:
+    phone = await Phone.connect(f"ws://127.0.0.1:{port}", driver_token(data))
     try:
         await phone.send(pos(phone.welcome["last_seq"] + 1))
         await phone.until(lambda p: len(p.acked) == 1)
@@ -247,3 +253,30 @@ async def test_log_format_json_is_one_object_per_line(database_url: str, redis_u
     records = [json.loads(line) for line in read(log).splitlines()]  # every line, or this fails
     assert records and all(isinstance(r, dict) and {"ts", "level", "logger", "msg"} <= r.keys() for r in records)
     assert any(f"http://127.0.0.1:{port}/" in r["msg"] for r in records)
+
+
+async def test_a_second_ctrl_c_ends_a_stuck_shutdown_at_once(data: Path, tmp_path: Path) -> None:
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = serve(port, data, log)
+    frozen: list[psutil.Process] = []
+    try:
+        await wait_ready(port, proc=proc, log=log, timeout=90, interval=0.2)
+        phone = await Phone.connect(f"ws://127.0.0.1:{port}", driver_token(data))
+        # PostgreSQL hangs (SIGSTOP): the event below cannot commit, so the drain Ctrl-C starts is stuck.
+        frozen = [p for p in servers_of(data) if p.name().startswith("postgres")]
+        for p in frozen:
+            p.suspend()
+        await phone.send(pos(phone.welcome["last_seq"] + 1))
+        proc.send_signal(signal.SIGINT)
+        await wait_until(lambda: "draining" in read(log), 10, "the drain to start")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        code = await exit_code(proc, 20)
+        assert time.monotonic() - started < 10
+        assert code == 130, read(log)
+    finally:
+        stop_process(proc, signal.SIGKILL)
+        for p in frozen:
+            with contextlib.suppress(psutil.Error):
+                p.resume()
+    await no_servers_left(data)

@@ -205,13 +205,14 @@ class Embedded:
         log.info("embedded Redis at %s (log: %s)", url, self.data_dir / "redis.log")
         return url
 
-    def close(self) -> None:
-        """Stop both servers (PostgreSQL with a fast shutdown) and release the data folder."""
+    def close(self, *, now: bool = False) -> None:
+        """Stop both servers (PostgreSQL with a fast shutdown; `now`: an immediate one, and SIGKILL
+        for whatever has not exited 3 s later) and release the data folder."""
         if self._redis is not None:
-            _stop(self._redis, signal.SIGTERM, 10)
+            _stop(self._redis, signal.SIGTERM, 3 if now else 10)
             self._redis = None
         if self._pg is not None:
-            _stop(self._pg, signal.SIGINT, 30)
+            _stop(self._pg, signal.SIGQUIT if now else signal.SIGINT, 3 if now else 30)
             self._pg = None
         if self._locked:
             self._locked = False
@@ -226,7 +227,7 @@ def stop_all() -> None:
     """Stop every embedded server this process started (a forced exit's last act)."""
     for embedded in list(_running):
         with contextlib.suppress(Exception):
-            embedded.close()
+            embedded.close(now=True)
 
 
 # -- processes ---------------------------------------------------------------------------------
@@ -279,7 +280,8 @@ def _stop(proc: subprocess.Popen[bytes], sig: int, grace: float) -> None:
             proc.wait(grace)
         except subprocess.TimeoutExpired:
             proc.kill()
-    proc.wait()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)  # with a timeout: safe from a signal handler that interrupted another wait
 
 
 def _stop_stale(pid_file: Path, names: tuple[str, ...], sig: int) -> None:

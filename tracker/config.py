@@ -80,6 +80,8 @@ class Settings:
     custody_sweep_s: float = 30.0  # how often to look for stored scans no instance chained (a crash)
     custody_grace_s: float = 30.0  # ...received at least this long ago (younger ones are on their way)
     custody_lookback_s: float = 7 * 86_400.0  # ...and at most this long ago
+    custody_checkpoint_dir: Path | None = None  # signed chain heads, outside PostgreSQL; None -> <data_dir>/checkpoints
+    custody_checkpoint_s: float = 60.0  # how often each instance appends the heads of the chains it extended
     package_recent_s: float = 86_400.0  # a snapshot lists finished packages changed this recently
 
     # Abuse limits (SECURITY.md). Counts are per instance.
@@ -115,10 +117,26 @@ class Settings:
             raise ConfigError(f"TRACKER_JWT_ALG must be HS256, RS256 or ES256, not {self.jwt_alg!r}")
         if self.jwt_alg != "HS256" and not self.jwt_public_key:
             raise ConfigError(f"TRACKER_JWT_ALG={self.jwt_alg} needs TRACKER_JWT_PUBLIC_KEY")
+        # With an external PostgreSQL (a deployment: several instances, containers with read-only
+        # folders) the keys every instance must share are required; each instance generating its
+        # own under data_dir would refuse the others' tokens and break the others' chains.
+        shared = "the same on every instance, from your secret store (e.g. `openssl rand -base64 48`)"
+        if self.database_url and self.jwt_alg == "HS256" and not self.jwt_secret:
+            raise ConfigError(
+                f"DATABASE_URL is set (a deployment), so TRACKER_JWT_SECRET is required (or TRACKER_JWT_ALG="
+                f"RS256/ES256 with TRACKER_JWT_PUBLIC_KEY): {shared}; only the embedded development mode generates one"
+            )
+        if self.database_url and not self.custody_key:
+            raise ConfigError(
+                f"DATABASE_URL is set (a deployment), so TRACKER_CUSTODY_KEY is required: {shared}, kept away from "
+                "the database's operators; only the embedded development mode generates one"
+            )
         if not 1 <= self.max_batch <= 10_000 or self.max_frame < 1024:
             raise ConfigError("TRACKER_MAX_BATCH must be 1..10000 and TRACKER_MAX_FRAME at least 1024")
         if not 0 <= self.jwt_leeway_s <= 300:
             raise ConfigError("TRACKER_JWT_LEEWAY_S must be 0..300 (a small clock skew allowance)")
+        if self.custody_checkpoint_s <= 0:
+            raise ConfigError("TRACKER_CUSTODY_CHECKPOINT_S must be > 0")
         if self.jwt_max_ttl_s < 0 or self.handshake_timeout_s <= 0 or self.subscribe_rate_per_s <= 0:
             raise ConfigError("TRACKER_JWT_MAX_TTL_S must be >= 0; handshake timeout and subscribe rate > 0")
         if (

@@ -66,6 +66,12 @@ class Extension(Protocol):
     def scan_received(self, conn: DriverConn, scan: Scan) -> None:
         """At a scan's receipt, before the connection's next event. Never awaits."""
 
+    def seal(self, item: Pending) -> bytes | None:
+        """A MAC of an accepted scan as it will be stored (every other column of its row set),
+        with a key the database never sees; the core stores it beside the scan (`scans.seal`), so
+        that the extension can tell rows the service wrote from rows written behind its back.
+        None: not sealed. Never awaits."""
+
     def scans_stored(self, stored: list[Pending]) -> None:
         """After the commit that stored these scans, before their acks. Never awaits."""
 
@@ -74,6 +80,10 @@ class Extension(Protocol):
 
     def control(self, payload: str) -> None:
         """A control message of `control_kind` from any instance (this one included)."""
+
+    def feed_changed(self, live: bool) -> None:
+        """The live feed went down (False: control messages may be missed from now on) or is back
+        (True). Called by the node from `Broker.on_status`. Never awaits."""
 
     async def snapshot_scope(self, dash: Dashboard) -> Scope:
         """What a dashboard's snapshot may show; may fill `dash.carriers`."""
@@ -94,6 +104,9 @@ class NoExtension:
     def scan_received(self, conn: DriverConn, scan: Scan) -> None:
         pass
 
+    def seal(self, item: Pending) -> bytes | None:
+        return None
+
     def scans_stored(self, stored: list[Pending]) -> None:
         pass
 
@@ -101,6 +114,9 @@ class NoExtension:
         pass
 
     def control(self, payload: str) -> None:
+        pass
+
+    def feed_changed(self, live: bool) -> None:
         pass
 
     async def snapshot_scope(self, dash: Dashboard) -> Scope:

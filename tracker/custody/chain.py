@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -26,6 +27,9 @@ import orjson
 GENESIS: Final = bytes(32)
 _RECORD: Final = b"trk-custody-v1\x00"
 _HEAD: Final = b"trk-head-v1\x00"
+_SEAL: Final = b"trk-seal-v1\x00"
+_CHECKPOINT: Final = b"trk-checkpoint-v1\x00"
+TAMPER: Final = "tamper_suspected"  # the alert kind of a scan row the service did not write
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +124,52 @@ def head_tag(key: bytes, org: str, package: str, length: int, head: bytes, consi
     return _mac(key, _HEAD, [org, package, length, head.hex(), consignment.as_list()])
 
 
+def as_stored(value: float | None, *, real: bool = False) -> float | None:
+    """A number as PostgreSQL gives it back: a double, or a float32 widened (`real`)."""
+    if value is None:
+        return None
+    return struct.unpack("f", struct.pack("f", value))[0] if real else float(value)
+
+
+def seal(key: bytes, org: str, content: Content, offset_ms: int | None) -> bytes:
+    """A scan row's seal: computed by the service before the INSERT, over the whole row (the
+    content and the connection's clock offset, which orders scans), so that only rows it wrote can
+    enter a chain: a row written or altered behind its back has no valid seal without the key."""
+    return _mac(key, _SEAL, [org, content.as_list(), offset_ms])
+
+
+def sealed(key: bytes, org: str, content: Content, offset_ms: int | None, stored: bytes | None) -> bool:
+    return stored is not None and hmac.compare_digest(seal(key, org, content, offset_ms), stored)
+
+
+def checkpoint_sig(key: bytes, org: str, at: int, instance: str, heads: Sequence[Sequence[Any]]) -> bytes:
+    """The signature of a checkpoint: (package, length, head hex) of an org's chains at `at`."""
+    return _mac(key, _CHECKPOINT, [org, at, instance, [list(h) for h in heads]])
+
+
+def against_checkpoint(
+    records: Sequence[Record], length: int, checkpoint: tuple[int, bytes, int] | None
+) -> list[Problem]:
+    """Compare the chain with the latest signed checkpoint of its head, (length, head, at), kept
+    outside the database: a chain shorter than it was, or whose record at that length is not the
+    one checkpointed, lost its newest records (restoring an older head and tag is not enough)."""
+    if checkpoint is None:
+        return []
+    cp_length, cp_head, at = checkpoint
+    if length < cp_length:
+        return [
+            Problem(
+                None,
+                f"the chain has {length} records but the checkpoint of {at} recorded {cp_length} records "
+                "(its newest records were deleted)",
+            )
+        ]
+    rec = next((r for r in records if r.index == cp_length), None)
+    if cp_length and (rec is None or not hmac.compare_digest(rec.mac, cp_head)):
+        return [Problem(cp_length, f"record {cp_length} is not the one the checkpoint of {at} recorded")]
+    return []
+
+
 def extend(
     key: bytes,
     org: str,
@@ -140,11 +190,15 @@ def extend(
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    index: int | None  # the record concerned; None for the head or the consignment
+    index: int | None  # the record concerned; None for the head, the consignment or an unchained scan
     problem: str
+    scan: tuple[str, int] | None = None  # (driver, seq) of a scan row that is not in the chain
 
     def as_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "problem": self.problem}
+        out: dict[str, Any] = {"index": self.index, "problem": self.problem}
+        if self.scan is not None:
+            out["driver"], out["seq"] = self.scan
+        return out
 
 
 def verify(

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Final
 from ..auth import Principal, new_secret
 from ..config import Settings
 from ..store import Migration, Pending, load_migrations
+from . import chain
 from .live import PackageLayer
 from .stamps import CTL_KIND
 
@@ -30,9 +31,11 @@ def migrations() -> list[Migration]:
 
 
 def custody_key(settings: Settings) -> bytes:
-    """TRACKER_CUSTODY_KEY, or a key generated once for the data folder. Never in the database."""
+    """TRACKER_CUSTODY_KEY, or a key generated once for the data folder: development only (no DATABASE_URL;
+    a deployment without the key is a ConfigError, Settings.check). Never in the database."""
     if settings.custody_key:
         return settings.custody_key.encode()
+    settings.check()  # with DATABASE_URL (a deployment) the key is required: never a file
     path = settings.data_dir.expanduser() / "custody-key"
     if path.exists():
         return path.read_text().strip().encode()
@@ -60,6 +63,27 @@ class CustodyExtension:
     def scan_received(self, conn: DriverConn, scan: Scan) -> None:
         self.layer.stamps.on_scan_received(conn, scan)
 
+    def seal(self, item: Pending) -> bytes | None:
+        scan: Scan = item.event  # type: ignore[assignment]
+        content = chain.Content(
+            scan.package,
+            item.driver,
+            scan.seq,
+            scan.ts,
+            item.received_at,
+            scan.event,
+            chain.as_stored(scan.lat),
+            chain.as_stored(scan.lon),
+            chain.as_stored(scan.temp_c, real=True),
+            scan.note,
+            scan.recipient,
+            scan.pod,
+        )
+        try:
+            return chain.seal(self.layer.key, item.org, content, item.offset_ms)
+        except (TypeError, ValueError):  # a string PostgreSQL would not store either (a lone surrogate)
+            return None
+
     def scans_stored(self, stored: list[Pending]) -> None:
         self.layer.on_stored_scans(stored)
 
@@ -68,6 +92,9 @@ class CustodyExtension:
 
     def control(self, payload: str) -> None:
         self.layer.stamps.on_stamp_ctl(payload)
+
+    def feed_changed(self, live: bool) -> None:
+        self.layer.stamps.on_feed(live)
 
     async def snapshot_scope(self, dash: Dashboard) -> Scope:
         return await self.layer.snapshot_scope(dash)

@@ -178,7 +178,8 @@ async def consign_package(request: Request) -> Response:
         out = await process(conn, layer.key, [], max_delivery_m=layer.max_delivery_m, announce=[(p.org, package)])
         row = await ps.get_package(conn, p.org, package)
     await layer.publish(out, [])
-    layer.stamps.consigned(p.org, package, terms.client)
+    if terms.client is not None:
+        layer.stamps.consigned(p.org, package, terms.client)
     assert row is not None
     return OrjsonResponse(package_json(row, p), status_code=201)
 

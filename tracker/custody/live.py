@@ -20,7 +20,8 @@ from ..store import Pending
 from ..writer import DATA_ERRORS
 from . import state as custody
 from . import store as ps
-from .process import Item, Outcome, process
+from .checkpoints import Checkpoints
+from .process import Item, Outcome, fact, process
 from .stamps import PG_ERRORS, Chained, Stamps
 
 if TYPE_CHECKING:
@@ -47,9 +48,12 @@ class PackageLayer:
         self._queue: list[Item] = []
         self._wake = asyncio.Event()
         self._swept_until: int | None = None  # every scan received before it was found chained (or queued)
+        s = core.settings
+        folder = s.custody_checkpoint_dir or s.data_dir.expanduser() / "checkpoints"
+        self.checkpoints = Checkpoints(folder, key, core.broker.instance_id)
 
     def tasks(self) -> list[Coroutine[Any, Any, None]]:
-        return [self._processor(), self.stamps.run()]
+        return [self._processor(), self.stamps.run(), self._checkpointer()]
 
     def on_stored_scans(self, stored: list[Pending]) -> None:
         """After a commit (never awaits): queue the scans for chaining, in the order stored."""
@@ -97,8 +101,23 @@ class PackageLayer:
         except PG_ERRORS as exc:
             log.warning("chaining %d scans failed (%s: %s); retrying", len(batch), type(exc).__name__, exc)
             return False
+        self.checkpoints.note(out.heads)
         await self.publish(out, [(it.org, it.package, it.driver, it.seq) for it in batch])
         return True
+
+    async def _checkpointer(self) -> None:
+        """Every `custody_checkpoint_s`, anchor the heads chained since outside PostgreSQL
+        (checkpoints.py); at shutdown, the last ones."""
+        try:
+            while True:
+                await asyncio.sleep(self.core.settings.custody_checkpoint_s)  # a period, not a wait for an effect
+                await self.checkpoints.flush()
+        except asyncio.CancelledError:
+            try:
+                self.checkpoints.write(self.checkpoints.take(), now_ms())
+            except OSError as exc:
+                log.error("custody checkpoints not written at shutdown: %s", exc)
+            raise
 
     async def publish(self, out: Outcome, processed: list[Chained]) -> None:
         """After a commit: recompute the stamps of the drivers whose packages changed, then publish
@@ -197,9 +216,7 @@ class PackageLayer:
             return [(0, FOREVER)]
         by_package: dict[str, list[custody.Fact]] = {}
         for row in await ps.client_scans_with(self.core.pool, principal.org, principal.client, driver):
-            by_package.setdefault(row["package"], []).append(
-                custody.Fact(row["driver_id"], row["seq"], row["ts"], row["event"])
-            )
+            by_package.setdefault(row["package"], []).append(fact(row))
         windows: list[tuple[int, int]] = []
         for facts in by_package.values():
             replayed = custody.replay(custody.Terms(), facts)

@@ -42,6 +42,8 @@ class Outcome:
     holders: set[tuple[str, str]] = field(default_factory=set)  # drivers whose held packages changed
     changed: set[tuple[str, str]] = field(default_factory=set)  # packages whose state or holder changed
     chained: int = 0
+    heads: dict[tuple[str, str], tuple[int, bytes]] = field(default_factory=dict)  # chains extended: (length, head)
+    tampered: int = 0  # scan rows refused: their seal does not verify (written behind the service's back)
 
 
 def alert_id(org: str, package: str, key: custody.AlertKey) -> str:
@@ -108,7 +110,15 @@ def terms(row: asyncpg.Record, max_delivery_m: float) -> custody.Terms:
 
 def fact(row: asyncpg.Record) -> custody.Fact:
     return custody.Fact(
-        row["driver_id"], row["seq"], row["ts"], row["event"], row["lat"], row["lon"], _f32(row["temp_c"])
+        row["driver_id"],
+        row["seq"],
+        row["ts"],
+        row["event"],
+        row["lat"],
+        row["lon"],
+        _f32(row["temp_c"]),
+        received=row["received_at"],
+        offset=row["offset_ms"],
     )
 
 
@@ -129,16 +139,27 @@ async def process(
         locked = await ps.lock_packages(conn, keys)
         fresh = await ps.unchained(conn, list(unique))
         fresh.sort(key=lambda r: (r["received_at"], r["driver_id"], r["seq"]))  # the order they were stored
+        forged: list[asyncpg.Record] = []
         for row in fresh:
+            if not chain.sealed(key, row["org"], ps.content(row), row["offset_ms"], row["seal"]):
+                forged.append(row)  # not written by the service: never chained, never replayed
+                continue
             batch.fresh.setdefault((row["org"], row["package"]), []).append(row)
         await ps.insert_custody(conn, batch.chain(locked, {k: it.recovered for k, it in unique.items()}))
         scans: dict[ps.Key, list[asyncpg.Record]] = {}
         for row in await ps.chained_scans(conn, keys):
             scans.setdefault((row["org"], row["package"]), []).append(row)
         stored: dict[ps.Key, dict[custody.AlertKey, tuple[str, str, str | None]]] = {}
+        tamper_known: set[tuple[str, str, int]] = set()
         for a in await ps.alerts_of(conn, keys):
+            if a["kind"] == chain.TAMPER:  # not a replay's anomaly: no scan explains it away
+                tamper_known.add((a["org"], a["driver_id"], a["seq"]))
+                continue
             akey = (a["kind"], a["reason"], a["driver_id"], a["seq"])
             stored.setdefault((a["org"], a["package_id"]), {})[akey] = (a["state"], a["id"], a["message"])
+        for row in forged:
+            if (row["org"], row["driver_id"], row["seq"]) not in tamper_known:
+                batch.tampered(row)
         first = {k: rows[0]["received_at"] for k, rows in batch.fresh.items()}
         for k in sorted(keys, key=lambda k: first.get(k, 0)):  # publish in the order scans were stored
             batch.update(k, locked[k], scans.get(k, []), stored.get(k, {}), announce=k in announce)
@@ -173,7 +194,19 @@ class _Batch:
                 rows.append((org, package, index, row["driver_id"], row["seq"], self.now, flag, mac))
             self.heads[(org, package)] = links[-1]
         self.out.chained = len(rows)
+        self.out.heads = dict(self.heads)
         return rows
+
+    def tampered(self, row: asyncpg.Record) -> None:
+        """A scan row whose seal does not verify: an alert for the org's dispatchers, once."""
+        org, package, driver, seq = row["org"], row["package"], row["driver_id"], row["seq"]
+        akey = (chain.TAMPER, "unsealed", driver, seq)
+        message = (
+            f"scan {driver} seq {seq} ({row['event']}) was not written by the service "
+            "(its seal does not verify): it is kept out of the chain of custody"
+        )
+        self._alert((org, package), b"", akey, "open", alert_id(org, package, akey), message)
+        self.out.tampered += 1
 
     def update(
         self,
@@ -199,7 +232,7 @@ class _Batch:
             out.changed.add(k)
             frame = package_frame(package, result.state, result.holder, client, ts)
             out.live.append((org, ("a", result.holder or "", ts, stamp, frames.encode(frame))))
-        if was != held or announce:
+        if was != held or announce or pkg["live_view"] != result.live:
             out.holders.update((org, d) for d in (was, held) if d is not None)
         to_open, to_resolve = custody.plan_alerts({a: s[0] for a, s in stored.items()}, result.anomalies)
         for anomaly in to_open:
@@ -210,7 +243,7 @@ class _Batch:
         length, head = self.heads.get(k, (pkg["chain_len"], bytes(pkg["chain_head"] or chain.GENESIS)))
         tag = chain.head_tag(self.key, org, package, length, head, ps.consignment(pkg))
         self.package_rows.append(
-            (org, package, result.state, result.holder, result.ts, length, head if length else None, tag)
+            (org, package, result.state, result.holder, result.ts, length, head if length else None, tag, result.live)
         )
 
     def _alert(
@@ -220,6 +253,7 @@ class _Batch:
         kind, reason, driver, seq = akey
         self.alert_rows.append((org, id_, kind, reason, state, package, driver, seq, message))
         frame = alert_frame(id_, kind, state, self.now, driver, package, message)
-        # Scan anomalies are operations (who scanned what, wrongly): for the org's dispatchers only.
-        a_stamp = b"" if kind == custody.SCAN_ANOMALY else stamp
+        # Scan anomalies are operations (who scanned what, wrongly), and suspected tampering is for
+        # those who can act on it: for the org's dispatchers only.
+        a_stamp = b"" if kind in (custody.SCAN_ANOMALY, chain.TAMPER) else stamp
         self.out.live.append((org, ("a", driver, self.now, a_stamp, frames.encode(frame))))

@@ -53,9 +53,10 @@ ON CONFLICT (org, id) DO UPDATE SET state = EXCLUDED.state, ts = EXCLUDED.ts,
 """
 UPDATE_PACKAGES: Final = """
 UPDATE packages p SET state = u.state, holder = u.holder, state_ts = u.state_ts, chain_len = u.chain_len,
-    chain_head = u.chain_head, head_tag = u.head_tag
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int4[], $7::bytea[], $8::bytea[])
-    AS u(org, package_id, state, holder, state_ts, chain_len, chain_head, head_tag)
+    chain_head = u.chain_head, head_tag = u.head_tag, live_view = u.live_view
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int4[], $7::bytea[], $8::bytea[],
+            $9::bool[])
+    AS u(org, package_id, state, holder, state_ts, chain_len, chain_head, head_tag, live_view)
 WHERE p.org = u.org AND p.package_id = u.package_id
 """
 
@@ -128,30 +129,41 @@ async def upsert_alerts(conn: Tx, rows: Sequence[tuple[Any, ...]], now: int) -> 
 
 
 async def update_packages(conn: Tx, rows: Sequence[tuple[Any, ...]]) -> None:
-    """rows: (org, package, state, holder, state_ts, chain_len, chain_head, head_tag)."""
+    """rows: (org, package, state, holder, state_ts, chain_len, chain_head, head_tag, live_view)."""
     if rows:
         await conn.execute(UPDATE_PACKAGES, *(list(col) for col in zip(*rows, strict=True)))
 
 
 async def held_by(conn: Conn, drivers: Sequence[tuple[str, str]]) -> list[asyncpg.Record]:
-    """(org, holder, package_id, client) of consigned packages the drivers hold now."""
+    """(org, holder, package_id, client) of consigned packages the drivers hold now, live view open."""
     return await conn.fetch(
         """
         SELECT p.org, p.holder, p.package_id, p.client FROM unnest($1::text[], $2::text[]) AS k(org, d)
         JOIN packages p ON p.org = k.org AND p.holder = k.d AND p.state = 'picked_up' AND p.client IS NOT NULL
+            AND p.live_view
         """,
         [d[0] for d in drivers],
         [d[1] for d in drivers],
     )
 
 
+async def open_consignments(conn: Conn, org: str) -> list[asyncpg.Record]:
+    """(package_id, client) of the org's consigned packages not delivered (yet)."""
+    return await conn.fetch(
+        "SELECT package_id, client FROM packages WHERE org = $1 AND client IS NOT NULL AND state <> 'delivered'", org
+    )
+
+
 async def unchained_since(conn: Conn, since: int, before: int, limit: int) -> list[asyncpg.Record]:
-    """Scans received in [since, before) that no instance has chained (it crashed in between)."""
+    """Scans received in [since, before) that no instance has chained (it crashed in between),
+    except those already refused as not written by the service (a `tamper_suspected` alert)."""
     return await conn.fetch(
         """
         SELECT s.org, s.driver_id, s.seq, s.package FROM scans s
         WHERE s.received_at >= $1 AND s.received_at < $2
           AND NOT EXISTS (SELECT 1 FROM custody c WHERE c.org = s.org AND c.driver_id = s.driver_id AND c.seq = s.seq)
+          AND NOT EXISTS (SELECT 1 FROM alerts a WHERE a.org = s.org AND a.package_id = s.package
+                          AND a.kind = 'tamper_suspected' AND a.driver_id = s.driver_id AND a.seq = s.seq)
         ORDER BY s.received_at LIMIT $3
         """,
         since,
@@ -242,6 +254,20 @@ async def custody_records(conn: Conn, org: str, package: str) -> list[tuple[Reco
     ]
 
 
+async def unchained_of(conn: Conn, org: str, package: str, limit: int) -> list[asyncpg.Record]:
+    """Stored scans of a package not chained (yet), oldest first, at most `limit`."""
+    return await conn.fetch(
+        """
+        SELECT s.* FROM scans s WHERE s.org = $1 AND s.package = $2
+          AND NOT EXISTS (SELECT 1 FROM custody c WHERE c.org = s.org AND c.driver_id = s.driver_id AND c.seq = s.seq)
+        ORDER BY s.received_at, s.driver_id, s.seq LIMIT $3
+        """,
+        org,
+        package,
+        limit,
+    )
+
+
 async def count_unchained(conn: Conn, org: str, package: str) -> int:
     value = await conn.fetchval(
         """
@@ -294,13 +320,14 @@ async def scope_packages(
 async def scope_alerts(
     conn: Conn, org: str, *, client: str | None, follow_all: bool, packages: Sequence[str], drivers: Sequence[str]
 ) -> list[asyncpg.Record]:
-    """Open alerts in scope; a client sees those of its packages, except scan anomalies (operations)."""
+    """Open alerts in scope; a client sees those of its packages, except scan anomalies (operations)
+    and suspected tampering (for dispatchers only)."""
     return await conn.fetch(
         """
         SELECT a.id, a.kind, a.state, a.ts, a.driver_id, a.package_id, a.message FROM alerts a
         LEFT JOIN packages p ON p.org = a.org AND p.package_id = a.package_id
         WHERE a.org = $1 AND a.state = 'open'
-          AND ($2::text IS NULL OR (p.client = $2 AND a.kind <> 'scan_anomaly'))
+          AND ($2::text IS NULL OR (p.client = $2 AND a.kind NOT IN ('scan_anomaly', 'tamper_suspected')))
           AND ($3 OR a.package_id = ANY($4::text[]) OR a.driver_id = ANY($5::text[]))
         ORDER BY a.opened_at, a.id
         """,
@@ -313,9 +340,9 @@ async def scope_alerts(
 
 
 async def client_holders(conn: Conn, org: str, client: str) -> list[asyncpg.Record]:
-    """(package_id, holder) of a client's packages on their way now."""
+    """(package_id, holder) of a client's packages on their way now, whose holder it may see live."""
     return await conn.fetch(
-        "SELECT package_id, holder FROM packages WHERE org = $1 AND client = $2 AND state = 'picked_up'",
+        "SELECT package_id, holder FROM packages WHERE org = $1 AND client = $2 AND state = 'picked_up' AND live_view",
         org,
         client,
     )

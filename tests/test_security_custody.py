@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from harness.clients import Dash, Phone, acked, frames_of, now_ms, scan, until_frame
+from harness.clients import Dash, Phone, acked, frames_of, now_ms, pos, scan, until_frame
 from harness.http import consign, http, pkg_path
 from harness.instances import Instance
 from harness.tokens import token
@@ -151,3 +151,29 @@ def test_against_checkpoint() -> None:
     assert chain.against_checkpoint(recs, 2, (1, bytes([1]) * 32, 7)) == []  # grew since: fine
     assert [p.index for p in chain.against_checkpoint(recs[:1], 1, (2, bytes([2]) * 32, 7))] == [None]
     assert [p.index for p in chain.against_checkpoint(recs, 2, (2, bytes([9]) * 32, 7))] == [2]
+
+
+async def test_changing_a_chained_scans_clock_offset_fails_verify(
+    instance: Instance, org: str, db: asyncpg.Connection
+) -> None:
+    # The clock offset stored with a scan orders it in the package's history: it is part of what a
+    # record's mac covers, like the scan's ts.
+    await consign(instance, org, "PKG-O", "st-marys")
+    phone = await Phone.connect(instance.url, token("driver", "d-1", org))
+    t = now_ms()
+    await phone.send({"type": "batch", "items": [pos(1, ts=t), scan(2, "PKG-O", "pickup", ts=t + 1)]})
+    await acked(phone, 1, 2)
+    await phone.send(scan(3, "PKG-O", "deliver", ts=t + 2, lat=-1.3133, lon=36.7876))
+    await acked(phone, 3)
+
+    async def chained() -> int:
+        return int(await db.fetchval("SELECT chain_len FROM packages WHERE org = $1 AND package_id = 'PKG-O'", org))
+
+    await eventually(chained, lambda n: n == 2)
+    offsets = await db.fetch("SELECT offset_ms FROM scans WHERE org = $1 ORDER BY seq", org)
+    assert all(r["offset_ms"] is not None for r in offsets), offsets
+    assert (await _verify(instance, org, "PKG-O"))["ok"] is True
+    # Move the pickup after the delivery, as far as the replay's order goes.
+    await db.execute("UPDATE scans SET offset_ms = offset_ms + 3600000 WHERE org = $1 AND seq = 2", org)
+    verdict = await _verify(instance, org, "PKG-O")
+    assert verdict["ok"] is False and [p["index"] for p in verdict["problems"]] == [1], verdict

@@ -48,9 +48,10 @@ class Content:
     note: str | None
     recipient: str | None
     pod: str | None
+    offset_ms: int | None = None  # the connection's clock offset at receipt: it orders the scan (state.py)
 
     def as_list(self) -> list[Any]:
-        return [
+        out = [
             self.package,
             self.driver,
             self.seq,
@@ -64,6 +65,9 @@ class Content:
             self.recipient,
             self.pod,
         ]
+        if self.offset_ms is not None:  # rows stored before offsets existed keep the macs they had
+            out.append(self.offset_ms)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,15 +135,15 @@ def as_stored(value: float | None, *, real: bool = False) -> float | None:
     return struct.unpack("f", struct.pack("f", value))[0] if real else float(value)
 
 
-def seal(key: bytes, org: str, content: Content, offset_ms: int | None) -> bytes:
-    """A scan row's seal: computed by the service before the INSERT, over the whole row (the
-    content and the connection's clock offset, which orders scans), so that only rows it wrote can
-    enter a chain: a row written or altered behind its back has no valid seal without the key."""
-    return _mac(key, _SEAL, [org, content.as_list(), offset_ms])
+def seal(key: bytes, org: str, content: Content) -> bytes:
+    """A scan row's seal: computed by the service before the INSERT, over the whole row as stored,
+    so that only rows it wrote can enter a chain: a row written or altered behind its back has no
+    valid seal without the key."""
+    return _mac(key, _SEAL, [org, content.as_list()])
 
 
-def sealed(key: bytes, org: str, content: Content, offset_ms: int | None, stored: bytes | None) -> bool:
-    return stored is not None and hmac.compare_digest(seal(key, org, content, offset_ms), stored)
+def sealed(key: bytes, org: str, content: Content, stored: bytes | None) -> bool:
+    return stored is not None and hmac.compare_digest(seal(key, org, content), stored)
 
 
 def checkpoint_sig(key: bytes, org: str, at: int, instance: str, heads: Sequence[Sequence[Any]]) -> bytes:

@@ -78,9 +78,10 @@ class CustodyExtension:
             scan.note,
             scan.recipient,
             scan.pod,
+            item.offset_ms,
         )
         try:
-            return chain.seal(self.layer.key, item.org, content, item.offset_ms)
+            return chain.seal(self.layer.key, item.org, content)
         except (TypeError, ValueError):  # a string PostgreSQL would not store either (a lone surrogate)
             return None
 

@@ -284,7 +284,7 @@ async def verify_package(request: Request) -> Response:
     problems = chain.verify(layer.key, p.org, package, records, row["chain_len"], head, tag, ps.consignment(row))
     problems += chain.against_checkpoint(records, row["chain_len"], await layer.checkpoints.latest(p.org, package))
     for scan in await ps.unchained_of(pool, p.org, package, UNCHAINED_MAX):
-        if not chain.sealed(layer.key, p.org, ps.content(scan), scan["offset_ms"], scan["seal"]):
+        if not chain.sealed(layer.key, p.org, ps.content(scan), scan["seal"]):
             why = "this scan row was not written by the service (its seal does not verify): never chained"
             problems.append(chain.Problem(None, why, (scan["driver_id"], scan["seq"])))
     metrics.CUSTODY_VERIFY_FAILED.inc(1 if problems else 0)

@@ -141,7 +141,7 @@ async def process(
         fresh.sort(key=lambda r: (r["received_at"], r["driver_id"], r["seq"]))  # the order they were stored
         forged: list[asyncpg.Record] = []
         for row in fresh:
-            if not chain.sealed(key, row["org"], ps.content(row), row["offset_ms"], row["seal"]):
+            if not chain.sealed(key, row["org"], ps.content(row), row["seal"]):
                 forged.append(row)  # not written by the service: never chained, never replayed
                 continue
             batch.fresh.setdefault((row["org"], row["package"]), []).append(row)

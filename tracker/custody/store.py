@@ -90,6 +90,7 @@ def content(row: asyncpg.Record) -> Content:
         row["note"],
         row["recipient"],
         row["pod"],
+        row["offset_ms"],
     )
 
 

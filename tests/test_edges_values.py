@@ -17,7 +17,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from harness.clients import Dash, Peer, Phone, now_ms, pos, scan
-from harness.http import DEST, http
+from harness.http import DEST, consign, http
 from harness.instances import Instance
 from harness.tokens import token
 from tracker.protocol.wscodec import OP_PING, OP_TEXT, apply_mask, encode_frame
@@ -126,6 +126,19 @@ async def test_subscribe_with_an_overflowing_bbox_is_a_protocol_error_not_not_js
     await dash.send('{"type":"subscribe","bbox":[-1e400,-10,10,10]}')
     frame = await dash.recv()
     assert frame["code"] == "protocol" and "bbox" in frame["message"], frame
+
+
+@pytest.mark.parametrize("odd", ['"PKG-\\ud83d"', '"PKG-\\u0000"'])
+async def test_an_odd_id_in_a_subscribe_costs_the_snapshot_nothing(instance: Instance, org: str, odd: str) -> None:
+    await consign(instance, org, "PKG-1", "st-marys")
+    dash = Peer(await connect(instance.url + "/v1/live", compression=None))
+    await dash.send({"type": "hello", "token": token("dispatcher", "u-1", org)})
+    assert (await dash.recv())["type"] == "welcome"
+    await dash.send('{"type":"subscribe","packages":["PKG-1",' + odd + "]}")
+    snap = await dash.recv()
+    while snap["type"] != "snapshot":
+        snap = await dash.recv()
+    assert [p["package"] for p in snap["packages"]] == ["PKG-1"]
 
 
 # -- item 5 / 9: claims and ids ------------------------------------------------------------------

@@ -20,6 +20,7 @@ from tracker.protocol import frames
 from tracker.protocol.bucket import TokenBucket
 from tracker.protocol.driver import DriverSession
 from tracker.protocol.events import Position, Refusal, Scan, check_event
+from tracker.protocol.subscribe import parse_subscribe
 from tracker.protocol.viewer import ViewerSession
 
 SECRET = "odd-secret-" + "x" * 40
@@ -279,3 +280,10 @@ def test_the_fixed_messages_name_the_cause() -> None:
         with pytest.raises(AuthError) as exc:
             VERIFIER.verify(cases[case])
         assert str(exc.value) == message, case
+
+
+def test_subscribe_ids_no_table_can_hold_name_nothing_and_are_dropped() -> None:
+    flt = parse_subscribe(
+        frames.decode('{"type":"subscribe","drivers":["d-1","\\ud83d","a\\u0000"],"packages":["\\udc00"]}')
+    )
+    assert flt.drivers == frozenset({"d-1"}) and flt.packages == frozenset()  # follows no package, not every one

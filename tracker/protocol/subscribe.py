@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
+from .events import storable_text
 from .frames import ProtocolError
 
 BBox = tuple[float, float, float, float]
@@ -39,7 +40,8 @@ def in_bbox(bbox: BBox, lat: float, lon: float) -> bool:
 
 
 def parse_subscribe(obj: dict[str, Any], *, max_ids: int = IDS_MAX) -> Filter:
-    """A subscription's filters; malformed values are a protocol error, ids are just strings.
+    """A subscription's filters; malformed values are a protocol error, ids are just strings (one
+    that cannot be stored names nothing and is dropped).
     `drivers` and `packages` together name at most `max_ids` ids."""
 
     def ids(key: str) -> frozenset[str] | None:
@@ -52,7 +54,9 @@ def parse_subscribe(obj: dict[str, Any], *, max_ids: int = IDS_MAX) -> Filter:
             or not all(type(v) is str and len(v) <= ID_MAX_LEN for v in value)
         ):
             raise ProtocolError(f"subscribe: {key} must be an array of ids")
-        return frozenset(value)
+        # An id no table can hold (NUL, a lone surrogate) names nothing: dropped, so that it costs
+        # nothing else (handed to PostgreSQL, it made the whole snapshot go without packages).
+        return frozenset(v for v in value if storable_text(v))
 
     named = sum(len(v) for v in (obj.get("drivers"), obj.get("packages")) if type(v) is list)
     if named > max_ids:

@@ -35,6 +35,8 @@ class _Pipe:
                     break
                 if up and len(self.said) < 4096:
                     self.said += data[: 4096 - len(self.said)]
+                    if any(marker in self.said for marker in self.proxy.muting):
+                        self.muted = True
                 if not up and self.muted:
                     continue  # green but deaf: the connection stays up, nothing gets through
                 writer.write(data)
@@ -74,6 +76,7 @@ class Proxy:
         self.rate_up = 0
         self.rate_down = 0
         self.refusing = False
+        self.muting: set[bytes] = set()  # markers that mute connections opened later, too
         self._server: asyncio.Server | None = None
         self.port = 0
 
@@ -125,13 +128,23 @@ class Proxy:
         self.rate_down = bytes_per_s if down else 0
         self.rate_up = bytes_per_s if up else 0
 
-    def mute(self, marker: bytes) -> int:
+    def mute(self, marker: bytes, *, also_new: bool = False) -> int:
+        """Mute the open connections whose client sent `marker`; with `also_new`, also those
+        opened later as soon as their client sends it (until `unmute`). Returns how many now."""
+        if also_new:
+            self.muting.add(marker)
         n = 0
         for pipe in self.pipes:
             if marker in pipe.said:
                 pipe.muted = True
                 n += 1
         return n
+
+    def unmute(self) -> None:
+        """What the server sends gets through again, on every connection."""
+        self.muting.clear()
+        for pipe in self.pipes:
+            pipe.muted = False
 
     async def close(self) -> None:
         self.reset()

@@ -384,6 +384,18 @@ async def test_online_orders_connections_by_registration(impl: Harness) -> None:
     assert after.current and after.gen > gens[-1], "a restarted store still orders after what it forgot"
 
 
+async def test_receiving_only_once_a_probe_came_back(impl: Harness) -> None:
+    """/readyz's subscriber check: `start` (or a subscription merely sent) proves nothing; only a
+    loop-back that came back does, and then the feed is live too."""
+    peer = Peer(impl.make(30.0))
+    impl.peers.append(peer)
+    assert not peer.broker.receiving
+    peer.broker.start()
+    assert not peer.broker.receiving, "receiving before anything came back"
+    await until(lambda: peer.broker.receiving, "the loop-back to come back")
+    assert peer.broker.live and peer.status == [True]
+
+
 async def test_refresh_keeps_online_and_expiry_is_swept_once(impl: Harness) -> None:
     a, b = await impl.peers2(ttl_s=TTL_S)
     org = impl.org

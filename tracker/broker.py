@@ -74,7 +74,8 @@ class Broker(Protocol):
 
     @property
     def receiving(self) -> bool:
-        """The subscriber is proven to receive (a loop-back probe, not just "connected")."""
+        """The subscriber is proven to receive: a loop-back probe published after the current
+        subscription came back (not just "connected", nor "subscribe sent"). /readyz needs it."""
 
     async def ping(self) -> bool:
         """The shared store answers; never raises."""

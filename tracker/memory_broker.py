@@ -147,7 +147,9 @@ class MemoryBroker:
 
     @property
     def receiving(self) -> bool:
-        return self._loop is not None and self.bus.is_up
+        """As RedisBroker's: only once the feed is proven live (the status delivered from the
+        loop after `start`), never merely because `start` was called."""
+        return self._loop is not None and self.bus.is_up and self.live
 
     async def ping(self) -> bool:
         await asyncio.sleep(0)

@@ -117,6 +117,7 @@ class Node:
             self.extension.control(parts[1])
 
     def _on_status(self, live: bool) -> None:
+        self.extension.feed_changed(live)  # first: who may see what is uncertain while the feed is down
         frame = status_frame(live)
         for dash in self.hub.dashboards():
             dash.channel.write(frame)

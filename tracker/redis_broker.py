@@ -15,6 +15,7 @@ torn down and made again. Live delivery is best effort: when Redis is down, inge
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -139,6 +140,7 @@ class RedisBroker:
         self.probe_channel = f"trk:probe:{instance_id}"
         self._probe_sent = 0.0
         self._probe_seen = 0.0
+        self._subscribed_at = 0.0
         self.subscribed = False
         self.live = False
         self.on_live: Callable[[str, bytes], None] = lambda org, payload: None
@@ -306,7 +308,9 @@ class RedisBroker:
 
     @property
     def receiving(self) -> bool:
-        return self.subscribed and time.monotonic() - self._probe_seen < 8.5
+        """Subscribed, and a probe published after this subscription was received back recently:
+        a subscription that was only sent (not proven to deliver) is not receiving."""
+        return self.subscribed and self._probe_seen > 0 and time.monotonic() - self._probe_seen < 8.5
 
     async def _subscriber(self) -> None:
         backoff = 0.1
@@ -317,7 +321,10 @@ class RedisBroker:
                 await pubsub.psubscribe(LIVE_PREFIX + "*")
                 await pubsub.subscribe(CTL_CHANNEL, self.probe_channel)
                 self.subscribed = True
-                self._probe_seen = time.monotonic()
+                self._probe_seen = 0.0  # receiving only once a probe came back on this subscription
+                self._subscribed_at = time.monotonic()
+                with contextlib.suppress(RedisError, OSError):  # the first proof now, not in a second
+                    await self.redis.publish(self.probe_channel, b"%f" % time.monotonic())
                 backoff = 0.1
                 await self._listen(pubsub)
             except (RedisError, OSError) as exc:
@@ -339,7 +346,7 @@ class RedisBroker:
         while True:
             msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             if msg is None:
-                if time.monotonic() - self._probe_seen > 10.0:
+                if time.monotonic() - max(self._probe_seen, self._subscribed_at) > 10.0:
                     log.warning("subscriber is connected but receives nothing: reconnecting")
                     return
                 continue

@@ -9,6 +9,17 @@ A window closes at the *receipt* of the scan that closes it, on whichever instan
 instance notes it at once and tells the others (one control message per tick). From then until
 that scan is chained and the stamps recomputed, the package counts as held by nobody, so no
 position sent after a delivery or a handover reaches the client.
+
+Fail closed: while this instance's live feed is down (and from its start until the feed is first
+up) it may miss other instances' notices, so it stamps nothing for clients. When the feed is back
+it recomputes every stamp from PostgreSQL before stamping again, tells the others again every scan
+received here and not chained yet, and asks them for theirs (`resync`).
+
+A window opens at the *receipt* of a pickup or handover too, when the package's client is known
+here (its consignment is cached: a client never changes once consigned): the positions the
+driver sends right after it, even in the same frame, carry the new stamp. Until that scan is
+chained and the stamps recomputed from PostgreSQL, it counts as held by its scanner; a later
+scan of the package by anyone else, or the scanner's own deliver, fail or return, ends that.
 """
 
 from __future__ import annotations
@@ -48,11 +59,24 @@ class Stamps:
         # (org, package) -> {(driver, seq): received}: scans that may end the holder's window,
         # received (here or elsewhere) and not chained yet.
         self.closing: dict[tuple[str, str], dict[tuple[str, int], int]] = {}
+        # (org, package) -> (driver, seq, received): the latest pickup or handover received (here
+        # or elsewhere) and not chained yet, of a package whose client is known.
+        self.opening: dict[tuple[str, str], tuple[str, int, int]] = {}
+        self.client_of: dict[tuple[str, str], str] = {}  # consigned packages' clients (immutable)
+        self._orgs: dict[str, asyncio.Future[None]] = {}  # orgs whose open consignments are cached
         self._keys: set[DriverKey] = set()
         self._clears: list[Chained] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
         self._notices: list[list[Any]] = []
+        # Scans received here and not chained yet: (org, package, driver, seq) -> (notice, received).
+        # Told again whenever the live feed comes back (here, or on an instance that asks).
+        self._recent: dict[Chained, tuple[list[Any], int]] = {}
+        # Fail closed: while the live feed is down (and from the start until it is first up), this
+        # instance may miss other instances' notices, so no frame is stamped for a client until
+        # the feed is back and every stamp was recomputed from PostgreSQL.
+        self.uncertain = True
+        self._feed = 0  # counts the feed's changes: a recompute counts only if no change came since
         self._generation = 0
         self._applied: dict[DriverKey, int] = {}
         self._hello: TickBatcher[DriverKey, list[asyncpg.Record]] = TickBatcher(self._query, max_batch=2000)
@@ -63,13 +87,22 @@ class Stamps:
         """At receipt (never awaits): close the holder's window here, and tell the other instances."""
         org, driver = conn.key
         self._closing(org, scan.package, driver, scan.seq, scan.event)
-        if not self.core.broker.live:
-            return  # no live feed to leak through (and no Redis to tell the others through)
+        notice = [org, scan.package, driver, scan.seq, scan.event]
+        self._recent[(org, scan.package, driver, scan.seq)] = (notice, now_ms())
+        # Told even while the feed is down (publishing may still work); if it does not, the notice
+        # is told again when the feed is back (on_feed): never lost.
         if not self._notices:
             asyncio.get_running_loop().call_soon(self._send_notices)
-        self._notices.append([org, scan.package, driver, scan.seq, scan.event])
+        self._notices.append(notice)
 
     def _closing(self, org: str, package: str, driver: str, seq: int, event: str) -> None:
+        opened = self.opening.get((org, package))
+        if opened is not None and (opened[0] != driver or event in custody.CLOSING_EVENTS):
+            del self.opening[(org, package)]  # a later scan ends the window its receipt opened
+            self.apply((org, opened[0]))
+        if event in custody.OPENING_EVENTS and (org, package) in self.client_of:
+            self.opening[(org, package)] = (driver, seq, now_ms())
+            self.apply((org, driver))
         holder = self.holder_of.get((org, package))
         if holder is None or (holder[1] == driver and event not in custody.CLOSING_EVENTS):
             return  # nobody holds it here, or its holder goes on holding it
@@ -80,7 +113,56 @@ class Stamps:
         notices, self._notices = self._notices, []
         self.core.spawn(self._tell({"closing": notices}))
 
+    def on_feed(self, live: bool) -> None:
+        """The live feed went down (False) or came back (True). Down: stamp nothing for clients
+        (fail closed). Back: recompute every stamp from PostgreSQL, tell the others again every
+        scan received here and not chained yet, and ask them for theirs; stamps return only once
+        the recompute is applied and the feed has not gone down again meanwhile."""
+        self._feed += 1
+        feed = self._feed
+        if not live:
+            self._set_uncertain(True)
+            return
+        self.refresh(list(self.core.drivers)).add_done_callback(
+            lambda _: self._set_uncertain(False) if feed == self._feed and self.core.broker.live else None
+        )
+        self.core.spawn(self._tell({"closing": self._pending_notices(), "resync": 1}))
+
+    def _set_uncertain(self, uncertain: bool) -> None:
+        if uncertain != self.uncertain:
+            self.uncertain = uncertain
+            for k in list(self.core.drivers):
+                self.apply(k)
+
+    def _pending_notices(self) -> list[list[Any]]:
+        limit = now_ms() - CLOSING_TTL_MS
+        for key in [k for k, (_, received) in self._recent.items() if received <= limit]:
+            del self._recent[key]
+        return [notice for notice, _ in self._recent.values()]
+
+    def consigned(self, org: str, package: str, client: str) -> None:
+        """A package was consigned here: every instance learns its client (one control message)."""
+        self.client_of[(org, package)] = client
+        self.core.spawn(self._tell({"clients": [[org, package, client]]}))
+
+    async def _known_clients(self, org: str) -> None:
+        """Cache the clients of the org's consigned packages not delivered yet (once per org; new
+        consignments come by control message)."""
+        loading = self._orgs.get(org)
+        if loading is None:
+            loading = self._orgs[org] = asyncio.get_running_loop().create_future()
+            try:
+                for row in await ps.open_consignments(self.core.pool, org):
+                    self.client_of[(org, row["package_id"])] = row["client"]
+            except PG_ERRORS as exc:
+                del self._orgs[org]
+                log.warning("clients of %s unknown (PostgreSQL: %s); windows open after chaining", org, exc)
+            finally:
+                loading.set_result(None)
+        await asyncio.shield(loading)
+
     async def on_driver_connected(self, conn: DriverConn) -> None:
+        await self._known_clients(conn.key[0])
         self._generation += 1
         generation = self._generation
         try:
@@ -98,8 +180,12 @@ class Stamps:
             msg = orjson.loads(payload)
             if msg.get("from") == self.core.broker.instance_id:
                 return  # this instance did it already
+            for org, package, client in msg.get("clients", ()):
+                self.client_of[(org, package)] = client
             for org, package, driver, seq, event in msg.get("closing", ()):
                 self._closing(org, package, driver, seq, event)
+            if msg.get("resync"):  # its feed was down: it may have missed what was received here
+                self.core.spawn(self._tell({"closing": self._pending_notices()}))
             keys = [(org, d) for org, d in msg.get("drivers", ())]
             chained = [(org, p, d, seq) for org, p, d, seq in msg.get("chained", ())]
         except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError):
@@ -134,6 +220,10 @@ class Stamps:
     def expire(self) -> None:
         """Forget closing scans that were never chained, and drivers gone; redo every stamp."""
         limit = now_ms() - CLOSING_TTL_MS
+        self._pending_notices()  # forgets the expired ones
+        for pk, (_, _, received) in list(self.opening.items()):
+            if received <= limit:
+                del self.opening[pk]
         for pk in list(self.closing):
             waiting = {c: t for c, t in self.closing[pk].items() if t > limit}
             if waiting:
@@ -169,6 +259,11 @@ class Stamps:
             for k, held in zip(live, rows, strict=True):
                 self._set_held(k, held, generation)
             for org, package, driver, seq in clears:  # only now: the answer above postdates their commit
+                self._recent.pop((org, package, driver, seq), None)
+                opened = self.opening.get((org, package))
+                if opened is not None and opened[:2] == (driver, seq):
+                    del self.opening[(org, package)]
+                    touched.add((org, driver))
                 waiting = self.closing.get((org, package))
                 if waiting is not None and waiting.pop((driver, seq), None) is not None:
                     if not waiting:
@@ -207,8 +302,11 @@ class Stamps:
                 self.holder_of[(k[0], package)] = k
 
     def stamp(self, k: DriverKey) -> bytes:
+        if self.uncertain:
+            return b""  # the feed is (or was just) down: who may see this driver is not known
         org = k[0]
         clients = {c for p, c in self.held.get(k, {}).items() if (org, p) not in self.closing}
+        clients.update(self.client_of[pk] for pk, opened in self.opening.items() if pk[0] == org and opened[0] == k[1])
         return orjson.dumps(sorted(clients)) if clients else b""
 
     def apply(self, k: DriverKey) -> None:

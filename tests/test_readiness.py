@@ -1,0 +1,152 @@
+"""Readiness tells the truth (issue 11, item 7): /readyz is never 200 before the instance's
+subscriber has proven it receives, by a loop-back probe that came back on its subscription."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from harness.clients import Dash, Phone, acked, now_ms, pos, scan, until_frame
+from harness.http import consign, ready
+from harness.instances import Instance
+from harness.proxy import Proxy
+from harness.servers import RedisServer
+from harness.tokens import CUSTODY_KEY, SECRET, token
+from harness.wait import wait_until
+from tracker.app import create_app
+from tracker.config import Settings
+from tracker.server import Server, uvicorn_config
+
+
+async def serve(settings: Settings) -> tuple[Server, asyncio.Task[None]]:
+    """Start a tracker and return as soon as it listens (no waiting for its broker)."""
+    app = create_app(settings)
+    server = Server(uvicorn_config(app, settings), app)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve())
+    await wait_until(lambda: server.started or task.done(), 10, "the instance to listen", interval=0.005)
+    if task.done():
+        task.result()
+    return server, task
+
+
+async def test_never_ready_before_the_probe_came_back(
+    database_url: str, private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """Many starts with the subscriber's replies held back (connected and subscribed, nothing
+    delivered): /readyz answers, and never says ready, for longer than a probe period; once the
+    replies flow, it does."""
+    proxy = await Proxy(private_redis.port).start()
+    try:
+        for start in range(5):
+            proxy.mute(b"PSUBSCRIBE", also_new=True)
+            settings = Settings(
+                database_url=database_url,
+                redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+                jwt_secret=SECRET,
+                custody_key=CUSTODY_KEY,
+                port=0,
+                data_dir=tmp_path,
+                instance_id=f"test-{uuid.uuid4().hex[:8]}",
+                log_level="warning",
+            )
+            server, task = await serve(settings)
+            try:
+                broker: Any = server.app.state.node.broker
+                seen: list[dict[str, Any]] = []
+
+                async def answered_for_a_while(
+                    seen: list[dict[str, Any]] = seen, broker: Any = broker, port: int = server.port
+                ) -> bool:
+                    body = await ready(port)
+                    if body is not None:
+                        seen.append(body)
+                    # long enough for the probes sent after the subscription (one per second)
+                    return broker.subscribed and time.monotonic() - broker._subscribed_at > 1.5
+
+                await wait_until(answered_for_a_while, 10, "the subscriber to be subscribed for 1.5 s", interval=0.01)
+                assert seen, f"start {start}: /readyz never answered"
+                wrong = [b for b in seen if b["ready"] or b["checks"]["subscriber"]]
+                assert not wrong, f"start {start}: ready before any probe came back: {wrong[0]}"
+                proxy.unmute()
+                await wait_until(
+                    functools.partial(_ready, server.port), 5, f"start {start}: ready once the probe comes back"
+                )
+            finally:
+                server.should_exit = True
+                await asyncio.wait_for(task, 30)
+    finally:
+        await proxy.close()
+
+
+async def _ready(port: int) -> bool:
+    body = await ready(port)
+    return bool(body and body["ready"] and body["checks"]["subscriber"])
+
+
+async def test_a_handover_missed_while_the_feed_was_down_never_reaches_the_old_client(
+    start_instance: Any, org: str, private_redis: RedisServer
+) -> None:
+    """The old holder's instance loses Redis while another instance receives the handover: the
+    closing notice and the stamp change are published while its subscriber cannot hear them. No
+    position the old holder sends afterwards reaches the old client: not while the feed is down
+    (fail closed: nothing stamped for clients), not after it is back (stamps recomputed first)."""
+    proxy = await Proxy(private_redis.port).start()
+    try:
+        a = await start_instance(redis_url=private_redis.url)
+        b = await start_instance(redis_url=f"redis://127.0.0.1:{proxy.port}/0")
+        await consign(a, org, "PKG-1", "cl-a")
+        client = await Dash.connect(a.url, token("client", "c", org, client="cl-a"), subscribe={})
+        seen: list[dict[str, Any]] = []
+        reader = asyncio.create_task(_read_into(client, seen))
+        disp = await Dash.connect(a.url, token("dispatcher", "u", org), subscribe={})
+        d1 = await Phone.connect(b.url, token("driver", "d-1", org))
+        await d1.send(scan(1, "PKG-1", "pickup"))
+        await acked(d1, 1)
+        await wait_until(lambda: _stamp(b, org, "d-1") == b'["cl-a"]', 10, "d-1's window for cl-a open on b")
+        await d1.send(pos(2))
+        await wait_until(lambda: _positions(seen, "d-1") == [2], 10, "cl-a to see d-1 while it holds PKG-1")
+
+        proxy.cut()
+        await wait_until(lambda: not b.node.broker.live, 10, "b's live feed to go down")
+        d2 = await Phone.connect(a.url, token("driver", "d-2", org))
+        await d2.send(scan(1, "PKG-1", "handover"))
+        await acked(d2, 1)
+        got: list[dict[str, Any]] = []
+        await until_frame(disp, got, "package", package="PKG-1", driver="d-2")  # chained and published
+        t = now_ms()
+        await d1.send({"type": "batch", "items": [pos(3, ts=t), pos(4, ts=t + 1), pos(5, ts=t + 2)]})
+        await acked(d1, 3, 4, 5)
+
+        proxy.restore()
+        await wait_until(lambda: b.node.broker.live, 15, "b's live feed to come back")
+        t = now_ms()
+        await d1.send({"type": "batch", "items": [pos(6, ts=t), pos(7, ts=t + 1), pos(8, ts=t + 2)]})
+        await acked(d1, 6, 7, 8)
+        await until_frame(disp, got, "pos", driver="d-1", seq=8)  # everything d-1 sent went out
+        await d2.send(pos(2))
+        await wait_until(lambda: _positions(seen, "d-2") == [2], 10, "cl-a to see d-2, its new holder")
+        assert _positions(seen, "d-1") == [2], "a position d-1 sent after the handover reached cl-a"
+        reader.cancel()
+    finally:
+        await proxy.close()
+
+
+async def _read_into(dash: Dash, frames: list[dict[str, Any]]) -> None:
+    with contextlib.suppress(Exception):
+        while True:
+            frames += await dash.live(3600)
+
+
+def _positions(frames: list[dict[str, Any]], driver: str) -> list[int]:
+    return [f["seq"] for f in frames if f["type"] == "pos" and f["driver"] == driver]
+
+
+def _stamp(inst: Instance, org: str, driver: str) -> bytes:
+    conn = inst.node.drivers.get((org, driver))
+    return conn.stamp if conn is not None else b"?"

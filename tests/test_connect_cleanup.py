@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -42,7 +43,8 @@ async def test_a_failure_during_connect_leaves_no_ghost(
         monkeypatch.setattr(DriverSession, "welcome", _fail_sync)
     before = gauge()
     async with connect(instance.url + "/v1/driver", compression=None) as ws:
-        await ws.send('{"type":"hello","token":"%s","device":"t","app":"t/1"}' % token("driver", "d-1", org))
+        hello = {"type": "hello", "token": token("driver", "d-1", org), "device": "t", "app": "t/1"}
+        await ws.send(orjson.dumps(hello).decode())
         with pytest.raises(ConnectionClosed) as closed:
             while True:
                 await ws.recv()

@@ -5,6 +5,7 @@ meets first: a websocket to a wrong path is 404, a `ts` in seconds says millisec
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import stat
@@ -174,7 +175,7 @@ def test_simulate_without_a_secret_says_where_it_looked(tmp_path: Path) -> None:
 
 def test_every_option_is_explained_with_readable_defaults_and_examples() -> None:
     parser = build_parser()
-    subparsers = next(a for a in parser._actions if a.dest == "command").choices  # type: ignore[attr-defined]
+    subparsers: dict[str, argparse.ArgumentParser] = next(a for a in parser._actions if a.dest == "command").choices  # type: ignore[assignment]
     for name, sub in subparsers.items():
         for action in sub._actions:
             assert action.help, f"tracker {name} {action.option_strings}: no help"

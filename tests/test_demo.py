@@ -58,7 +58,9 @@ async def running_demo(env: dict[str, str], log: Path, *args: str) -> AsyncItera
         if proc.poll() is not None:
             raise AssertionError(f"demo exited with {proc.returncode}:\n{log.read_text()}")
         match = URL_LINE.search(log.read_text())
-        return bool(match and found.append(match) is None)
+        if match:
+            found.append(match)
+        return match is not None
 
     try:
         await wait_until(printed, 90, "the demo to print its dashboard URL", interval=0.1)

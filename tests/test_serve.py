@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import pwd
 import shlex
 import shutil
 import signal
@@ -18,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -25,7 +27,7 @@ import pytest
 from harness.clients import Phone, pos
 from harness.http import request, wait_ready
 from harness.ports import free_port
-from harness.servers import popen, stop_process
+from harness.servers import pg_bin_dir, popen, stop_process
 from harness.wait import wait_until
 
 
@@ -280,3 +282,43 @@ async def test_a_second_ctrl_c_ends_a_stuck_shutdown_at_once(data: Path, tmp_pat
             with contextlib.suppress(psutil.Error):
                 p.resume()
     await no_servers_left(data)
+
+
+def postgres_ready(pgdata: Path) -> bool:
+    lines = (pgdata / "postmaster.pid").read_text().splitlines() if (pgdata / "postmaster.pid").exists() else []
+    return len(lines) >= 8 and lines[7].strip() == "ready"
+
+
+async def test_a_postgres_left_running_on_the_folder_is_stopped_and_replaced(data: Path, tmp_path: Path) -> None:
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = serve(port, data, log)
+    try:
+        await wait_ready(port, proc=proc, log=log, timeout=90, interval=0.2)
+    finally:
+        stop_process(proc)
+    await no_servers_left(data, timeout=5)
+    # An earlier version (pgserver's pg_ctl) left its PostgreSQL running on the folder, detached.
+    pgdata = data / "postgres"
+    user = "pgserver" if os.geteuid() == 0 else None
+    as_user: dict[str, Any] = (
+        {} if user is None else {"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": []}
+    )
+    stale = subprocess.Popen(
+        [str(pg_bin_dir(user) / "postgres"), "-D", str(pgdata), "-k", str(pgdata), "-h", ""],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        **as_user,
+    )
+    try:
+        await wait_until(lambda: postgres_ready(pgdata), 30, "the stale PostgreSQL to run")
+        proc = serve(port, data, log)
+        try:
+            await wait_ready(port, proc=proc, log=log, timeout=90, interval=0.2)
+            await wait_until(lambda: stale.poll() is not None, 5, "the stale PostgreSQL to be stopped")
+            await driver_acked(port, data)
+        finally:
+            stop_process(proc)
+    finally:
+        stop_process(stale, signal.SIGKILL)
+    await no_servers_left(data, timeout=5)

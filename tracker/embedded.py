@@ -162,13 +162,17 @@ class Embedded:
                 raise EmbeddedError(f"initdb failed (exit {done.returncode}): see {self.data_dir / 'initdb.log'}")
         _traversable(pgdata, user)
         sockets = socket_dir(self.data_dir)
+        # No postmaster runs on the folder now (we hold it, and stopped any left over): pid files
+        # left by a crash only mislead (a recycled pid in them makes PostgreSQL refuse to start).
+        for stale in (pgdata / "postmaster.pid", sockets / ".s.PGSQL.5432.lock", sockets / ".s.PGSQL.5432"):
+            stale.unlink(missing_ok=True)
         if sockets != pgdata:
             sockets.mkdir(exist_ok=True)
             _give(sockets, user)
         command = [str(_pg_bin() / "postgres"), "-D", str(pgdata), "-k", str(sockets), "-h", ""]
         self._pg = _spawn(command, self.data_dir / "postgres.log", cwd=pgdata, user=user, death=signal.SIGINT)
         url = postgres_dsn(self.data_dir)
-        _wait(self._pg, lambda: _pg_ready(pgdata), "PostgreSQL", self.data_dir / "postgres.log")
+        _wait(self._pg, lambda: _pg_ready(pgdata, self._pg), "PostgreSQL", self.data_dir / "postgres.log")
         log.info("embedded PostgreSQL at %s (log: %s)", url, self.data_dir / "postgres.log")
         return url
 
@@ -178,27 +182,10 @@ class Embedded:
         _stop_stale(self.data_dir / "redis.pid", ("redis-server",), signal.SIGTERM)
         sock.unlink(missing_ok=True)
         # Live state only: Redis keeps nothing on disk here (PostgreSQL is the record).
-        command = [
-            _redis_bin(),
-            "--port",
-            "0",
-            "--unixsocket",
-            str(sock),
-            "--unixsocketperm",
-            "700",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-            "--dir",
-            str(self.data_dir),
-            "--pidfile",
-            str(self.data_dir / "redis.pid"),
-            "--logfile",
-            str(self.data_dir / "redis.log"),
-        ]
+        data = self.data_dir
+        command = [_redis_bin(), *"--port 0 --unixsocketperm 700 --appendonly no --daemonize no".split()]
+        command += ["--save", "", "--unixsocket", str(sock), "--dir", str(data)]
+        command += ["--pidfile", str(data / "redis.pid"), "--logfile", str(data / "redis.log")]
         self._redis = _spawn(command, self.data_dir / "redis.log", cwd=self.data_dir, user=None, death=signal.SIGTERM)
         _wait(self._redis, lambda: _redis_pong(sock), "Redis", self.data_dir / "redis.log")
         url = redis_dsn(self.data_dir)
@@ -296,18 +283,30 @@ def _stop_stale(pid_file: Path, names: tuple[str, ...], sig: int) -> None:
     log.warning("stopping %s (pid %d) left running on %s by an earlier run", proc.name(), pid, pid_file.parent)
     with contextlib.suppress(psutil.Error):
         proc.send_signal(sig)
-        _, alive = psutil.wait_procs([proc], timeout=20)
-        for p in alive:
-            p.kill()
-        psutil.wait_procs(alive, timeout=5)
+        if not _gone(proc, 20):
+            proc.kill()
+            _gone(proc, 5)
 
 
-def _pg_ready(pgdata: Path) -> bool:
+def _gone(proc: psutil.Process, timeout: float) -> bool:
+    """Whether `proc` exited within `timeout` s (a zombie its parent has not reaped counts)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _pg_ready(pgdata: Path, proc: subprocess.Popen[bytes] | None) -> bool:
     try:
         lines = (pgdata / "postmaster.pid").read_text().splitlines()
     except OSError:
         return False
-    return len(lines) >= 8 and lines[7].strip() == "ready"
+    return proc is not None and len(lines) >= 8 and lines[0] == str(proc.pid) and lines[7].strip() == "ready"
 
 
 def _redis_pong(path: Path) -> bool:

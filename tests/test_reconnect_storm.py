@@ -43,23 +43,32 @@ class Hello:
         return any(f["type"] == "welcome" for f in self.frames)
 
 
-async def storm(instances: list[Instance], org: str, n: int) -> list[Hello]:
-    """Open n sockets (round robin over the instances), then send all n hellos at once."""
+async def storm(instances: list[Instance], org: str, n: int, *, at_once: bool = True) -> list[Hello]:
+    """Open n sockets (round robin over the instances), then send the n hellos: all at once, or one
+    after the other (each sent once the previous one is written: spread over several ticks)."""
     wss = await asyncio.gather(
         *(connect(instances[i % len(instances)].url + "/v1/driver", compression=None) for i in range(n))
     )
     hello = orjson.dumps({"type": "hello", "token": token("driver", "d-1", org), "device": "t", "app": "t/1"})
-    await asyncio.gather(*(ws.send(hello.decode()) for ws in wss))
-    return [Hello(ws) for ws in wss]
+    hellos = []
+    if at_once:
+        await asyncio.gather(*(ws.send(hello.decode()) for ws in wss))
+        return [Hello(ws) for ws in wss]
+    for ws in wss:
+        await ws.send(hello.decode())
+        hellos.append(Hello(ws))
+    return hellos
 
 
-@pytest.mark.parametrize("n", [3, 20, 200])
+@pytest.mark.parametrize(
+    ("n", "at_once"), [(3, True), (20, True), (200, True), (20, False)], ids=["3", "20", "200", "20-one-by-one"]
+)
 @pytest.mark.parametrize("spread", [1, 2], ids=["one-instance", "two-instances"])
 async def test_reconnect_storm_leaves_exactly_the_newest_connection(
-    start_instance: Any, org: str, redis_url: str, n: int, spread: int
+    start_instance: Any, org: str, redis_url: str, n: int, at_once: bool, spread: int
 ) -> None:
     instances = [await start_instance() for _ in range(spread)]
-    hellos = await storm(instances, org, n)
+    hellos = await storm(instances, org, n, at_once=at_once)
     try:
         await wait_until(
             lambda: sum(h.done for h in hellos) >= n - 1 and any(h.welcomed and not h.done for h in hellos),

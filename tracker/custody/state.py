@@ -1,8 +1,15 @@
 """A package's state from its scans: a pure state machine (no I/O, no clock).
 
-`replay(terms, scans)` applies the scans in phone-time order, ties broken by driver then seq, so
-the outcome depends on the *set* of scans, never on the order they arrived in: a late scan
-uploaded after an offline period lands where it belongs and the result is recomputed from all.
+`replay(terms, scans)` applies the scans in corrected-time order (`Fact.t`: the phone's ts plus
+the clock offset stored with the scan at its receipt, never later than that receipt), ties broken
+by driver then seq, so the outcome depends on the *set* of stored scans, never on the order they
+arrived in: a late scan uploaded after an offline period lands where it belongs and the result is
+recomputed from all.
+
+A client's *live* view of the holder (`Replay.live`) follows receipt instead: it is closed once a
+scan that ends the holder's custody (any scan of the package by another driver, or the holder's
+deliver, fail or return) was received after the holder's latest pickup or handover, whatever the
+ts say, and only a later-received pickup or handover by the holder opens it again.
 
 A scan is a physical fact: it always takes effect (a `deliver` by a driver who did not hold the
 package still means the package was delivered, by that driver). A scan that does not fit the
@@ -40,6 +47,8 @@ EFFECT: Final[Mapping[str, str]] = {
 }
 # Events after which the driver who scanned no longer holds the package for a client's view.
 CLOSING_EVENTS: Final = frozenset({"deliver", "fail", "return"})
+# Events after which the driver who scanned holds the package.
+OPENING_EVENTS: Final = frozenset({"pickup", "handover"})
 EARTH_RADIUS_M: Final = 6_371_008.8
 
 
@@ -54,10 +63,24 @@ class Fact:
     lat: float | None = None
     lon: float | None = None
     temp_c: float | None = None
+    received: int | None = None  # the server's clock at receipt (None: unknown, ts alone)
+    offset: int | None = None  # the connection's clock offset at receipt (None: no fix before it)
+
+    @property
+    def t(self) -> int:
+        """When it happened, on the server's clock as best known: ts corrected by the offset, and
+        never after its receipt (the scan's own ts bounds the offset as a fix's does)."""
+        t = self.ts if self.offset is None else self.ts + self.offset
+        return t if self.received is None else min(t, self.received)
 
     @property
     def order(self) -> tuple[int, str, int]:
-        return (self.ts, self.driver, self.seq)
+        return (self.t, self.driver, self.seq)
+
+    @property
+    def arrival(self) -> tuple[int, int]:
+        """The order the service received it in (one phone's scans of one receipt: by seq)."""
+        return (self.t if self.received is None else self.received, self.seq)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +116,7 @@ class Replay:
     ts: int | None  # the ts of the scan that led to `state` (None: no scan yet)
     anomalies: frozenset[Anomaly]
     windows: tuple[tuple[str, int, int | None], ...]  # (driver, from ts, to ts or None: still holds)
+    live: bool = False  # picked_up and the holder's live view open (module docstring)
 
 
 def distance_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
@@ -168,7 +192,8 @@ def replay(terms: Terms, scans: Iterable[Fact]) -> Replay:
     state, holder, ts = CREATED, None, None
     anomalies: set[Anomaly] = set()
     windows: list[tuple[str, int, int | None]] = []
-    for fact in sorted(scans, key=lambda f: f.order):
+    facts = sorted(scans, key=lambda f: f.order)
+    for fact in facts:
         if not terms.consigned:
             anomalies.add(
                 Anomaly(
@@ -197,7 +222,24 @@ def replay(terms: Terms, scans: Iterable[Fact]) -> Replay:
             if now_held is not None:
                 windows.append((now_held, fact.ts, None))
         state, holder, ts = new_state, fact.driver, fact.ts
-    return Replay(state, holder, ts, frozenset(anomalies), tuple(windows))
+    live = state == PICKED_UP and holder is not None and live_view(facts, holder)
+    return Replay(state, holder, ts, frozenset(anomalies), tuple(windows), live)
+
+
+def live_view(facts: Iterable[Fact], holder: str) -> bool:
+    """Whether a client's live view of `holder` is open: no scan ending its custody was received
+    after its latest-received pickup or handover (at the same receipt ms, another driver's scan
+    counts as later: the view fails closed)."""
+    facts = list(facts)
+    opened = max((f.arrival for f in facts if f.driver == holder and f.event in OPENING_EVENTS), default=None)
+    if opened is None:
+        return False
+    for f in facts:
+        if f.driver != holder and f.arrival[0] >= opened[0]:
+            return False
+        if f.driver == holder and f.event in CLOSING_EVENTS and f.arrival > opened:
+            return False
+    return True
 
 
 AlertKey = tuple[str, str, str, int]

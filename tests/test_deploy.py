@@ -159,6 +159,10 @@ async def drivers_on(inst: TrackerProc) -> int:
     return int(float(found.group(1))) if found else 0
 
 
+async def _is(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)
+
+
 async def test_nginx_upgrades_websockets_balances_and_keeps_the_origin_check(
     spawn: Spawn, org: str, database_url: str, redis_url: str
 ) -> None:
@@ -217,7 +221,8 @@ async def test_nginx_fails_over_when_an_instance_stops_nothing_acked_lost(
                 15,
                 "every driver acknowledged again through nginx",
             )
-            assert await drivers_on(b) == len(fleet.drivers)
+            n = len(fleet.drivers)
+            await wait_until(lambda: _is(drivers_on(b), n), 5, f"the {n} drivers connected to B")
             await fleet.drain(20)
         check = await check_stored(database_url, org, fleet.acked())
         check.assert_exactly_once()

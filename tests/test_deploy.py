@@ -4,12 +4,13 @@
   templated to two `tracker serve` processes sharing the test PostgreSQL and Redis) as an
   unprivileged foreground process on a spare port. Phones and dashboards go through it: websocket
   upgrades on /v1/driver and /v1/live, the Origin check with the Origin a browser sends, the
-  dashboard page, and failover when one instance stops.
+  dashboard page (also opened in headless Chromium, which must go live), and failover when one
+  instance stops.
 - docker-compose.yml: `docker-compose config` validates it; the secrets every replica must share
   are required there, and the service refuses to start without them when DATABASE_URL is set.
 
-nginx and docker-compose missing is a failure that says what to install (.ci/run installs them),
-never a skip.
+nginx, docker-compose or chromium missing is a failure that says what to install (.ci/run installs
+them), never a skip.
 """
 
 from __future__ import annotations
@@ -199,6 +200,47 @@ async def test_nginx_upgrades_websockets_balances_and_keeps_the_origin_check(
         with pytest.raises(InvalidStatus) as refused:
             await Dash.connect(nginx.url, token("dispatcher", "disp", org), origin="http://evil.example")
         assert refused.value.response.status_code == 403
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.mark.browser
+async def test_the_dashboard_page_goes_live_in_chromium_through_nginx(
+    spawn: Spawn, org: str, database_url: str, redis_url: str
+) -> None:
+    """What a user of the compose stack does: open the proxy's URL with a token in a browser. The
+    page's websocket carries the browser's own Origin and must go live, with the phones' markers."""
+    try:
+        from playwright.async_api import async_playwright
+    except ImportError:
+        pytest.fail("the Python package `playwright` is missing: install the dev extras (pip install -e '.[dev]')")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium); .ci/run does it")
+    a, b = await asyncio.gather(spawn(database_url, redis_url), spawn(database_url, redis_url))
+    async with nginx_in_front(a, b) as nginx:
+        phones = [await Phone.connect(nginx.url, token("driver", f"d-{i}", org)) for i in range(2)]
+        for phone in phones:
+            await phone.send(pos(1))
+            await acked(phone, 1)
+        errors: list[str] = []
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+            try:
+                page = await browser.new_page()
+                page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                await page.goto(f"http://127.0.0.1:{nginx.port}/#token={token('dispatcher', 'disp', org)}")
+                live = "() => { const s = window.trackerDebug?.state(); return s && s.connection === 'live'"
+                live += " && s.markers.length === 2; }"
+                try:
+                    await page.wait_for_function(live, timeout=15_000)
+                except Exception:  # the page's own words say why better than a timeout
+                    state = await page.evaluate("() => window.trackerDebug?.state()?.connection")
+                    raise AssertionError(f"the dashboard did not go live through nginx: {state}, {errors}") from None
+            finally:
+                await browser.close()
+        assert errors == []
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])

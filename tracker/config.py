@@ -120,7 +120,7 @@ class Settings:
         # With an external PostgreSQL (a deployment: several instances, containers with read-only
         # folders) the keys every instance must share are required; each instance generating its
         # own under data_dir would refuse the others' tokens and break the others' chains.
-        shared = "the same on every instance, from your secret store (e.g. `openssl rand -base64 48`)"
+        shared = "the same on every instance, from your secret store (e.g. `openssl rand -hex 32`)"
         if self.database_url and self.jwt_alg == "HS256" and not self.jwt_secret:
             raise ConfigError(
                 f"DATABASE_URL is set (a deployment), so TRACKER_JWT_SECRET is required (or TRACKER_JWT_ALG="

@@ -95,12 +95,12 @@ class Stamps:
             asyncio.get_running_loop().call_soon(self._send_notices)
         self._notices.append(notice)
 
-    def _closing(self, org: str, package: str, driver: str, seq: int, event: str) -> None:
+    def _closing(self, org: str, package: str, driver: str, seq: int, event: str, *, opens: bool = True) -> None:
         opened = self.opening.get((org, package))
         if opened is not None and (opened[0] != driver or event in custody.CLOSING_EVENTS):
             del self.opening[(org, package)]  # a later scan ends the window its receipt opened
             self.apply((org, opened[0]))
-        if event in custody.OPENING_EVENTS and (org, package) in self.client_of:
+        if opens and event in custody.OPENING_EVENTS and (org, package) in self.client_of:
             self.opening[(org, package)] = (driver, seq, now_ms())
             self.apply((org, driver))
         holder = self.holder_of.get((org, package))
@@ -126,7 +126,7 @@ class Stamps:
         self.refresh(list(self.core.drivers)).add_done_callback(
             lambda _: self._set_uncertain(False) if feed == self._feed and self.core.broker.live else None
         )
-        self.core.spawn(self._tell({"closing": self._pending_notices(), "resync": 1}))
+        self.core.spawn(self._tell({"resent": self._pending_notices(), "resync": 1}))
 
     def _set_uncertain(self, uncertain: bool) -> None:
         if uncertain != self.uncertain:
@@ -184,8 +184,12 @@ class Stamps:
                 self.client_of[(org, package)] = client
             for org, package, driver, seq, event in msg.get("closing", ()):
                 self._closing(org, package, driver, seq, event)
+            # Told again after an outage, maybe out of order with newer scans: such a notice may
+            # close a window, never open one (a stale pickup must not reopen its driver's window).
+            for org, package, driver, seq, event in msg.get("resent", ()):
+                self._closing(org, package, driver, seq, event, opens=False)
             if msg.get("resync"):  # its feed was down: it may have missed what was received here
-                self.core.spawn(self._tell({"closing": self._pending_notices()}))
+                self.core.spawn(self._tell({"resent": self._pending_notices()}))
             keys = [(org, d) for org, d in msg.get("drivers", ())]
             chained = [(org, p, d, seq) for org, p, d, seq in msg.get("chained", ())]
         except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError):

@@ -83,8 +83,11 @@ class Skewed:
         return cls(phone, skew, itertools.count(phone.welcome["last_seq"] + 1))
 
     async def fix(self) -> int:
+        """A position, acknowledged (so that the next one is received in a later ms: with a clock
+        over 2 minutes fast, a position's live time is its receipt)."""
         seq = next(self.seqs)
         await self.phone.send(pos(seq, ts=self.ts()))
+        await acked(self.phone, seq)
         return seq
 
     async def scan(self, package: str, event: str) -> int:
@@ -125,7 +128,7 @@ async def test_positions_in_the_pickup_frame_reach_the_client(start_instance: An
         assert client.positions("d-1") == {2, 3, 4}
 
         await consign(a, org, "P-2", "c2")  # consigned after the driver connected, on the other instance
-        stamps = b.node.extension.layer.stamps  # type: ignore[attr-defined]
+        stamps = b.node.extension.layer.stamps
 
         await wait_until(lambda: (org, "P-2") in stamps.client_of, 10, "instance b to learn P-2's client")
         other = await Watch.open(b, token("client", "adm", org, client="c2"))
@@ -305,11 +308,12 @@ async def test_no_frame_outside_a_window_whatever_the_clocks(
         marks = {d: await phones[d].fix() for d in DRIVERS}
         for d, seq in marks.items():
             allowed[(d, seq)] = frozenset(PACKAGES[p] for p, h in holder.items() if h == d)
-            await disp.until("pos", driver=d, seq=seq)
         mark = f"MARK-{next(EXAMPLES)}"
         for c, w in watches.items():  # a consignment published after everything above
             await consign(a, org, f"{mark}-{c}", c)
             await w.until("package", package=f"{mark}-{c}")
+        await disp.until("package", package=f"{mark}-c2")
+        assert {f["driver"] for f in frames_of(disp.frames, "pos")} == set(DRIVERS)
         for c, w in watches.items():
             for f in frames_of(w.frames, "pos"):
                 assert c in allowed[(f["driver"], f["seq"])], f"{c} saw {f} outside its window"

@@ -30,6 +30,8 @@ from harness.ports import free_port
 from harness.servers import pg_bin_dir, popen, stop_process
 from harness.wait import wait_until
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def clean_env() -> dict[str, str]:
     env = {
@@ -321,4 +323,22 @@ async def test_a_postgres_left_running_on_the_folder_is_stopped_and_replaced(dat
             stop_process(proc)
     finally:
         stop_process(stale, signal.SIGKILL)
+    await no_servers_left(data, timeout=5)
+
+
+async def test_dev_serve_banner_names_the_dev_command_and_it_works(data: Path, tmp_path: Path) -> None:
+    """From a checkout, `./dev serve` says `./dev tracker token ...` (`tracker` is not on PATH)."""
+    repo, port, log = REPO, free_port(), tmp_path / "serve.log"
+    proc = popen(["./dev", "serve", "--port", str(port), "--data-dir", str(data)], log=log, env=clean_env(), cwd=repo)
+    try:
+        await wait_ready(port, proc=proc, log=log, timeout=90, interval=0.2)
+        line = next(line for line in read(log).splitlines() if line.strip().startswith("a token"))
+        command = line.split("a token", 1)[1].strip()
+        assert command.startswith("./dev tracker token "), command
+        minted = subprocess.run(command, shell=True, cwd=repo, env=clean_env(), capture_output=True, text=True)
+        assert minted.returncode == 0, minted.stderr
+        status, _, body = await request(port, "GET", "/v1/drivers", minted.stdout.strip())
+        assert status == 200, body
+    finally:
+        stop_process(proc)
     await no_servers_left(data, timeout=5)

@@ -268,6 +268,7 @@ class RedisBroker:
         ]
 
     async def close(self) -> None:
+        self._closing = True  # the feed ending now is the shutdown, not an interruption
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -275,6 +276,7 @@ class RedisBroker:
         await self.redis.connection_pool.disconnect()  # a pool we made is not closed by the client
 
     _was_live = False  # the first "live" is the start, not a restoration
+    _closing = False
 
     def _set_live(self, live: bool) -> None:
         metrics.BROKER_LIVE.set(1 if live else 0)
@@ -282,6 +284,8 @@ class RedisBroker:
             self.live = live
             if live and not self._was_live:
                 log.info("live feed up")
+            elif self._closing:
+                log.info("live feed closed")
             else:
                 log.warning("live feed %s", "restored" if live else "interrupted")
             self._was_live = self._was_live or live

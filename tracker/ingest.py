@@ -95,6 +95,7 @@ class Ingest:
             metrics.SCANS_RECEIVED.inc(scans)
             rejected = self.writer_submit(pending)
             if rejected:
+                metrics.EVENTS_REFUSED.labels("unavailable").inc(len(rejected))
                 self.answered([], [(it, "unavailable", "the write buffer is full; resend later") for it in rejected])
         for org, items in live.items():
             self.broker.publish(org, items)

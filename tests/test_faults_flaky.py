@@ -14,7 +14,9 @@ from tracker.sim.run import SimOptions, simulate
 
 
 @pytest.mark.parametrize(
-    ("drivers", "duration"), [(300, 30.0), pytest.param(2000, 180.0, marks=pytest.mark.slow)], ids=["short", "long"]
+    ("drivers", "duration"),
+    [(300, 30.0), pytest.param(2000, 180.0, marks=[pytest.mark.slow, pytest.mark.timeout(600)])],
+    ids=["short", "long"],
 )
 async def test_flaky_links_lose_nothing_and_store_nothing_twice(
     spawn: Spawn,

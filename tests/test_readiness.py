@@ -137,6 +137,53 @@ async def test_a_handover_missed_while_the_feed_was_down_never_reaches_the_old_c
         await proxy.close()
 
 
+async def test_a_handover_received_without_redis_still_closes_the_old_holders_window(
+    start_instance: Any, org: str, private_redis: RedisServer
+) -> None:
+    """The instance *receiving* a handover has lost Redis; the old holder's instance has not. The
+    closing notice cannot go through the broker, so it goes through PostgreSQL (NOTIFY): the old
+    holder's instance stops stamping its positions for the old client at once, not at its next
+    stamp refresh (custody_sweep_s, set long here so that the refresh cannot close it instead)."""
+    proxy = await Proxy(private_redis.port).start()
+    try:
+        a = await start_instance(redis_url=f"redis://127.0.0.1:{proxy.port}/0", custody_sweep_s=600.0)
+        b = await start_instance(redis_url=private_redis.url, custody_sweep_s=600.0)
+        await consign(a, org, "PKG-1", "cl-a")
+        await consign(a, org, "PKG-2", "cl-a")
+        client = await Dash.connect(b.url, token("client", "c", org, client="cl-a"), subscribe={})
+        seen: list[dict[str, Any]] = []
+        reader = asyncio.create_task(_read_into(client, seen))
+        d1 = await Phone.connect(b.url, token("driver", "d-1", org))
+        await d1.send(scan(1, "PKG-1", "pickup"))
+        await acked(d1, 1)
+        await wait_until(lambda: _stamp(b, org, "d-1") == b'["cl-a"]', 10, "d-1's window for cl-a open on b")
+        await d1.send(pos(2))
+        await wait_until(lambda: _positions(seen, "d-1") == [2], 10, "cl-a to see d-1 while it holds PKG-1")
+        d3 = await Phone.connect(b.url, token("driver", "d-3", org))  # a marker: cl-a sees it throughout
+        await d3.send(scan(1, "PKG-2", "pickup"))
+        await acked(d3, 1)
+        await wait_until(lambda: _stamp(b, org, "d-3") == b'["cl-a"]', 10, "d-3's window for cl-a open on b")
+        # The first sweep (5 s after the start) redoes every stamp: past it, none until custody_sweep_s.
+        await wait_until(lambda: b.node.extension.layer._swept_until is not None, 15, "b's first custody sweep")
+
+        proxy.cut()
+        await wait_until(lambda: not a.node.broker.live, 10, "a's live feed to go down")
+        d2 = await Phone.connect(a.url, token("driver", "d-2", org))
+        await d2.send(scan(1, "PKG-1", "handover"))
+        await acked(d2, 1)
+        # The notice's way to b takes a moment (one NOTIFY); without it b would wait for its refresh.
+        await wait_until(lambda: _stamp(b, org, "d-1") == b"", 5, "b to close d-1's window for cl-a")
+        t = now_ms()
+        await d1.send({"type": "batch", "items": [pos(3, ts=t), pos(4, ts=t + 1), pos(5, ts=t + 2)]})
+        await acked(d1, 3, 4, 5)
+        await d3.send(pos(2))  # goes out on b's feed after d-1's positions, in order
+        await wait_until(lambda: _positions(seen, "d-3") == [2], 10, "cl-a to see d-3's position")
+        assert _positions(seen, "d-1") == [2], "a position d-1 sent after the handover reached cl-a"
+        reader.cancel()
+    finally:
+        await proxy.close()
+
+
 async def _read_into(dash: Dash, frames: list[dict[str, Any]]) -> None:
     with contextlib.suppress(Exception):
         while True:

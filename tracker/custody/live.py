@@ -53,7 +53,7 @@ class PackageLayer:
         self.checkpoints = Checkpoints(folder, key, core.broker.instance_id)
 
     def tasks(self) -> list[Coroutine[Any, Any, None]]:
-        return [self._processor(), self.stamps.run(), self._checkpointer()]
+        return [self._processor(), self.stamps.run(), self._checkpointer(), self.stamps.notifier.listen()]
 
     def on_stored_scans(self, stored: list[Pending]) -> None:
         """After a commit (never awaits): queue the scans for chaining, in the order stored."""

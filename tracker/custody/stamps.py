@@ -6,7 +6,8 @@ says so with a `stamp` control message), by one task whose queries run one after
 newer answer is never overwritten by an older one.
 
 A window closes at the *receipt* of the scan that closes it, on whichever instance: the receiving
-instance notes it at once and tells the others (one control message per tick). From then until
+instance notes it at once and tells the others (one control message per tick, through the broker
+and by PostgreSQL NOTIFY, notify.py: also when this instance has lost Redis). From then until
 that scan is chained and the stamps recomputed, the package counts as held by nobody, so no
 position sent after a delivery or a handover reaches the client.
 
@@ -37,6 +38,7 @@ from ..clock import now_ms
 from ..protocol.events import Scan
 from . import state as custody
 from . import store as ps
+from .notify import Notifier
 
 if TYPE_CHECKING:
     from ..conn import DriverConn
@@ -72,6 +74,10 @@ class Stamps:
         # Scans received here and not chained yet: (org, package, driver, seq) -> (notice, received).
         # Told again whenever the live feed comes back (here, or on an instance that asks).
         self._recent: dict[Chained, tuple[list[Any], int]] = {}
+        # Closing notices heard from other instances (by either way, broker or NOTIFY): a second
+        # copy is ignored, so that a notice heard again cannot undo a newer one.
+        self._heard: dict[tuple[str, str, str, int, str], int] = {}
+        self.notifier = Notifier(core, self.on_stamp_ctl)
         # Fail closed: while the live feed is down (and from the start until it is first up), this
         # instance may miss other instances' notices, so no frame is stamped for a client until
         # the feed is back and every stamp was recomputed from PostgreSQL.
@@ -111,7 +117,7 @@ class Stamps:
 
     def _send_notices(self) -> None:
         notices, self._notices = self._notices, []
-        self.core.spawn(self._tell({"closing": notices}))
+        self.core.spawn(self._tell({"closing": notices}, notify=True))
 
     def on_feed(self, live: bool) -> None:
         """The live feed went down (False) or came back (True). Down: stamp nothing for clients
@@ -183,10 +189,12 @@ class Stamps:
             for org, package, client in msg.get("clients", ()):
                 self.client_of[(org, package)] = client
             for org, package, driver, seq, event in msg.get("closing", ()):
-                self._closing(org, package, driver, seq, event)
+                if self._first((org, package, driver, seq, event)):
+                    self._closing(org, package, driver, seq, event)
             # Told again after an outage, maybe out of order with newer scans: such a notice may
             # close a window, never open one (a stale pickup must not reopen its driver's window).
             for org, package, driver, seq, event in msg.get("resent", ()):
+                self._first((org, package, driver, seq, event))
                 self._closing(org, package, driver, seq, event, opens=False)
             if msg.get("resync"):  # its feed was down: it may have missed what was received here
                 self.core.spawn(self._tell({"resent": self._pending_notices()}))
@@ -202,12 +210,25 @@ class Stamps:
         """After a commit elsewhere in this instance: tell the others whose stamps changed."""
         self.core.spawn(self._tell({"drivers": sorted(holders), "chained": chained}))
 
-    async def _tell(self, msg: dict[str, Any]) -> None:
+    def _first(self, notice: tuple[str, str, str, int, str]) -> bool:
+        """Whether a closing notice is heard here for the first time (and note it)."""
+        if notice in self._heard:
+            return False
+        self._heard[notice] = now_ms()
+        return True
+
+    async def _tell(self, msg: dict[str, Any], *, notify: bool = False) -> None:
+        """To every instance, through the broker; also by NOTIFY (notify.py) when `notify` (closing
+        notices: always) or when publishing raised. Lost only if both fail: then the notices are
+        told again when the feed is back, and the periodic refresh catches up."""
+        msg["from"] = self.core.broker.instance_id
         try:
-            msg["from"] = self.core.broker.instance_id
             await self.core.broker.publish_control(CTL_KIND, orjson.dumps(msg))
         except OSError as exc:
-            log.debug("stamp control message not sent (Redis: %s); the periodic refresh catches up", exc)
+            log.debug("stamp control message not published (Redis: %s); sending it by NOTIFY", exc)
+            notify = True
+        if notify:
+            await self.notifier.send(msg)
 
     # -- recomputing ----------------------------------------------------------------------------
 
@@ -225,6 +246,8 @@ class Stamps:
         """Forget closing scans that were never chained, and drivers gone; redo every stamp."""
         limit = now_ms() - CLOSING_TTL_MS
         self._pending_notices()  # forgets the expired ones
+        for notice in [n for n, heard in self._heard.items() if heard <= limit]:
+            del self._heard[notice]
         for pk, (_, _, received) in list(self.opening.items()):
             if received <= limit:
                 del self.opening[pk]

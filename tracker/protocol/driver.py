@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..auth import TokenVerifier
-from . import frames
+from ..auth import Principal, TokenVerifier
+from . import compact, frames
 from .bucket import TokenBucket
-from .events import Event, Refusal, check_event
+from .events import SEQ_MAX, Event, Refusal, check_event
 from .frames import ProtocolError
 from .session import Session, State
 
@@ -27,6 +27,8 @@ class DriverSession(Session):
         self.max_batch = max_batch
         self.bucket: TokenBucket | None = None
         self.refused: list[str] = []  # codes of refused events since the caller last cleared it
+        self.encoding = "json"  # what binary frames carry: "json" (none accepted) or compact.NAME
+        self.encodings_asked = False  # the phone's hello listed `encodings`: welcome names the choice
 
     def welcome(self, last_seq: int, now_ms: int, bucket: TokenBucket) -> None:
         """Open the session: `welcome` is the first frame the phone receives."""
@@ -45,8 +47,47 @@ class DriverSession(Session):
                 "server_time": now_ms,
                 "max_frame": self.max_frame,
                 "max_batch": self.max_batch,
+                **({"encoding": self.encoding} if self.encodings_asked else {}),
             }
         )
+
+    def receive_hello(self, data: str | bytes, *, bearer: str | None = None) -> Principal | None:
+        """`hello`, plus the encoding: compact-1 when the phone lists it in `encodings`. A malformed
+        `encodings` is a `protocol` error (1008)."""
+        principal = super().receive_hello(data, bearer=bearer)
+        if principal is None:
+            return None
+        asked = frames.decode(data).get("encodings")  # decoded once already: cannot fail
+        if asked is None:
+            return principal
+        if type(asked) is not list or len(asked) > 16 or any(type(e) is not str for e in asked):
+            self.principal = None
+            self.protocol_error(ProtocolError("hello: encodings must be an array of at most 16 strings"))
+            return None
+        self.encodings_asked = True
+        self.encoding = compact.NAME if compact.NAME in asked else "json"
+        return principal
+
+    def receive_binary(self, data: bytes, now_ms: int, now_s: float) -> list[Event]:
+        """One binary frame after `welcome`: a compact batch where compact-1 was negotiated (the
+        events accepted for storage, in order), else close 1003. Never raises ProtocolError."""
+        if self.state is not State.OPEN:
+            return []
+        if self.encoding != compact.NAME:
+            self.fail(1003, "binary frames are not accepted")
+            return []
+        try:
+            if len(data) > self.max_frame:
+                raise ProtocolError("frame too large", close_code=1009)
+            items = compact.decode(data, self.max_batch)
+        except ProtocolError as exc:
+            self.protocol_error(exc)
+            return []
+        except compact.TooLarge as exc:
+            seqs = [s for s in exc.seqs if 1 <= s < SEQ_MAX]
+            self.send(frames.error("too_large", f"a batch carries at most {self.max_batch} items", seqs=seqs))
+            return []
+        return self._events(items, now_ms, now_s)
 
     def receive(self, data: str | bytes, now_ms: int, now_s: float) -> list[Event]:
         """One frame after `welcome`: the events accepted for storage, in order. Never raises

@@ -47,14 +47,17 @@ def origin_allowed(ws: WebSocket, allowed: tuple[str, ...]) -> bool:
     return origin in (f"http://{host}", f"https://{host}")
 
 
-async def _receive(ws: WebSocket) -> str | bytes:
-    """The next text frame. A binary frame closes 1003 (no encoding that uses them was negotiated,
-    PROTOCOL.md) and ends the connection like a disconnect."""
+async def _receive(ws: WebSocket, *, binary: bool = False) -> str | bytes:
+    """The next text frame (a str). A binary frame closes 1003 (no encoding that uses them was
+    negotiated, PROTOCOL.md) and ends the connection like a disconnect; with `binary`, it is
+    returned as bytes instead, for the session to decide."""
     message = await ws.receive()
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(message.get("code", 1000))
     text = message.get("text")
     if text is None:
+        if binary and message.get("bytes") is not None:
+            return message["bytes"]  # type: ignore[no-any-return]
         with contextlib.suppress(Exception):  # already closing: the disconnect below ends it alike
             await ws.close(1003, "binary frames are not accepted")
         raise WebSocketDisconnect(1003)
@@ -155,11 +158,15 @@ async def driver_endpoint(ws: WebSocket) -> None:
         # Frames now go straight from the transport to the session where the server allows it; then
         # this loop only sees frames that were queued before the switch, and the end of the connection.
         if reader is not None:
-            reader.deliver_to(adapter.on_frame)
+            reader.deliver_to(adapter.on_frame, adapter.on_binary)
         elif channel.fast is not None:
-            channel.fast.receive_directly(adapter.on_frame)
+            channel.fast.receive_directly(adapter.on_frame, adapter.on_binary)
         while True:
-            adapter.on_frame(await _receive(ws))
+            data = await _receive(ws, binary=True)
+            if isinstance(data, str):
+                adapter.on_frame(data)
+            else:
+                adapter.on_binary(data)
     except WebSocketDisconnect:
         pass
     except Exception:  # a bug during connect: 1011 (PROTOCOL.md), undone below; the details stay in the log
@@ -185,12 +192,23 @@ class DriverAdapter:
         self.expiry.update()
 
     def on_frame(self, data: str | bytes) -> None:
+        """A text frame (bytes from the fast path, str from the portable one)."""
+        self._on_data(data, False)
+
+    def on_binary(self, data: bytes) -> None:
+        """A binary frame: the session decides (a compact batch, or close 1003)."""
+        self._on_data(data, True)
+
+    def _on_data(self, data: str | bytes, binary: bool) -> None:
         if self.done:
             return
         session, conn = self.session, self.conn
         try:
             received = now_ms()
-            events = session.receive(data, received, time.monotonic())
+            if binary:
+                events = session.receive_binary(data, received, time.monotonic())  # type: ignore[arg-type]
+            else:
+                events = session.receive(data, received, time.monotonic())
             if session.refused:
                 for code in session.refused:
                     metrics.EVENTS_REFUSED.labels(code).inc()

@@ -78,9 +78,12 @@ class FastPath:
     async def wait_writable(self) -> None:
         await self.proto.writable.wait()
 
-    def receive_directly(self, on_frame: Callable[[bytes], None]) -> bool:
-        """Hand every further data frame straight to `on_frame` from uvicorn's own parser (used
-        where `FrameReader` could not take over). False where this uvicorn does not allow it."""
+    def receive_directly(
+        self, on_frame: Callable[[bytes], None], on_binary: Callable[[bytes], None] | None = None
+    ) -> bool:
+        """Hand every further text frame straight to `on_frame` from uvicorn's own parser (used
+        where `FrameReader` could not take over), binary ones to `on_binary` (without it: close
+        1003). False where this uvicorn does not allow it."""
         proto = self.proto
         if not hasattr(proto, "send_receive_event_to_app") or not hasattr(proto, "frames"):
             return False
@@ -90,7 +93,10 @@ class FastPath:
             proto.frames = []
             if proto.close_sent:
                 return
-            if getattr(proto, "curr_msg_data_type", "text") != "text":  # a binary message: 1003
+            if getattr(proto, "curr_msg_data_type", "text") != "text":  # a binary message
+                if on_binary is not None:
+                    on_binary(data)
+                    return
                 proto.transport.write(encode_frame(OP_CLOSE, close_body(1003, "binary frames are not accepted")))
                 proto.close_sent = True
                 proto.queue.put_nowait({"type": "websocket.disconnect", "code": 1003, "reason": ""})
@@ -162,6 +168,7 @@ class FrameReader(asyncio.Protocol):
         self.proto = proto
         self.max_size = max_size
         self.on_frame: OnFrame = self._to_queue
+        self.on_binary: OnFrame | None = None  # None: binary messages close 1003
         self.parser = FrameParser(self._frame, max_size=max_size, masked=True)
         self.closed = False
 
@@ -191,11 +198,17 @@ class FrameReader(asyncio.Protocol):
 
     def _frame(self, opcode: int, fin: bool, payload: bytes) -> None:
         """One whole message or control frame from the codec (fragments arrive assembled). Binary
-        messages close 1003: no encoding that uses them was negotiated (PROTOCOL.md)."""
+        messages go to `on_binary` once the endpoint gave one (the session decides: a negotiated
+        encoding, or 1003), before that they close 1003 (PROTOCOL.md)."""
         if opcode == OP_TEXT:
             self.on_frame(payload)
         elif opcode == OP_BINARY:
-            self.fail(1003, "binary frames are not accepted")
+            if self.on_binary is not None:
+                self.on_binary(payload)
+            elif self.on_frame == self._to_queue:  # before hello is done: the endpoint decides, as on ASGI
+                self.proto.queue.put_nowait({"type": "websocket.receive", "bytes": payload})
+            else:
+                self.fail(1003, "binary frames are not accepted")
         elif opcode == OP_PING:
             self.proto.transport.write(encode_frame(OP_PONG, payload))
         elif opcode == OP_PONG:
@@ -233,7 +246,7 @@ class FrameReader(asyncio.Protocol):
 
     def _to_queue(self, payload: bytes) -> None:
         """Until the endpoint is ready (hello): frames go through ASGI `receive` as usual, as the
-        text frames they are (the endpoint closes 1003 on an ASGI `bytes` message)."""
+        text frames they are (binary ones as ASGI `bytes` messages: see `_frame`)."""
         try:
             text = payload.decode()
         except UnicodeDecodeError:
@@ -241,16 +254,23 @@ class FrameReader(asyncio.Protocol):
             return
         self.proto.queue.put_nowait({"type": "websocket.receive", "text": text})
 
-    def deliver_to(self, on_frame: OnFrame) -> None:
-        """From now on, hand frames to `on_frame` directly; frames still queued go first."""
+    def deliver_to(self, on_frame: OnFrame, on_binary: OnFrame | None = None) -> None:
+        """From now on, hand text frames to `on_frame` and binary ones to `on_binary` directly;
+        frames still queued go first."""
         queue = self.proto.queue
         later = []
         while not queue.empty():
             message = queue.get_nowait()
-            if message["type"] == "websocket.receive":
-                on_frame(message.get("bytes") or message.get("text", "").encode())
+            if message["type"] == "websocket.receive" and message.get("bytes") is not None:
+                if on_binary is None:
+                    self.fail(1003, "binary frames are not accepted")
+                    return
+                on_binary(message["bytes"])
+            elif message["type"] == "websocket.receive":
+                on_frame(message.get("text", "").encode())
             else:
                 later.append(message)
         for message in later:
             queue.put_nowait(message)
         self.on_frame = on_frame
+        self.on_binary = on_binary

@@ -20,6 +20,7 @@ import orjson
 from ..broker import LiveItem
 from ..clock import now_ms
 from ..protocol import frames
+from . import alerts_store as als
 from . import chain
 from . import state as custody
 from . import store as ps
@@ -83,9 +84,19 @@ def package_frame(package: str, state: str, holder: str | None, client: str | No
 
 
 def alert_frame(
-    id_: str, kind: str, state: str, ts: int, driver: str | None, package: str | None, message: str | None
+    id_: str,
+    kind: str,
+    state: str,
+    ts: int,
+    driver: str | None,
+    package: str | None,
+    message: str | None,
+    *,
+    acked: tuple[str, int] | None = None,
+    resolved: tuple[str | None, str | None] | None = None,
 ) -> dict[str, Any]:
-    return {
+    """`acked`: (by, at) once acknowledged; `resolved`: (by, reason) once resolved (by None: automatically)."""
+    frame: dict[str, Any] = {
         "type": "alert",
         "id": id_,
         "kind": kind,
@@ -95,6 +106,17 @@ def alert_frame(
         "package": package,
         "message": message,
     }
+    if acked is not None:
+        frame["acknowledged_by"], frame["acknowledged_at"] = acked
+    if state == "resolved" and resolved is not None:
+        frame["resolved_by"], frame["resolved_reason"] = resolved
+    return frame
+
+
+def alert_stamp(kind: str, stamp: bytes) -> bytes:
+    """Scan anomalies are operations (who scanned what, wrongly), and suspected tampering is for
+    those who can act on it: for the org's dispatchers only. Other kinds go to the package's client."""
+    return b"" if kind in (custody.SCAN_ANOMALY, chain.TAMPER) else stamp
 
 
 def terms(row: asyncpg.Record, max_delivery_m: float) -> custody.Terms:
@@ -149,14 +171,14 @@ async def process(
         scans: dict[ps.Key, list[asyncpg.Record]] = {}
         for row in await ps.chained_scans(conn, keys):
             scans.setdefault((row["org"], row["package"]), []).append(row)
-        stored: dict[ps.Key, dict[custody.AlertKey, tuple[str, str, str | None]]] = {}
+        stored: dict[ps.Key, dict[custody.AlertKey, asyncpg.Record]] = {}
         tamper_known: set[tuple[str, str, int]] = set()
         for a in await ps.alerts_of(conn, keys):
             if a["kind"] == chain.TAMPER:  # not a replay's anomaly: no scan explains it away
                 tamper_known.add((a["org"], a["driver_id"], a["seq"]))
                 continue
             akey = (a["kind"], a["reason"], a["driver_id"], a["seq"])
-            stored.setdefault((a["org"], a["package_id"]), {})[akey] = (a["state"], a["id"], a["message"])
+            stored.setdefault((a["org"], a["package_id"]), {})[akey] = a
         for row in forged:
             if (row["org"], row["driver_id"], row["seq"]) not in tamper_known:
                 batch.tampered(row)
@@ -164,6 +186,7 @@ async def process(
         for k in sorted(keys, key=lambda k: first.get(k, 0)):  # publish in the order scans were stored
             batch.update(k, locked[k], scans.get(k, []), stored.get(k, {}), announce=k in announce)
         await ps.upsert_alerts(conn, batch.alert_rows, batch.now)
+        await als.add_events(conn, batch.event_rows)
         await ps.update_packages(conn, batch.package_rows)
     return batch.out
 
@@ -177,6 +200,7 @@ class _Batch:
         self.fresh: dict[ps.Key, list[asyncpg.Record]] = {}  # scans chained now, per package, in order
         self.heads: dict[ps.Key, tuple[int, bytes]] = {}
         self.alert_rows: list[tuple[Any, ...]] = []
+        self.event_rows: list[tuple[str, str, str, str | None, int, str | None]] = []  # the alerts' history
         self.package_rows: list[tuple[Any, ...]] = []
 
     def chain(
@@ -205,7 +229,7 @@ class _Batch:
             f"scan {driver} seq {seq} ({row['event']}) was not written by the service "
             "(its seal does not verify): it is kept out of the chain of custody"
         )
-        self._alert((org, package), b"", akey, "open", alert_id(org, package, akey), message)
+        self._alert((org, package), b"", akey, "opened", alert_id(org, package, akey), message)
         self.out.tampered += 1
 
     def update(
@@ -213,7 +237,7 @@ class _Batch:
         k: ps.Key,
         pkg: asyncpg.Record,
         scans: list[asyncpg.Record],
-        stored: dict[custody.AlertKey, tuple[str, str, str | None]],
+        stored: dict[custody.AlertKey, asyncpg.Record],
         *,
         announce: bool,
     ) -> None:
@@ -234,12 +258,18 @@ class _Batch:
             out.live.append((org, ("a", result.holder or "", ts, stamp, frames.encode(frame))))
         if was != held or announce or pkg["live_view"] != result.live:
             out.holders.update((org, d) for d in (was, held) if d is not None)
-        to_open, to_resolve = custody.plan_alerts({a: s[0] for a, s in stored.items()}, result.anomalies)
+        # A person's resolution is final: the same anomaly is neither reopened nor resolved again by a replay.
+        auto = {a: s["state"] for a, s in stored.items() if s["state"] == "open" or s["resolved_by"] is None}
+        to_open, to_resolve = custody.plan_alerts(auto, result.anomalies)
         for anomaly in to_open:
-            self._alert(k, stamp, anomaly.key, "open", alert_id(org, package, anomaly.key), anomaly.message)
+            if anomaly.key in stored and anomaly.key not in auto:
+                continue
+            event = "reopened" if anomaly.key in stored else "opened"
+            self._alert(k, stamp, anomaly.key, event, alert_id(org, package, anomaly.key), anomaly.message)
         for akey in to_resolve:
-            _, id_, message = stored[akey]
-            self._alert(k, stamp, akey, "resolved", id_, message)
+            s = stored[akey]
+            acked = (s["acknowledged_by"], s["acknowledged_at"]) if s["acknowledged_at"] is not None else None
+            self._alert(k, stamp, akey, "resolved", s["id"], s["message"], acked=acked)
         length, head = self.heads.get(k, (pkg["chain_len"], bytes(pkg["chain_head"] or chain.GENESIS)))
         tag = chain.head_tag(self.key, org, package, length, head, ps.consignment(pkg))
         self.package_rows.append(
@@ -247,13 +277,22 @@ class _Batch:
         )
 
     def _alert(
-        self, k: ps.Key, stamp: bytes, akey: custody.AlertKey, state: str, id_: str, message: str | None
+        self,
+        k: ps.Key,
+        stamp: bytes,
+        akey: custody.AlertKey,
+        event: str,
+        id_: str,
+        message: str | None,
+        *,
+        acked: tuple[str, int] | None = None,
     ) -> None:
+        """`event`: opened, reopened or resolved (automatically); written to the alert's history too."""
         org, package = k
         kind, reason, driver, seq = akey
+        state = "resolved" if event == "resolved" else "open"
         self.alert_rows.append((org, id_, kind, reason, state, package, driver, seq, message))
-        frame = alert_frame(id_, kind, state, self.now, driver, package, message)
-        # Scan anomalies are operations (who scanned what, wrongly), and suspected tampering is for
-        # those who can act on it: for the org's dispatchers only.
-        a_stamp = b"" if kind in (custody.SCAN_ANOMALY, chain.TAMPER) else stamp
-        self.out.live.append((org, ("a", driver, self.now, a_stamp, frames.encode(frame))))
+        note = ps.AUTO_REASON if state == "resolved" else None
+        self.event_rows.append((org, id_, event, None, self.now, note))
+        frame = alert_frame(id_, kind, state, self.now, driver, package, message, acked=acked, resolved=(None, note))
+        self.out.live.append((org, ("a", driver, self.now, alert_stamp(kind, stamp), frames.encode(frame))))

@@ -14,6 +14,7 @@ from .chain import Consignment, Content, Record
 Tx = asyncpg.Connection | PoolConnectionProxy  # a connection (in a transaction where it says so)
 Conn = Tx | asyncpg.Pool
 Key = tuple[str, str]  # (org, package)
+AUTO_REASON: Final = "automatic: the anomaly no longer holds"  # an alert resolved by a replay
 
 # Keys must come sorted: rows are created and locked in key order, so two instances processing
 # overlapping batches wait for each other instead of deadlocking.
@@ -39,7 +40,8 @@ SELECT s.* FROM custody c JOIN scans s ON s.org = c.org AND s.driver_id = c.driv
 WHERE (c.org, c.package_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
 """
 ALERTS_OF: Final = """
-SELECT org, package_id, id, kind, reason, driver_id, seq, state, message FROM alerts
+SELECT org, package_id, id, kind, reason, driver_id, seq, state, message, resolved_by, acknowledged_by, acknowledged_at
+FROM alerts
 WHERE (org, package_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
 """
 UPSERT_ALERTS: Final = """
@@ -49,7 +51,14 @@ SELECT t.*, $10::int8, $10::int8 FROM unnest($1::text[], $2::text[], $3::text[],
     AS t(org, id, kind, reason, state, package_id, driver_id, seq, message)
 ON CONFLICT (org, id) DO UPDATE SET state = EXCLUDED.state, ts = EXCLUDED.ts,
     message = coalesce(EXCLUDED.message, alerts.message),
-    opened_at = CASE WHEN EXCLUDED.state = 'open' THEN EXCLUDED.opened_at ELSE alerts.opened_at END
+    opened_at = CASE WHEN EXCLUDED.state = 'open' THEN EXCLUDED.opened_at ELSE alerts.opened_at END,
+    -- reopened: a new occurrence, unacknowledged (the history keeps the earlier acknowledgement);
+    -- resolved here: automatically (a person's resolution is never replayed: custody/process.py)
+    acknowledged_by = CASE WHEN EXCLUDED.state = 'open' THEN NULL ELSE alerts.acknowledged_by END,
+    acknowledged_at = CASE WHEN EXCLUDED.state = 'open' THEN NULL ELSE alerts.acknowledged_at END,
+    ack_comment = CASE WHEN EXCLUDED.state = 'open' THEN NULL ELSE alerts.ack_comment END,
+    resolved_by = NULL,
+    resolved_reason = CASE WHEN EXCLUDED.state = 'open' THEN NULL ELSE $11::text END
 """
 UPDATE_PACKAGES: Final = """
 UPDATE packages p SET state = u.state, holder = u.holder, state_ts = u.state_ts, chain_len = u.chain_len,
@@ -126,7 +135,7 @@ async def alerts_of(conn: Conn, keys: Sequence[Key]) -> list[asyncpg.Record]:
 async def upsert_alerts(conn: Tx, rows: Sequence[tuple[Any, ...]], now: int) -> None:
     """rows: (org, id, kind, reason, state, package, driver, seq, message)."""
     if rows:
-        await conn.execute(UPSERT_ALERTS, *(list(col) for col in zip(*rows, strict=True)), now)
+        await conn.execute(UPSERT_ALERTS, *(list(col) for col in zip(*rows, strict=True)), now, AUTO_REASON)
 
 
 async def update_packages(conn: Tx, rows: Sequence[tuple[Any, ...]]) -> None:

@@ -138,6 +138,7 @@ async def test_ack_then_resolve_with_history_and_live_frames(instance: Instance,
     ] == 403
     snap = await disp.subscribe({})
     assert [a["id"] for a in snap["alerts"]] == [anomaly]
+    assert snap["alerts"][0]["acknowledged_by"] == "u"  # a dashboard that reconnects still sees who acknowledged
 
 
 async def test_automatic_resolution_keeps_the_acknowledgement(instance: Instance, org: str) -> None:

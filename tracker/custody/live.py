@@ -195,19 +195,7 @@ class PackageLayer:
             }
             for r in rows
         ]
-        out_alerts = [
-            {
-                "type": "alert",
-                "id": a["id"],
-                "kind": a["kind"],
-                "state": a["state"],
-                "ts": a["ts"],
-                "driver": a["driver_id"],
-                "package": a["package_id"],
-                "message": a["message"],
-            }
-            for a in alerts
-        ]
+        out_alerts = [_snapshot_alert(a) for a in alerts]
         return visible, out_packages, out_alerts
 
     async def trail_windows(self, principal: Principal, driver: str) -> list[tuple[int, int]]:
@@ -222,3 +210,21 @@ class PackageLayer:
             replayed = custody.replay(custody.Terms(), facts)
             windows += [(a, FOREVER if b is None else b) for a, b in custody.holding_windows(replayed, driver)]
         return sorted(windows)
+
+
+def _snapshot_alert(a: Any) -> dict[str, Any]:
+    """An open alert as a snapshot lists it: the live frame's fields, its acknowledgement included
+    (a dashboard that reconnects keeps seeing who acknowledged it)."""
+    out: dict[str, Any] = {
+        "type": "alert",
+        "id": a["id"],
+        "kind": a["kind"],
+        "state": a["state"],
+        "ts": a["ts"],
+        "driver": a["driver_id"],
+        "package": a["package_id"],
+        "message": a["message"],
+    }
+    if a["acknowledged_at"] is not None:
+        out["acknowledged_by"], out["acknowledged_at"] = a["acknowledged_by"], a["acknowledged_at"]
+    return out

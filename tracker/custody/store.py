@@ -334,7 +334,9 @@ async def scope_alerts(
     and suspected tampering (for dispatchers only)."""
     return await conn.fetch(
         """
-        SELECT a.id, a.kind, a.state, a.ts, a.driver_id, a.package_id, a.message FROM alerts a
+        SELECT a.id, a.kind, a.state, a.ts, a.driver_id, a.package_id, a.message, a.acknowledged_by,
+               a.acknowledged_at
+        FROM alerts a
         LEFT JOIN packages p ON p.org = a.org AND p.package_id = a.package_id
         WHERE a.org = $1 AND a.state = 'open'
           AND ($2::text IS NULL OR (p.client = $2 AND a.kind NOT IN ('scan_anomaly', 'tamper_suspected')))

@@ -147,6 +147,19 @@ def schema_files() -> set[str]:
     return {p.name for p in SCHEMAS.glob("*.json")}
 
 
+def http_body_schemas() -> set[str]:
+    """Schemas of HTTP bodies (no `type` property): linked from "## HTTP API", not frame sections."""
+    return {
+        name
+        for name in schema_files()
+        if "type" not in json.loads((SCHEMAS / name).read_text(encoding="utf-8")).get("properties", {})
+    }
+
+
+def frame_schema_files() -> set[str]:
+    return schema_files() - http_body_schemas()
+
+
 def schema_type(name: str) -> str:
     schema = json.loads((SCHEMAS / name).read_text(encoding="utf-8"))
     return str(schema["properties"]["type"]["const"])
@@ -222,7 +235,15 @@ def test_every_frame_section_links_the_schema_of_its_type() -> None:
             assert name in schema_files(), f"{where}: links {name}, which is not in schemas/"
             assert schema_type(name) == kind, f"{where}: links {name}, a schema of type {schema_type(name)!r}"
         linked_from_frames.update(names)
-    assert schema_files() - linked_from_frames == set(), "schemas that no frame section links"
+    assert frame_schema_files() - linked_from_frames == set(), "schemas that no frame section links"
+
+
+def test_http_body_schemas_are_linked_from_the_http_api_section() -> None:
+    http = [body for parent, level, _, body in section_tree(doc()) if level == 2 and parent == "HTTP API"]
+    assert http, "docs/PROTOCOL.md has no '## HTTP API' section"
+    linked = set(SCHEMA_LINK.findall(without_code(http[0])))
+    assert {"upload.json", "upload-answer.json"} <= http_body_schemas(), "the HTTP body scan found too little"
+    assert http_body_schemas() - linked == set(), "HTTP body schemas not linked from '## HTTP API'"
 
 
 def json_examples(body: str) -> list[object]:
@@ -262,7 +283,7 @@ def test_index_table_matches_frame_sections_and_schemas() -> None:
         assert names[0] in schema_files(), f"index row {row}: no such schema"
         assert schema_type(names[0]) == kind, f"index row {row}: {names[0]} is of type {schema_type(names[0])!r}"
         index.add((endpoint, kind, direction))
-    assert {SCHEMA_LINK.findall(row[3])[0] for row in rows} == schema_files(), "the index must list every schema"
+    assert {SCHEMA_LINK.findall(row[3])[0] for row in rows} == frame_schema_files(), "the index must list every frame"
     sections_ = {(parent.split(":")[0], kind, direction) for parent, kind, direction, _ in frame_sections()}
     assert index == sections_, (
         f"index rows without a section: {sorted(index - sections_)}; sections not in the index: "

@@ -37,6 +37,8 @@ EXPECTED = {
     "subscribe",
     # server -> dashboard
     "live-welcome", "snapshot", "live-pos", "live-scan", "package", "presence", "alert", "status", "live-batch",
+    # HTTP bodies: POST /v1/driver/events and its answer
+    "upload", "upload-answer",
 }  # fmt: skip
 
 EXAMPLES = [(name, i) for name, schema in sorted(schemas().items()) for i in range(len(schema.get("examples", [])))]

@@ -37,6 +37,7 @@ from .redis_broker import RedisBroker, default_instance_id
 from .transport import http as http_api
 from .transport.admission import Admission
 from .transport.endpoints import driver_endpoint, live_endpoint
+from .transport.upload import driver_events
 
 log = logging.getLogger("tracker")
 
@@ -193,6 +194,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/drivers/{driver}/trail", http_api.driver_trail),
         *custody_http.routes(),
         *alerts_http.routes(),
+        Route("/v1/driver/events", driver_events, methods=["POST"]),
         WebSocketRoute("/v1/driver", driver_endpoint),
         WebSocketRoute("/v1/live", live_endpoint),
         Mount("/static", StaticFiles(directory=Path(__file__).parent / "static", check_dir=False), name="static"),

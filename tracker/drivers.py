@@ -72,6 +72,14 @@ class Drivers:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def bucket(self, key: DriverKey) -> TokenBucket:
+        """The driver's rate budget: one per driver, shared by its websocket and its HTTP uploads."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            s = self.settings
+            bucket = self._buckets[key] = TokenBucket(s.rate_per_s, s.rate_burst, time.monotonic())
+        return bucket
+
     async def connected(self, conn: DriverConn) -> int:
         """Register a connection, record it in PostgreSQL and the broker; returns welcome's
         `last_seq` (0 while PostgreSQL is away: the map must not freeze). Welcome it only if it is
@@ -79,11 +87,7 @@ class Drivers:
         the connection is already undone (as by `disconnected`)."""
         p = conn.principal
         key = conn.key
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            s = self.settings
-            bucket = self._buckets[key] = TokenBucket(s.rate_per_s, s.rate_burst, time.monotonic())
-        conn.bucket = bucket
+        conn.bucket = self.bucket(key)
         self._local.setdefault(key, []).append(conn)
         metrics.CONNECTIONS.labels("driver").inc()
         try:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 from html.parser import HTMLParser
 from typing import Any
@@ -14,51 +13,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from harness.clients import Peer
+from harness.http import Response, request
 from harness.instances import Instance
 from harness.tokens import token
-
-Response = tuple[int, dict[str, str], bytes]
-
-
-async def request(
-    inst: Instance,
-    method: str,
-    target: str,
-    tok: str | None = None,
-    body: bytes = b"",
-    headers: dict[str, str] | None = None,
-) -> Response:
-    """One raw HTTP/1.1 request (the target is sent as is): (status, lower-cased headers, body)."""
-    head = [
-        f"{method} {target} HTTP/1.1",
-        f"Host: 127.0.0.1:{inst.port}",
-        "Connection: close",
-        f"Content-Length: {len(body)}",
-    ]
-    if tok is not None:
-        head.append(f"Authorization: Bearer {tok}")
-    head += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    reader, writer = await asyncio.open_connection("127.0.0.1", inst.port)
-    try:
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
-        raw = await asyncio.wait_for(reader.read(), 10)
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    header, _, payload = raw.partition(b"\r\n\r\n")
-    lines = header.decode("latin-1").split("\r\n")
-    fields = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
-    fields = {k.lower(): v for k, v in fields.items()}
-    if fields.get("transfer-encoding") == "chunked":
-        out = b""
-        while payload:
-            size_line, _, payload = payload.partition(b"\r\n")
-            size = int(size_line.split(b";")[0], 16)
-            if size == 0:
-                break
-            out, payload = out + payload[:size], payload[size + 2 :]
-        payload = out
-    return int(lines[0].split(" ", 2)[1]), fields, payload
 
 
 def assert_json_error(resp: Response, status: int, code: str | None = None) -> dict[str, Any]:

@@ -29,6 +29,20 @@ from .wait import wait_until
 ROOT = Path(__file__).resolve().parent.parent
 
 
+async def serve(settings: Settings) -> tuple[Server, asyncio.Task[None]]:
+    """Serve `create_app(settings)` in this loop; returns as soon as it listens (no waiting for its
+    broker). Raises what the server raised if it could not start."""
+    app = create_app(settings)
+    server = Server(uvicorn_config(app, settings), app)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve())
+    await wait_until(lambda: server.started or task.done(), 10, "the instance to listen", interval=0.005)
+    if task.done():
+        task.result()
+    assert server.started, "the instance did not start"
+    return server, task
+
+
 class Instance:
     """One running tracker (uvicorn on a real port) in this test's event loop."""
 
@@ -40,14 +54,7 @@ class Instance:
     async def start(cls, settings: Settings) -> Instance:
         """Serve `create_app(settings)`; returns once it listens and its broker's subscriber is
         proven to receive (the loop-back probe /readyz uses), or after 5 s without that proof."""
-        app = create_app(settings)
-        server = Server(uvicorn_config(app, settings), app)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        task = asyncio.create_task(server.serve())
-        await wait_until(lambda: server.started or task.done(), 10, "the instance to start", interval=0.01)
-        if task.done():
-            task.result()
-        assert server.started, "the instance did not start"
+        server, task = await serve(settings)
         inst = cls(server, task)
         broker = inst.node.broker
         with contextlib.suppress(AssertionError):  # not a failure here: a test may be about a broken broker

@@ -36,6 +36,7 @@ from .node import Node
 from .redis_broker import RedisBroker, default_instance_id
 from .transport import http as http_api
 from .transport.admission import Admission
+from .transport.keepalive import Keepalive
 from .transport.endpoints import driver_endpoint, live_endpoint
 from .transport.upload import driver_events
 
@@ -222,6 +223,7 @@ def create_app(settings: Settings) -> Starlette:
     )
     app.state.verifier = verifier
     app.state.admission = Admission(settings)
+    app.state.keepalive = Keepalive(settings.ping_interval_s, settings.ping_timeout_s)
     app.state.settings = settings
     return app
 

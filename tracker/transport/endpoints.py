@@ -133,7 +133,8 @@ async def driver_endpoint(ws: WebSocket) -> None:
     if full:  # accepted first: closed before accept, the phone would see HTTP 403, not 1013 (PROTOCOL.md)
         await channel.close(1013, "too many connections")
         return
-    reader = channel.fast.take_over(settings.max_frame) if channel.fast is not None else None
+    keepalive = ws.app.state.keepalive
+    reader = channel.fast.take_over(settings.max_frame, keepalive) if channel.fast is not None else None
     session = DriverSession(
         ws.app.state.verifier,
         max_frame=settings.max_frame,

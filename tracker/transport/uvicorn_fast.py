@@ -19,6 +19,7 @@ path. `TRACKER_WS_FAST_PATH=false` forces the portable path (A/B measurement in 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -36,6 +37,7 @@ from ..protocol.wscodec import (
     encode_frame,
     parse_close,
 )
+from .keepalive import Keepalive
 
 # Verified on uvicorn 0.54.0 (pyproject.toml pins the same range): the attributes below are read
 # and written by this module. Outside the range, the portable path is used.
@@ -124,8 +126,10 @@ class FastPath:
         protocol = self.proto.transport.get_protocol()
         return protocol if isinstance(protocol, FrameReader) else None
 
-    def take_over(self, max_size: int) -> FrameReader | None:
-        """Install a FrameReader right after `accept`, when nothing is buffered in uvicorn's parser."""
+    def take_over(self, max_size: int, keepalive: Keepalive | None = None) -> FrameReader | None:
+        """Install a FrameReader right after `accept`, when nothing is buffered in uvicorn's parser.
+        With an enabled `keepalive`, it pings the connection only when silent, in place of uvicorn's
+        per-connection pings (tracker/transport/keepalive.py)."""
         proto = self.proto
         conn = getattr(proto, "conn", None)
         reader = getattr(conn, "reader", None)
@@ -141,6 +145,10 @@ class FastPath:
             return None
         frames = FrameReader(proto, max_size)
         proto.transport.set_protocol(frames)
+        if keepalive is not None and keepalive.enabled and hasattr(proto, "stop_keepalive"):
+            proto.stop_keepalive()
+            frames.keepalive = keepalive
+            keepalive.add(frames)
         return frames
 
 
@@ -159,23 +167,30 @@ def fast_path(send: Any, *, enabled: bool = True) -> FastPath | None:
 
 
 OnFrame = Callable[[bytes], None]
+PING: Final = encode_frame(OP_PING, b"")
+_monotonic = time.monotonic
 
 
 class FrameReader(asyncio.Protocol):
     """The reading half of one driver connection, in place of uvicorn's protocol."""
 
+    __slots__ = ("proto", "on_frame", "on_binary", "parser", "closed", "heard", "keepalive", "__weakref__")
+
     def __init__(self, proto: Any, max_size: int) -> None:
         self.proto = proto
-        self.max_size = max_size
         self.on_frame: OnFrame = self._to_queue
         self.on_binary: OnFrame | None = None  # None: binary messages close 1003
         self.parser = FrameParser(self._frame, max_size=max_size, masked=True)
         self.closed = False
+        self.heard = 0.0  # time.monotonic() of the last bytes read (keepalive.py)
+        self.keepalive: Keepalive | None = None  # None: uvicorn's own pings
 
     # -- the transport's callbacks: data is ours, the rest stays with uvicorn -------------------
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.keepalive is not None:
+            self.keepalive.discard(self)
         self.proto.connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -189,6 +204,7 @@ class FrameReader(asyncio.Protocol):
         return result
 
     def data_received(self, data: bytes) -> None:
+        self.heard = _monotonic()
         try:
             self.parser.feed(data)
         except WsProtocolError as exc:
@@ -212,7 +228,8 @@ class FrameReader(asyncio.Protocol):
         elif opcode == OP_PING:
             self.proto.transport.write(encode_frame(OP_PONG, payload))
         elif opcode == OP_PONG:
-            self.proto.handle_pong(Frame(Opcode.PONG, payload))
+            if self.keepalive is None:  # uvicorn's ping; ours needs nothing: every read stamps `heard`
+                self.proto.handle_pong(Frame(Opcode.PONG, payload))
         elif opcode == OP_CLOSE:
             self._close_received(payload)
 
@@ -241,6 +258,20 @@ class FrameReader(asyncio.Protocol):
             proto.close_sent = True
             proto.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
         proto.transport.close()
+
+    # -- keepalive (keepalive.py) ---------------------------------------------------------------
+
+    def ping(self) -> None:
+        if not (self.closed or self.proto.close_sent or self.proto.transport.is_closing()):
+            self.proto.transport.write(PING)
+
+    def expire(self) -> None:
+        """No answer to a ping: close 1011 like uvicorn; a peer that cannot take the close frame
+        (its window shut: it is gone) is aborted, not waited for."""
+        transport = self.proto.transport
+        self.fail(1011, "keepalive ping timeout")
+        if transport.get_write_buffer_size():
+            transport.abort()
 
     # -- delivery -------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import orjson
 
 from harness.clients import now_ms, pos
 from harness.tokens import token
+from harness.wait import wait_until
 from tracker.protocol.wscodec import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameCollector, encode_frame, parse_close
 
 INTERVAL = 0.4
@@ -72,9 +73,7 @@ class RawDriver:
         return next((parse_close(p)[0] for _, op, p in self.frames if op == OP_CLOSE), None)
 
     async def wait_for(self, predicate: Any, timeout: float) -> None:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                await asyncio.sleep(0.01)
+        await wait_until(predicate, timeout, "the raw driver's frames", interval=0.01)
 
     async def close(self) -> None:
         self.task.cancel()
@@ -93,7 +92,8 @@ async def test_talking_driver_is_not_pinged_silent_one_is(start_instance: Any) -
             seq += 1
             talker.send(pos(seq, now_ms()))
             await asyncio.sleep(INTERVAL / 2)
-        await talker.wait_for(lambda: any(seq in range(a, b + 1) for f in talker.texts("ack") for a, b in f["ranges"]), 5)
+        acked = lambda: any(seq in range(a, b + 1) for f in talker.texts("ack") for a, b in f["ranges"])  # noqa: E731
+        await talker.wait_for(acked, 5)
         assert talker.pings() == [], "a driver that talks was pinged"
         assert len(quiet.pings()) >= 2, f"a silent driver was pinged {len(quiet.pings())} times in 6 intervals"
         # It answered every ping: still open, never closed.
@@ -115,6 +115,7 @@ async def test_silent_half_open_driver_is_closed(start_instance: Any) -> None:
         assert dead.close_code() == 1011
         assert dead.eof_at - dead.pings()[0] >= TIMEOUT * 0.9
         assert dead.eof_at - started <= 1.5 * INTERVAL + TIMEOUT + 1.0
-        assert inst.node.drivers.get(("acme", f"ka-dead-{RUN}")) is None or inst.node.drivers.get(("acme", f"ka-dead-{RUN}")).closed
+        conn = inst.node.drivers.get(("acme", f"ka-dead-{RUN}"))
+        assert conn is None or conn.closed
     finally:
         await dead.close()

@@ -36,8 +36,8 @@ from .node import Node
 from .redis_broker import RedisBroker, default_instance_id
 from .transport import http as http_api
 from .transport.admission import Admission
-from .transport.keepalive import Keepalive
 from .transport.endpoints import driver_endpoint, live_endpoint
+from .transport.keepalive import Keepalive
 from .transport.upload import driver_events
 
 log = logging.getLogger("tracker")

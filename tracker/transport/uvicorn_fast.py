@@ -174,7 +174,7 @@ _monotonic = time.monotonic
 class FrameReader(asyncio.Protocol):
     """The reading half of one driver connection, in place of uvicorn's protocol."""
 
-    __slots__ = ("proto", "on_frame", "on_binary", "parser", "closed", "heard", "keepalive", "__weakref__")
+    __slots__ = ("closed", "heard", "keepalive", "on_binary", "on_frame", "parser", "proto")
 
     def __init__(self, proto: Any, max_size: int) -> None:
         self.proto = proto

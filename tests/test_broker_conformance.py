@@ -278,6 +278,21 @@ async def test_position_published_only_if_newest_by_live_ts(impl: Harness) -> No
     assert positions == {"d-1": (3_000, newer[4]), "d-2": (10, other[4])}
 
 
+async def test_latest_keeps_the_stamp_of_the_newest_position(impl: Harness) -> None:
+    a, b = await impl.peers2()
+    org = impl.org
+    assert await b.broker.latest(org, "d-1") is None
+    first = p_item("d-1", 2_000, stamp=b'["c1","\\u0001P-1"]')
+    await publish_and_wait((a, b), a, org, [first])
+    assert await b.broker.latest(org, "d-1") == (2_000, first[3], first[4])
+    # An older position changes nothing; a newer one brings its own stamp (here: none).
+    await publish_and_wait((a, b), b, org, [p_item("d-1", 1_000, stamp=b'["c2"]')])
+    newer = p_item("d-1", 3_000)
+    await publish_and_wait((a, b), b, org, [newer])
+    assert await a.broker.latest(org, "d-1") == (3_000, b"", newer[4])
+    assert await a.broker.latest(org, "d-2") is None
+
+
 async def test_always_items_published_whatever_their_ts(impl: Harness) -> None:
     a, b = await impl.peers2()
     org = impl.org

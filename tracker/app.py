@@ -30,6 +30,7 @@ from .custody import alerts_http
 from .custody import http as custody_http
 from .custody.extension import CustodyExtension, custody_key, migrations
 from .embedded import Embedded
+from .eta.service import EtaService
 from .hub import Hub
 from .looplag import LoopLag
 from .node import Node
@@ -167,6 +168,7 @@ def create_app(settings: Settings) -> Starlette:
                 loop_lag = LoopLag(node).start()
                 app.state.node = node
                 app.state.custody = custody.layer
+                app.state.eta = EtaService(pool, settings)
                 log.info(
                     "tracker ready: instance %s, PostgreSQL %s, Redis %s",
                     broker.instance_id,

@@ -109,6 +109,10 @@ class Broker(Protocol):
     async def live_state(self, org: str) -> LiveState:
         """The org's newest positions, names and drivers online."""
 
+    async def latest(self, org: str, driver: str) -> tuple[int, bytes, bytes] | None:
+        """The driver's newest position as kept by `publish`: (live ts, stamp, frame), the stamp as
+        it was at the position's receipt; None when none is kept."""
+
     async def restore_positions(self, org: str, items: list[tuple[str, int, bytes]]) -> None:
         """Write back (driver, live ts, frame) read from PostgreSQL; never over a newer one."""
 

@@ -94,6 +94,14 @@ class Settings:
     subscribe_rate_per_s: float = 2.0  # snapshots per second per dashboard; faster subscribes are coalesced
     subscribe_burst: int = 20
 
+    # ETA of packages in transit (tracker/eta; PROTOCOL.md "ETA")
+    eta_road_factor: float = 1.35  # road distance over straight-line distance
+    eta_road_factors: tuple[str, ...] = ()  # per org, `org=factor` entries, e.g. `acme=1.5,lagos-1=1.6`
+    eta_stop_s: float = 180.0  # time at each delivery the driver makes first
+    eta_half_life_s: float = 300.0  # a position's weight in the moving speed halves with this age
+    eta_floor_mps: float = 1.5  # the moving speed never counts as lower (a stopped or creeping driver)
+    eta_default_mps: float = 8.0  # the speed of a driver with no recent moving position
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read settings from `environ` (default: os.environ); keyword overrides win."""
@@ -150,6 +158,25 @@ class Settings:
             < 1
         ):
             raise ConfigError("connection, subscription and burst limits must be at least 1")
+        self.eta_road_factor_orgs()
+        if not 1.0 <= self.eta_road_factor <= 5.0 or self.eta_stop_s < 0 or self.eta_half_life_s <= 0:
+            raise ConfigError("TRACKER_ETA_ROAD_FACTOR must be 1..5, TRACKER_ETA_STOP_S >= 0, half-life > 0")
+        if min(self.eta_floor_mps, self.eta_default_mps) <= 0:
+            raise ConfigError("TRACKER_ETA_FLOOR_MPS and TRACKER_ETA_DEFAULT_MPS must be > 0")
+
+    def eta_road_factor_orgs(self) -> list[tuple[str, float]]:
+        """TRACKER_ETA_ROAD_FACTORS as (org, factor) pairs; a malformed entry is a ConfigError."""
+        out = []
+        for entry in self.eta_road_factors:
+            org, sep, raw = entry.rpartition("=")
+            try:
+                factor = float(raw)
+            except ValueError:
+                factor = 0.0
+            if not sep or not org or not 1.0 <= factor <= 5.0:
+                raise ConfigError(f"TRACKER_ETA_ROAD_FACTORS: {entry!r} is not org=factor with a factor of 1..5")
+            out.append((org, factor))
+        return out
 
 
 def _parse(name: str, raw: str, type_: Any) -> Any:

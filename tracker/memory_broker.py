@@ -36,6 +36,7 @@ class _OrgState:
     """One org's shared state (Redis: trk:lastpos, trk:names, trk:pconn, trk:pstamp, trk:presence)."""
 
     lastpos: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # driver -> (live ts, frame)
+    laststamp: dict[str, bytes] = field(default_factory=dict)  # driver -> the stamp of its lastpos
     names: dict[str, str] = field(default_factory=dict)
     conn: dict[str, str] = field(default_factory=dict)  # driver -> the connection that set it online
     stamp: dict[str, bytes] = field(default_factory=dict)  # driver -> stamp of its presence frames
@@ -104,6 +105,7 @@ class MemoryBus:
             have = lastpos.get(driver)
             if have is None or have[0] < lts:
                 lastpos[driver] = (lts, frame)
+                state.laststamp[driver] = stamp
                 positions.append(stamp + b"\t" + frame)
         lines = positions + always
         if lines:
@@ -298,6 +300,12 @@ class MemoryBroker:
         now = self.bus.clock()
         online = {d for d, exp in state.expiry.items() if exp >= now}
         return dict(state.lastpos), dict(state.names), online
+
+    async def latest(self, org: str, driver: str) -> tuple[int, bytes, bytes] | None:
+        await self._round_trip()
+        state = self.bus.org(org)
+        kept = state.lastpos.get(driver)
+        return None if kept is None else (kept[0], state.laststamp.get(driver, b""), kept[1])
 
     async def restore_positions(self, org: str, items: list[tuple[str, int, bytes]]) -> None:
         """Newest-only, and published like a tick's positions (as RedisBroker does)."""

@@ -240,6 +240,14 @@ class RedisBroker:
         return (positions, {k.decode(): v.decode() for k, v in names.items()}, {d.decode() for d in online})
 
     @unavailable
+    async def latest(self, org: str, driver: str) -> tuple[int, bytes, bytes] | None:
+        value = await self.redis.hget(f"trk:lastpos:{org}", driver)  # type: ignore[misc]
+        if value is None:
+            return None
+        lts, stamp, frame = value.split(b"\t", 2)
+        return int(lts), stamp, frame
+
+    @unavailable
     async def is_synced(self, org: str) -> bool:
         return bool(await self.redis.hexists(SYNCED_KEY, org))  # type: ignore[misc]
 

@@ -24,6 +24,7 @@ from starlette.routing import BaseRoute, Route
 from .. import metrics
 from ..auth import Principal
 from ..clock import now_ms
+from ..eta.service import EtaService
 from ..protocol.events import PACKAGE_MAX, id_text
 from ..transport.http import ApiError, OrjsonResponse, api, principal_of
 from . import chain
@@ -56,7 +57,12 @@ def _layer(request: Request) -> PackageLayer:
 # -- representation ---------------------------------------------------------------------------
 
 
-def package_json(row: asyncpg.Record, principal: Principal) -> dict[str, Any]:
+def _etas(request: Request) -> EtaService:
+    service: EtaService = request.app.state.eta
+    return service
+
+
+def package_json(row: asyncpg.Record, principal: Principal, eta: dict[str, Any] | None = None) -> dict[str, Any]:
     consigned = row["consigned_at"] is not None
     out: dict[str, Any] = {
         "package": row["package_id"],
@@ -71,6 +77,7 @@ def package_json(row: asyncpg.Record, principal: Principal) -> dict[str, Any]:
         "cold_chain": None,
         "notes": row["notes"],
         "chain_length": row["chain_len"],
+        "eta": eta,
     }
     if row["dest_lat"] is not None:
         out["destination"] = {"name": row["dest_name"], "lat": row["dest_lat"], "lon": row["dest_lon"]}
@@ -220,7 +227,8 @@ async def list_packages(request: Request) -> Response:
     )
     if p.role == "client":
         rows = [r for r in rows if r["consigned_at"] is not None]
-    out = [package_json(r, p) for r in rows]
+    etas = await _etas(request).for_rows(p.org, rows)
+    out = [package_json(r, p, etas.get(r["package_id"])) for r in rows]
     return OrjsonResponse({"packages": out, "next": out[-1]["package"] if len(rows) == limit else None})
 
 
@@ -253,7 +261,8 @@ async def get_package(request: Request) -> Response:
     by_scan: dict[tuple[str, int], list[str]] = {}
     for a in alerts:
         by_scan.setdefault((a["driver_id"], a["seq"]), []).append(a["id"])
-    out = package_json(row, p)
+    etas = await _etas(request).for_rows(p.org, [row])
+    out = package_json(row, p, etas.get(package))
     out["custody"] = [_record_json(rec, r, by_scan) for rec, r in records]
     out["alerts"] = [
         {

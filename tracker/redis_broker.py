@@ -241,7 +241,7 @@ class RedisBroker:
 
     @unavailable
     async def latest(self, org: str, driver: str) -> tuple[int, bytes, bytes] | None:
-        value = await self.redis.hget(f"trk:lastpos:{org}", driver)  # type: ignore[misc]
+        value: bytes | None = await self.redis.hget(f"trk:lastpos:{org}", driver)  # type: ignore[misc,assignment]
         if value is None:
             return None
         lts, stamp, frame = value.split(b"\t", 2)

@@ -26,7 +26,7 @@ from starlette.websockets import WebSocket
 from . import store
 from .auth import TokenVerifier, new_secret
 from .config import Settings
-from .custody import alerts_http
+from .custody import alerts_http, thresholds
 from .custody import http as custody_http
 from .custody.extension import CustodyExtension, custody_key, migrations
 from .embedded import Embedded
@@ -196,6 +196,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/drivers", http_api.list_drivers),
         Route("/v1/drivers/{driver}/trail", http_api.driver_trail),
         *custody_http.routes(),
+        *thresholds.routes(),
         *alerts_http.routes(),
         Route("/v1/driver/events", driver_events, methods=["POST"]),
         WebSocketRoute("/v1/driver", driver_endpoint),

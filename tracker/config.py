@@ -84,6 +84,17 @@ class Settings:
     custody_checkpoint_s: float = 60.0  # how often each instance appends the heads of the chains it extended
     package_recent_s: float = 86_400.0  # a snapshot lists finished packages changed this recently
 
+    # Time-based alerts (custody/watch.py): the defaults of the per-org thresholds (PUT /v1/alerts/thresholds)
+    alert_data_gap_s: float = 900.0  # no fix this long while carrying packages
+    alert_arrival_radius_m: float = 150.0  # arrival at the destination: within this radius ...
+    alert_arrival_dwell_s: float = 60.0  # ... for this long (and departure: outside it as long)
+    alert_temp_consecutive_s: float = 1800.0  # one temperature excursion this long
+    alert_temp_cumulative_s: float = 3600.0  # excursions adding up to this
+    alert_long_stop_s: float = 1200.0  # a stop this long while carrying cold-chain goods ...
+    alert_stop_radius_m: float = 100.0  # ... within this radius
+    watch_interval_s: float = 30.0  # how often one instance checks them
+    watch_lookback_s: float = 86_400.0  # packages finished this recently, fixes this old, are still looked at
+
     # Abuse limits (SECURITY.md). Counts are per instance.
     jwt_max_ttl_s: float = 86_400.0  # a token whose exp - iat is longer is refused; 0: no cap
     handshake_timeout_s: float = 10.0  # a TCP connection must send its HTTP request head within this
@@ -143,6 +154,8 @@ class Settings:
             raise ConfigError("TRACKER_MAX_BATCH must be 1..10000 and TRACKER_MAX_FRAME at least 1024")
         if not 0 <= self.jwt_leeway_s <= 300:
             raise ConfigError("TRACKER_JWT_LEEWAY_S must be 0..300 (a small clock skew allowance)")
+        if self.watch_interval_s <= 0 or self.watch_lookback_s <= 0:
+            raise ConfigError("TRACKER_WATCH_INTERVAL_S and TRACKER_WATCH_LOOKBACK_S must be > 0")
         if self.custody_checkpoint_s <= 0:
             raise ConfigError("TRACKER_CUSTODY_CHECKPOINT_S must be > 0")
         if self.jwt_max_ttl_s < 0 or self.handshake_timeout_s <= 0 or self.subscribe_rate_per_s <= 0:

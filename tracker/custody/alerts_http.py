@@ -65,6 +65,7 @@ def alert_json(row: asyncpg.Record) -> dict[str, Any]:
         "ack_comment": row["ack_comment"],
         "resolved_by": row["resolved_by"],
         "resolved_reason": row["resolved_reason"],
+        "details": orjson.loads(row["details"]) if row["details"] is not None else None,
     }
 
 
@@ -183,6 +184,8 @@ def _live_item(row: asyncpg.Record, now: int) -> tuple[str, str, int, bytes, byt
         acked=acked,
         resolved=(row["resolved_by"], row["resolved_reason"]),
     )
+    if row["details"] is not None:
+        frame["details"] = orjson.loads(row["details"])
     stamp = stamp_of(row["client"] if row["consigned_at"] is not None else None)
     return ("a", row["driver_id"] or "", now, alert_stamp(row["kind"], stamp), frames.encode(frame))
 

@@ -19,7 +19,8 @@ DISPATCHER_ONLY: Final = ("scan_anomaly", "tamper_suspected")
 
 LIST: Final = """
 SELECT a.id, a.kind, a.state, a.ts, a.opened_at, a.driver_id, a.package_id, a.seq, a.message, a.acknowledged_by,
-    a.acknowledged_at, a.ack_comment, a.resolved_by, a.resolved_reason, p.client, p.consigned_at
+    a.acknowledged_at, a.ack_comment, a.resolved_by, a.resolved_reason, p.client, p.consigned_at,
+    a.details::text AS details
 FROM alerts a LEFT JOIN packages p ON p.org = a.org AND p.package_id = a.package_id
 WHERE a.org = $1
   AND ($2::text IS NULL OR (p.client = $2 AND p.consigned_at IS NOT NULL AND a.kind <> ALL($9::text[])))
@@ -35,7 +36,8 @@ ORDER BY a.id LIMIT $8
 """
 GET: Final = """
 SELECT a.id, a.kind, a.state, a.ts, a.opened_at, a.driver_id, a.package_id, a.seq, a.message, a.acknowledged_by,
-    a.acknowledged_at, a.ack_comment, a.resolved_by, a.resolved_reason, p.client, p.consigned_at
+    a.acknowledged_at, a.ack_comment, a.resolved_by, a.resolved_reason, p.client, p.consigned_at,
+    a.details::text AS details
 FROM alerts a LEFT JOIN packages p ON p.org = a.org AND p.package_id = a.package_id
 WHERE a.org = $1 AND a.id = $2
 """

@@ -78,6 +78,8 @@ def package_json(row: asyncpg.Record, principal: Principal, eta: dict[str, Any] 
         "notes": row["notes"],
         "chain_length": row["chain_len"],
         "eta": eta,
+        "arrived_at": row["arrived_at"],
+        "departed_at": row["departed_at"],
     }
     if row["dest_lat"] is not None:
         out["destination"] = {"name": row["dest_name"], "lat": row["dest_lat"], "lon": row["dest_lon"]}
@@ -274,6 +276,7 @@ async def get_package(request: Request) -> Response:
             "driver": a["driver_id"],
             "seq": a["seq"],
             "message": a["message"],
+            "details": orjson.loads(a["details"]) if a["details"] is not None else None,
         }
         for a in alerts
     ]

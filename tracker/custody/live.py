@@ -15,6 +15,8 @@ import logging
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from ..clock import now_ms
 from ..store import Pending
 from ..writer import DATA_ERRORS
@@ -23,6 +25,7 @@ from . import store as ps
 from .checkpoints import Checkpoints
 from .process import Item, Outcome, fact, process
 from .stamps import PG_ERRORS, Chained, Stamps
+from .watch import Watch
 
 if TYPE_CHECKING:
     from ..auth import Principal
@@ -51,9 +54,11 @@ class PackageLayer:
         s = core.settings
         folder = s.custody_checkpoint_dir or s.data_dir.expanduser() / "checkpoints"
         self.checkpoints = Checkpoints(folder, key, core.broker.instance_id)
+        self.watch = Watch(core)
 
     def tasks(self) -> list[Coroutine[Any, Any, None]]:
-        return [self._processor(), self.stamps.run(), self._checkpointer(), self.stamps.notifier.listen()]
+        tasks = [self._processor(), self.stamps.run(), self._checkpointer(), self.stamps.notifier.listen()]
+        return tasks + self.watch.tasks()
 
     def on_stored_scans(self, stored: list[Pending]) -> None:
         """After a commit (never awaits): queue the scans for chaining, in the order stored."""
@@ -227,4 +232,6 @@ def _snapshot_alert(a: Any) -> dict[str, Any]:
     }
     if a["acknowledged_at"] is not None:
         out["acknowledged_by"], out["acknowledged_at"] = a["acknowledged_by"], a["acknowledged_at"]
+    if a["details"] is not None:
+        out["details"] = orjson.loads(a["details"])
     return out

@@ -21,7 +21,7 @@ from ..broker import LiveItem
 from ..clock import now_ms
 from ..protocol import frames
 from . import alerts_store as als
-from . import chain
+from . import chain, rules
 from . import state as custody
 from . import store as ps
 
@@ -174,6 +174,8 @@ async def process(
         stored: dict[ps.Key, dict[custody.AlertKey, asyncpg.Record]] = {}
         tamper_known: set[tuple[str, str, int]] = set()
         for a in await ps.alerts_of(conn, keys):
+            if a["kind"] in rules.KINDS:  # the periodic check's (custody/watch.py): not a replay's either
+                continue
             if a["kind"] == chain.TAMPER:  # not a replay's anomaly: no scan explains it away
                 tamper_known.add((a["org"], a["driver_id"], a["seq"]))
                 continue

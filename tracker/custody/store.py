@@ -292,7 +292,7 @@ async def count_unchained(conn: Conn, org: str, package: str) -> int:
 
 async def package_alerts(conn: Conn, org: str, package: str) -> list[asyncpg.Record]:
     return await conn.fetch(
-        "SELECT id, kind, reason, state, driver_id, seq, message, opened_at, ts FROM alerts "
+        "SELECT id, kind, reason, state, driver_id, seq, message, opened_at, ts, details::text AS details FROM alerts "
         "WHERE org = $1 AND package_id = $2 ORDER BY opened_at, id",
         org,
         package,
@@ -335,7 +335,7 @@ async def scope_alerts(
     return await conn.fetch(
         """
         SELECT a.id, a.kind, a.state, a.ts, a.driver_id, a.package_id, a.message, a.acknowledged_by,
-               a.acknowledged_at
+               a.acknowledged_at, a.details::text AS details
         FROM alerts a
         LEFT JOIN packages p ON p.org = a.org AND p.package_id = a.package_id
         WHERE a.org = $1 AND a.state = 'open'

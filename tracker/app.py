@@ -54,14 +54,9 @@ CSP = (
 class SecurityHeaders:
     """Security headers on every HTTP response (the dashboard page above all)."""
 
-    def __init__(self, app: ASGIApp, tile_url: str | None = None) -> None:
+    def __init__(self, app: ASGIApp, tile_origins: tuple[str, ...] = ()) -> None:
         self.app = app
-        tiles = ""
-        if tile_url:
-            from urllib.parse import urlsplit
-
-            parts = urlsplit(tile_url)
-            tiles = f" {parts.scheme}://{parts.netloc}"
+        tiles = "".join(f" {origin}" for origin in tile_origins)  # exactly the configured tile origin(s)
         self.headers = [
             (b"content-security-policy", CSP.format(tiles=tiles).encode()),
             (b"x-content-type-options", b"nosniff"),
@@ -221,7 +216,7 @@ def create_app(settings: Settings) -> Starlette:
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(SecurityHeaders, tile_url=settings.tile_url)],
+        middleware=[Middleware(SecurityHeaders, tile_origins=settings.tile_origins())],
         exception_handlers={HTTPException: http_error, 404: not_found, 500: server_error},
     )
     app.state.verifier = verifier

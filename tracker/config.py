@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 
 class ConfigError(ValueError):
@@ -71,7 +72,11 @@ class Settings:
     # Deploys
     shutdown_grace_s: float = 10.0
 
-    tile_url: str | None = None
+    # Dashboard map (docs/OPERATIONS.md "Map tiles"). Unset: the bundled Natural Earth borders, offline.
+    map_tiles: str | None = None  # XYZ raster tile URL template, e.g. https://tiles.example.org/{z}/{x}/{y}.png
+    map_tiles_attribution: str = "© OpenStreetMap contributors"  # shown under the map with the tiles
+    map_tiles_max_zoom: int = 19  # the deepest zoom level the tile server has
+    tile_url: str | None = None  # TRACKER_TILE_URL: the older name of TRACKER_MAP_TILES (used when that is unset)
 
     # Packages and chain of custody
     custody_key: str | None = None  # HMAC key of the custody chain; None -> generated once under data_dir
@@ -176,6 +181,13 @@ class Settings:
             raise ConfigError("TRACKER_ETA_ROAD_FACTOR must be 1..5, TRACKER_ETA_STOP_S >= 0, half-life > 0")
         if min(self.eta_floor_mps, self.eta_default_mps) <= 0:
             raise ConfigError("TRACKER_ETA_FLOOR_MPS and TRACKER_ETA_DEFAULT_MPS must be > 0")
+        tiles = self.tiles
+        if tiles is not None:
+            problem = tile_template_problem(tiles)
+            if problem:
+                raise ConfigError(f"TRACKER_MAP_TILES={tiles!r}: {problem}")
+        if not 0 <= self.map_tiles_max_zoom <= 24:
+            raise ConfigError("TRACKER_MAP_TILES_MAX_ZOOM must be 0..24")
 
     def eta_road_factor_orgs(self) -> list[tuple[str, float]]:
         """TRACKER_ETA_ROAD_FACTORS as (org, factor) pairs; a malformed entry is a ConfigError."""
@@ -190,6 +202,36 @@ class Settings:
                 raise ConfigError(f"TRACKER_ETA_ROAD_FACTORS: {entry!r} is not org=factor with a factor of 1..5")
             out.append((org, factor))
         return out
+
+    @property
+    def tiles(self) -> str | None:
+        """The dashboard's tile URL template: TRACKER_MAP_TILES, else the older TRACKER_TILE_URL."""
+        return self.map_tiles or self.tile_url or None
+
+    def tile_origins(self) -> tuple[str, ...]:
+        """The origins the dashboard fetches tiles from: what the CSP's img-src names, nothing more.
+        A `{s}` in the host is Leaflet's subdomain placeholder; it takes `a`, `b` and `c`."""
+        tiles = self.tiles
+        if not tiles:
+            return ()
+        parts = urlsplit(tiles)
+        hosts = [parts.netloc.replace("{s}", s) for s in "abc"] if "{s}" in parts.netloc else [parts.netloc]
+        return tuple(f"{parts.scheme}://{host}" for host in hosts)
+
+
+def tile_template_problem(template: str) -> str | None:
+    """Why `template` is not an XYZ tile URL template the dashboard can use, or None."""
+    parts = urlsplit(template)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return "must be an http:// or https:// URL"
+    if any(c in template for c in " \"'<>;,") or parts.username or parts.password:
+        return "must not contain spaces, quotes, ';', ',' or credentials (it goes into the page's CSP)"
+    if not all(f"{{{k}}}" in template for k in "zxy"):
+        return "must contain {z}, {x} and {y}"
+    host = parts.netloc.replace("{s}", "a")
+    if "{" in host or "}" in host:
+        return "only {s} may appear in the host"
+    return None
 
 
 def _parse(name: str, raw: str, type_: Any) -> Any:

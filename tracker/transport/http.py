@@ -108,7 +108,13 @@ async def metrics_endpoint(request: Request) -> Response:
 
 async def config_endpoint(request: Request) -> Response:
     node: Node = request.app.state.node
-    return OrjsonResponse({"tile_url": node.settings.tile_url})
+    settings = node.settings
+    tiles = settings.tiles
+    body: dict[str, object] = {"tile_url": tiles}
+    if tiles:
+        body["tile_attribution"] = settings.map_tiles_attribution
+        body["tile_max_zoom"] = settings.map_tiles_max_zoom
+    return OrjsonResponse(body)
 
 
 async def index(request: Request) -> Response:

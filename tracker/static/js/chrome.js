@@ -8,6 +8,8 @@ import { displayName, state } from './store.js';
 import { conn, connectNow, stopConnection } from './live.js';
 import { markData, resizeCanvases } from './map.js';
 import { loadConfig } from './basemap.js';
+import { stopFleet } from './fleet.js';
+import { openPackage } from './package-view.js';
 
 const CONNECTION_TEXT = {
   'signed-out': 'Signed out',
@@ -44,6 +46,10 @@ export function showWho() {
   const name = session.claims?.name ?? session.claims?.sub ?? '';
   who.textContent = [name, role, session.org].filter(Boolean).join(' · ');
   who.hidden = !who.textContent;
+  // A client administrator's page is about its own deliveries: titled for its organisation.
+  const client = session.role === 'client' ? session.client ?? session.claims?.client ?? null : null;
+  document.title = client ? `${client} deliveries · Tracker` : 'Tracker · Dispatch';
+  setText($('brand-sub'), client ? `deliveries for ${client}` : 'dispatch');
 }
 
 export function showInterrupted(reason) {
@@ -143,7 +149,8 @@ export function clearState() {
   state.history = null;
   state.pendingSnapshot = null;
   state.interrupted = false;
-  conn.directoryLoaded = false;
+  stopFleet();
+  openPackage(null);
   $('driver-detail').hidden = true;
   markData({ packages: true, alerts: true });
 }

@@ -21,6 +21,12 @@ export const AFRICA_BOUNDS = [-18.5, -35.5, 52.5, 37.8];
 export const MAX_LAT = 85.0511287798;
 export const EARTH_CIRCUMFERENCE_M = 40075016.686;
 export const MAX_ALERTS = 500;
+export const STALE_AFTER_MS = 2 * 60 * 1000; // a marker fades when its newest fix is older than this
+export const CLUSTER_BELOW_ZOOM = 13; // drivers close together on screen are grouped below this zoom
+export const CLUSTER_CELL_PX = 56; // ...into grid cells of this many CSS pixels
+export const FLEET_REFRESH_MS = 15000; // GET /v1/drivers and /v1/packages: the whole fleet, for summary and search
+export const MAX_DESTINATION_PINS = 400;
+export const REPLAY_STEP_MS = 60; // one replay step per this many ms while playing
 
 export const STORAGE = { token: 'tracker.token', refreshUrl: 'tracker.refreshUrl', view: 'tracker.view' };
 
@@ -40,6 +46,10 @@ export const COLORS = {
   contextLand: '#e7e4dc',
   border: '#9c9385',
   label: '#5d564b',
+  alert: '#d92d20',
+  cluster: '#14213d',
+  destination: '#0e7490',
+  replay: '#ffb300',
 };
 
 // Package states in which nobody holds the package (any other state with a driver means held).

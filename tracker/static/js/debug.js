@@ -10,6 +10,11 @@ import { conn } from './live.js';
 import { drawFrame, project, render, setCenter, toScreenX, toScreenY, view, viewBbox, worldPx } from './map.js';
 import { refreshPanels } from './panels.js';
 import { parseTrail, selectDriver } from './detail.js';
+import { drawn } from './overlay.js';
+import { base } from './basemap.js';
+import { fleetSummary } from './fleet.js';
+import { replayState } from './replay.js';
+import { openPackage } from './package-view.js';
 
 function debugState() {
   const W = worldPx();
@@ -28,6 +33,8 @@ function debugState() {
       x,
       y,
       visible: x >= 0 && y >= 0 && x <= view.width && y <= view.height,
+      cluster: d.cluster, // the cluster badge it is drawn in, or null (drawn as itself)
+      stale: d.stale, // drawn faded: its newest fix is older than STALE_AFTER_MS
     });
   }
   const packages = [...state.packages.values()].filter((p) => !p.stub).map((p) => ({ ...p }));
@@ -59,7 +66,21 @@ function debugState() {
     lastFrameTs: render.lastFrameTs,
     lastMessageTs: state.lastMessageTs,
     frames: state.frames,
+    clusters: drawn.clusters.map((c) => ({ x: c.x, y: c.y, count: c.count, drivers: c.members.map((d) => d.id) })),
+    pins: drawn.pins.map((p) => ({ ...p })),
+    alerted: [...drawn.alerted],
+    replay: replayState(),
+    fleet: fleetSummary(),
+    fleetDrivers: state.fleet.size,
+    selectedPackage: state.selectedPackage,
+    base: { tiles: base.tileUrl, tileOrigin: base.tileOrigin, basemap: base.layer !== null },
   };
+}
+
+function percentile(values, q) {
+  if (!values.length) return 0;
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.min(sorted.length - 1, Math.ceil(q * sorted.length) - 1)];
 }
 
 export function installDebugHook() {
@@ -71,10 +92,11 @@ export function installDebugHook() {
     project,
     setView: (lon, lat, zoom) => setCenter(lon, lat, zoom),
     select: (id) => selectDriver(id == null ? null : String(id)),
+    openPackage: (id) => openPackage(id == null ? null : String(id)),
     sent: () => conn.sent.map((f) => ({ ...f })),
     // Draw now instead of at the next animation frame (headless tests, hidden tabs).
     render: () => {
-      render.base = render.overlay = true;
+      render.overlay = true;
       drawFrame();
       refreshPanels();
       return render.lastFrameTs;
@@ -89,11 +111,12 @@ export function installDebugHook() {
         avgMarkersMs: per(render.parts.markers),
         avgBucketMs: per(render.parts.bucket),
         avgPutImageDataMs: per(render.parts.put),
+        p95RenderMs: percentile(render.samples, 0.95),
         frames: state.frames,
       };
     },
     resetPerf: () => {
-      Object.assign(render, { count: 0, totalMs: 0, maxMs: 0 });
+      Object.assign(render, { count: 0, totalMs: 0, maxMs: 0, samples: [] });
       render.parts = { trails: 0, markers: 0, bucket: 0, put: 0 };
     },
   };

@@ -7,12 +7,15 @@ import { $, el, formatBattery, formatSpeed, formatTime, isNum, plural, relativeT
 import { mercX, mercY } from './geo.js';
 import { authHeaders } from './session.js';
 import { displayName, state } from './store.js';
-import { dirty, markOverlay, view, viewChanged } from './map.js';
+import { centreOn, dirty, markOverlay, setCenter, view } from './map.js';
+import { driverView } from './fleet.js';
+import { resetReplay, syncReplay } from './replay.js';
 
 /** Select a driver: highlight it, centre the map on it, load its recent trail from the service. */
 export function selectDriver(id, { centre = true } = {}) {
   state.selected = id;
   state.history = null;
+  resetReplay();
   const panel = $('driver-detail');
   panel.hidden = !id;
   if (!id) {
@@ -22,10 +25,12 @@ export function selectDriver(id, { centre = true } = {}) {
     return;
   }
   const d = state.drivers.get(id);
+  const far = driverView(id);
   if (centre && d && d.mx === d.mx) {
-    view.x = d.mx;
-    view.y = d.my;
-    viewChanged();
+    centreOn(d.mx, d.my);
+  } else if (centre && far && isNum(far.lat) && isNum(far.lon)) {
+    // Found by the fleet-wide search, outside the map view: go there, close enough to see the street.
+    setCenter(far.lon, far.lat, Math.max(view.zoom, 14));
   }
   updateDetails();
   loadHistory(id);
@@ -41,7 +46,7 @@ function describeHeld(held) {
 
 export function updateDetails() {
   const id = state.selected;
-  const d = state.drivers.get(id);
+  const d = driverView(id);
   setText($('detail-name'), displayName(id));
   const held = [...(state.heldBy.get(id) ?? [])];
   const rows = d
@@ -92,6 +97,7 @@ export async function loadHistory(id) {
     state.history = { driver: id, points: seen.concat(state.history.points), source: 'local', note };
   }
   setText($('trail-note'), state.history.note);
+  syncReplay();
   markOverlay();
 }
 
@@ -108,6 +114,7 @@ export function appendHistory(d) {
   if (last && last.mx === d.mx && last.my === d.my) return;
   pts.push({ mx: d.mx, my: d.my, ts: d.ts });
   if (pts.length > HISTORY_MAX_POINTS) pts.splice(0, pts.length - HISTORY_MAX_POINTS);
+  if (state.history.source !== 'loading') syncReplay();
 }
 
 /**

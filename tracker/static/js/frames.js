@@ -20,6 +20,7 @@ import {
 import { conn, onSnapshotApplied, onWelcome, outsideSubscription } from './live.js';
 import { markData } from './map.js';
 import { appendHistory } from './detail.js';
+import { fleetPresence, fleetSaw } from './fleet.js';
 import { queueAlertAnnouncement, setConnection, showError, showInterrupted } from './chrome.js';
 
 const HANDLERS = {
@@ -90,6 +91,7 @@ function snapshotDriver(raw, prev) {
   applyOptional(d, raw);
   if (isNum(raw.lat) && isNum(raw.lon)) setPosition(d, raw.lat, raw.lon, raw.ts);
   else if (isNum(raw.ts)) d.ts = raw.ts;
+  fleetSaw(d);
   // A driver's own list of what it holds: ids, or package objects.
   if (Array.isArray(raw.packages)) {
     for (const item of raw.packages) {
@@ -120,6 +122,7 @@ function onPos(f) {
   setName(d, f.name);
   applyOptional(d, f);
   setPosition(d, f.lat, f.lon, f.ts);
+  fleetSaw(d);
   if (state.history?.driver === id) appendHistory(d);
   // The server sends one last position outside the box, then nothing: forget the driver rather
   // than keep a marker that would silently go stale.
@@ -158,6 +161,7 @@ function onPresence(f) {
   if (f.driver == null) return;
   const id = String(f.driver);
   if (typeof f.name === 'string' && f.name) state.names.set(id, f.name);
+  fleetPresence(id, f.online === true, f.name);
   // The box narrows positions only, so presence comes for drivers outside it too: those are
   // not on this map. Without a box (everything in scope), a driver may be listed before its
   // first position.

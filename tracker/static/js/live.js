@@ -13,10 +13,11 @@ import {
   WELCOME_TIMEOUT_MS,
 } from './constants.js';
 import { bboxArea, bboxContains, padBbox } from './geo.js';
-import { authHeaders, refreshToken, session, tokenExpiry } from './session.js';
-import { setName, state } from './store.js';
+import { refreshToken, session, tokenExpiry } from './session.js';
+import { state } from './store.js';
+import { startFleet } from './fleet.js';
 import { handleFrame } from './frames.js';
-import { markData, view, viewBbox } from './map.js';
+import { view, viewBbox } from './map.js';
 import { setConnection, showError, showInterrupted, showSignIn, showWho, signOut, updateCountdown } from './chrome.js';
 
 export const conn = {
@@ -33,7 +34,6 @@ export const conn = {
   subscribeTimer: 0,
   state: 'signed-out',
   sent: [], // the last frames sent, tokens redacted, for the test hook
-  directoryLoaded: false,
 };
 
 const liveUrl = () => `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}${LIVE_PATH}`;
@@ -87,12 +87,13 @@ export function onWelcome(f) {
   conn.welcomed = true;
   session.role = typeof f.role === 'string' ? f.role : session.claims?.role ?? null;
   session.org = typeof f.org === 'string' ? f.org : session.claims?.org ?? null;
+  session.client = typeof f.client === 'string' ? f.client : session.claims?.client ?? null;
   showWho();
   state.pendingSnapshot = null;
   state.interrupted = false; // a new connection: the server repeats live:false if still so
   showInterrupted(null);
   subscribe(true);
-  loadDirectory();
+  startFleet();
 }
 
 export function onSnapshotApplied() {
@@ -184,26 +185,4 @@ function subscribe(force = false) {
 export function scheduleSubscribe() {
   clearTimeout(conn.subscribeTimer);
   conn.subscribeTimer = setTimeout(() => subscribe(false), SUBSCRIBE_DEBOUNCE_MS);
-}
-
-/** Names for drivers from GET /v1/drivers (optional: the live frames carry names too). */
-async function loadDirectory() {
-  if (conn.directoryLoaded) return;
-  try {
-    const res = await fetch('/v1/drivers', { headers: authHeaders(), cache: 'no-store' });
-    if (!res.ok) return;
-    const body = await res.json();
-    const list = Array.isArray(body?.drivers) ? body.drivers : [];
-    for (const item of list) {
-      const id = item?.driver ?? item?.id ?? item?.sub;
-      if (id == null || typeof item.name !== 'string') continue;
-      state.names.set(String(id), item.name);
-      const d = state.drivers.get(String(id));
-      if (d) setName(d, item.name);
-    }
-    conn.directoryLoaded = true;
-    markData();
-  } catch {
-    // optional: names still come with the live frames
-  }
 }

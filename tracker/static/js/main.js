@@ -15,8 +15,10 @@ import { $ } from './util.js';
 import { forgetToken, loadStoredToken, session, takeTokenFromUrl, tokenProblem } from './session.js';
 import { state } from './store.js';
 import { conn, connectNow, stopConnection } from './live.js';
-import { canvases, dirty, resizeCanvases } from './map.js';
+import { canvases, createMap, dirty, resizeCanvases } from './map.js';
 import { loadBasemap } from './basemap.js';
+import { setupPackageView } from './package-view.js';
+import { setupReplay } from './replay.js';
 import { setupMapInput } from './map-input.js';
 import { refreshPanels, selectTab, setupLists, TABS } from './panels.js';
 import { loadHistory, selectDriver } from './detail.js';
@@ -89,6 +91,7 @@ function setupChrome() {
   document.addEventListener('keydown', (e) => {
     if (e.key === 'Escape' && state.selected && !e.defaultPrevented) selectDriver(null);
   });
+  document.addEventListener('visibilitychange', () => !document.hidden && dirty.drivers && refreshPanels());
 }
 
 /**
@@ -96,16 +99,17 @@ function setupChrome() {
  * connecting (a local visual harness feeds frames through window.trackerDebug.feed).
  */
 export function boot({ connect = true } = {}) {
-  canvases.base = $('map-base');
   canvases.trails = $('map-trails');
   canvases.overlay = $('map-overlay');
-  canvases.baseCtx = canvases.base.getContext('2d');
   canvases.trailsCtx = canvases.trails.getContext('2d');
-  canvases.ctx = canvases.overlay.getContext('2d');
+  canvases.ctx = canvases.overlay.getContext('2d', { willReadFrequently: false });
+  createMap($('map'));
   installDebugHook();
   setupChrome();
   setupLists();
   setupMapInput();
+  setupPackageView();
+  setupReplay();
   new ResizeObserver(resizeCanvases).observe($('map'));
   setInterval(refreshPanels, LIST_REFRESH_MS);
   loadBasemap();

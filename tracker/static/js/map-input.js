@@ -1,113 +1,33 @@
-// Map interaction: drag to pan, wheel / pinch / buttons / keys to zoom, click or Enter to select
-// the nearest driver.
+// Map interaction. Leaflet does the panning and zooming (drag, wheel, pinch, double-click, arrow
+// keys and +/- on the focused map); this module adds the page's buttons, picking (a click or Enter
+// selects the nearest driver; a click on a cluster zooms into it; a click on a destination pin
+// opens its package) and Escape to clear the selection.
 
-import { AFRICA_BOUNDS } from './constants.js';
-import { $, clamp } from './util.js';
+import { AFRICA_BOUNDS, CLUSTER_BELOW_ZOOM } from './constants.js';
+import { $ } from './util.js';
+import { lonOf, latOf } from './geo.js';
 import { state } from './store.js';
-import {
-  canvases,
-  fitBounds,
-  markOverlay,
-  screenToMerc,
-  toScreenX,
-  toScreenY,
-  view,
-  viewChanged,
-  worldPx,
-  zoomAround,
-} from './map.js';
+import { fitBounds, leaflet, markOverlay, toScreenX, toScreenY, view, worldPx, zoomAround } from './map.js';
 import { lists } from './panels.js';
 import { selectDriver } from './detail.js';
+import { drawn } from './overlay.js';
+import { badgeRadius } from './sprites.js';
+import { openPackage } from './package-view.js';
 
 export function setupMapInput() {
-  const canvas = canvases.overlay;
-  const pointers = new Map();
-  let gesture = null;
-  const pointOf = (e) => {
-    const r = canvas.getBoundingClientRect();
-    return { x: e.clientX - r.left, y: e.clientY - r.top };
-  };
-  canvas.addEventListener('pointerdown', (e) => {
-    if (e.pointerType === 'mouse' && e.button !== 0) return;
-    canvas.setPointerCapture(e.pointerId);
-    pointers.set(e.pointerId, pointOf(e));
-    gesture = startGesture(pointers);
-  });
-  canvas.addEventListener('pointermove', (e) => {
-    if (!pointers.has(e.pointerId)) return;
-    pointers.set(e.pointerId, pointOf(e));
-    moveGesture(gesture, pointers);
-  });
-  const end = (e) => {
-    if (!pointers.has(e.pointerId)) return;
-    const click = e.type === 'pointerup' && gesture?.kind === 'pan' && !gesture.moved;
-    pointers.delete(e.pointerId);
-    gesture = pointers.size ? startGesture(pointers) : null;
-    if (click) selectAt(pointOf(e));
-  };
-  canvas.addEventListener('pointerup', end);
-  canvas.addEventListener('pointercancel', end);
-  canvas.addEventListener('wheel', onWheel, { passive: false });
-  canvas.addEventListener('dblclick', (e) => {
-    const p = pointOf(e);
-    zoomAround(view.zoom + 1, p.x, p.y);
-  });
-  canvas.addEventListener('keydown', onMapKey);
+  const map = leaflet.map;
+  const container = $('map');
+  map.on('click', (e) => pick({ x: e.containerPoint.x, y: e.containerPoint.y }));
+  container.addEventListener('keydown', onMapKey);
   $('zoom-in').addEventListener('click', () => zoomAround(view.zoom + 1, view.width / 2, view.height / 2));
   $('zoom-out').addEventListener('click', () => zoomAround(view.zoom - 1, view.width / 2, view.height / 2));
   $('zoom-fit').addEventListener('click', () => fitBounds(AFRICA_BOUNDS));
   $('show-trails').addEventListener('change', markOverlay);
 }
 
-function startGesture(pointers) {
-  const pts = [...pointers.values()];
-  if (pts.length === 1) return { kind: 'pan', start: pts[0], x: view.x, y: view.y, moved: false };
-  const [a, b] = pts;
-  const mid = { x: (a.x + b.x) / 2, y: (a.y + b.y) / 2 };
-  const dist = Math.hypot(a.x - b.x, a.y - b.y) || 1;
-  return { kind: 'pinch', dist, zoom: view.zoom, anchor: screenToMerc(mid.x, mid.y) };
-}
-
-function moveGesture(g, pointers) {
-  if (!g) return;
-  const pts = [...pointers.values()];
-  if (g.kind === 'pan') {
-    const dx = pts[0].x - g.start.x;
-    const dy = pts[0].y - g.start.y;
-    if (!g.moved && Math.hypot(dx, dy) < 4) return; // a click may wobble a little
-    g.moved = true;
-    const W = worldPx();
-    view.x = g.x - dx / W;
-    view.y = g.y - dy / W;
-    viewChanged();
-  } else if (pts.length >= 2) {
-    const [a, b] = pts;
-    const zoom = g.zoom + Math.log2(Math.hypot(a.x - b.x, a.y - b.y) / g.dist);
-    zoomAround(zoom, (a.x + b.x) / 2, (a.y + b.y) / 2, g.anchor);
-  }
-}
-
-function onWheel(e) {
-  e.preventDefault();
-  const unit = e.deltaMode === 1 ? 40 : e.deltaMode === 2 ? 800 : 1; // lines, pages, pixels
-  const step = clamp((-e.deltaY * unit) / 250, -1, 1);
-  const r = canvases.overlay.getBoundingClientRect();
-  zoomAround(view.zoom + step, e.clientX - r.left, e.clientY - r.top);
-}
-
 function onMapKey(e) {
-  const pan = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] }[e.key];
-  if (pan) {
-    const W = worldPx();
-    view.x += (pan[0] * 100) / W;
-    view.y += (pan[1] * 100) / W;
-    viewChanged();
-  } else if (e.key === '+' || e.key === '=') {
-    zoomAround(view.zoom + 1, view.width / 2, view.height / 2);
-  } else if (e.key === '-' || e.key === '_') {
-    zoomAround(view.zoom - 1, view.width / 2, view.height / 2);
-  } else if (e.key === 'Enter') {
-    selectAt({ x: view.width / 2, y: view.height / 2 }, 60);
+  if (e.key === 'Enter') {
+    pick({ x: view.width / 2, y: view.height / 2 }, 60);
   } else if (e.key === 'Escape') {
     selectDriver(null);
   } else {
@@ -116,13 +36,13 @@ function onMapKey(e) {
   e.preventDefault();
 }
 
-/** The driver nearest to a screen point, within `radius` pixels. */
+/** The driver nearest to a screen point, within `radius` pixels, among those drawn on their own. */
 function driverAt(p, radius = 12) {
   const W = worldPx();
   let best = null;
   let bestDist = radius * radius;
   for (const d of state.drivers.values()) {
-    if (!(d.mx === d.mx)) continue;
+    if (!(d.mx === d.mx) || d.cluster !== null) continue;
     const dx = toScreenX(d.mx, W) - p.x;
     const dy = toScreenY(d.my, W) - p.y;
     const dist = dx * dx + dy * dy;
@@ -134,9 +54,33 @@ function driverAt(p, radius = 12) {
   return best;
 }
 
-function selectAt(p, radius) {
+function clusterAt(p) {
+  return drawn.clusters.find((c) => Math.hypot(c.x - p.x, c.y - p.y) <= badgeRadius(c.count) + 2) ?? null;
+}
+
+/** Zoom into a cluster: to the box of its drivers, at least far enough for it to break up. */
+export function openCluster(c) {
+  let [w, s, e, n] = [Infinity, Infinity, -Infinity, -Infinity];
+  for (const d of c.members) {
+    w = Math.min(w, d.mx);
+    e = Math.max(e, d.mx);
+    n = Math.min(n, d.my);
+    s = Math.max(s, d.my);
+  }
+  const before = view.zoom;
+  fitBounds([lonOf(w), latOf(s), lonOf(e), latOf(n)], CLUSTER_BELOW_ZOOM + 1);
+  if (view.zoom < before + 1) zoomAround(before + 2, c.x, c.y);
+}
+
+function pick(p, radius) {
+  const c = clusterAt(p);
+  if (c) return openCluster(c);
   const d = driverAt(p, radius);
-  if (!d) return;
-  selectDriver(d.id, { centre: false });
-  lists.drivers.revealKey = d.id;
+  if (d) {
+    selectDriver(d.id, { centre: false });
+    lists.drivers.revealKey = d.id;
+    return;
+  }
+  const pin = drawn.pins.find((q) => p.x >= q.x - 3 && p.x <= q.x + 11 && p.y >= q.y - 16 && p.y <= q.y + 2);
+  if (pin) openPackage(pin.package);
 }

@@ -1,28 +1,34 @@
-// The overlay: trails, markers, selection, names, scale bar. Of the three stacked canvases, base
-// is basemap.js's (basemap, tiles); this module draws trails (short trails and the selected
-// driver's history, as hairline vectors) and markers (sprites blitted into an ImageData, then the
-// selection ring, names and scale bar as vectors on top).
+// The overlay, two canvases over the Leaflet map (map.js). Trails canvas: country labels (over
+// the bundled basemap only), destination pins, the drivers' short trails, the selected driver's
+// route and its replay. Markers canvas: driver sprites blitted into an ImageData (sprites.js),
+// then cluster badges, alert rings, the selection ring, names, the replay position and the
+// scale bar as vectors on top.
 //
-// Why sprites and not paths: measured in Chromium's software rasteriser (what runs without a
-// GPU: headless tests, VMs, remote desktops), filling and stroking one path of 5,000 circles
-// costs ~240 ms a frame; copying 5,000 pre-rendered sprites into an ImageData costs ~5 ms.
-// Trails are hairlines (1 device pixel) in chunks of 50 drivers per path for the same reason.
+// Clusters: below CLUSTER_BELOW_ZOOM, visible drivers fall into a grid of CLUSTER_CELL_PX cells
+// fixed to the world (a pan does not reshuffle them); a cell with two or more becomes one badge
+// with the count. The selected driver and drivers with an open alert are never hidden in one.
 
-import { COLORS, EARTH_CIRCUMFERENCE_M, MAX_TRAIL_VERTICES } from './constants.js';
+import {
+  CLUSTER_BELOW_ZOOM,
+  CLUSTER_CELL_PX,
+  COLORS,
+  EARTH_CIRCUMFERENCE_M,
+  MAX_DESTINATION_PINS,
+  MAX_TRAIL_VERTICES,
+  STALE_AFTER_MS,
+} from './constants.js';
 import { $ } from './util.js';
-import { latOf } from './geo.js';
-import { heldCount, state } from './store.js';
+import { latOf, mercX, mercY } from './geo.js';
+import { heldCount, openAlertDrivers, openAlertPackages, packageFacts, state } from './store.js';
 import { canvases, render, toScreenX, toScreenY, view, worldPx } from './map.js';
+import { basemapShown, base } from './basemap.js';
+import { MARKER_KINDS, MARKER_R, badgeFor, blit, spritesFor } from './sprites.js';
 
-const MARKER_R = 4.5;
-const MARKER_KINDS = ['offPkg', 'off', 'onPkg', 'on']; // drawn in this order: online on top
-const markerBuckets = { offPkg: [], off: [], onPkg: [], on: [] };
+const markerBuckets = Object.fromEntries(MARKER_KINDS.map((k) => [k, []]));
 const TRAIL_CHUNK = 50;
-const LITTLE_ENDIAN = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
-const ALPHA_SHIFT = LITTLE_ENDIAN ? 24 : 0; // RGBA bytes read as one 32-bit pixel
-const OPAQUE = (255 << ALPHA_SHIFT) >>> 0;
-const sprites = { dpr: 0, kinds: {} };
 const markerLayer = { image: null, pixels: null };
+/** What the last frame drew, for picking (map-input.js) and the test hook. */
+export const drawn = { clusters: [], pins: [], alerted: new Set(), alertedPackages: new Set() };
 
 export function drawOverlay() {
   const W = worldPx();
@@ -30,6 +36,10 @@ export function drawOverlay() {
   const trails = canvases.trailsCtx;
   trails.setTransform(view.dpr, 0, 0, view.dpr, 0, 0);
   trails.clearRect(0, 0, view.width, view.height);
+  drawn.alerted = openAlertDrivers();
+  drawn.alertedPackages = openAlertPackages();
+  if (basemapShown()) drawLabels(trails, W);
+  drawPins(trails, W);
   if ($('show-trails').checked) drawTrails(trails, W);
   drawHistory(trails, W);
   const t1 = performance.now();
@@ -38,11 +48,62 @@ export function drawOverlay() {
   render.parts.bucket += performance.now() - t1;
   blitMarkers(ctx);
   render.parts.trails += t1 - t0;
-  render.parts.markers += performance.now() - t1;
   ctx.setTransform(view.dpr, 0, 0, view.dpr, 0, 0);
+  drawClusters(ctx);
+  render.parts.markers += performance.now() - t1;
+  drawAlertRings(ctx, W);
   drawNames(ctx, W);
   drawSelection(ctx, W);
+  drawReplayPosition(ctx, W);
   drawScaleBar(ctx);
+}
+
+function drawLabels(ctx, W) {
+  if (view.zoom < 3 || view.zoom > 7.5) return;
+  ctx.font = '600 11px system-ui, sans-serif';
+  ctx.textAlign = 'center';
+  ctx.textBaseline = 'middle';
+  ctx.fillStyle = COLORS.label;
+  for (const f of base.labels) {
+    const x = toScreenX(f.x, W);
+    const y = toScreenY(f.y, W);
+    if (x < -50 || y < -20 || x > view.width + 50 || y > view.height + 20) continue;
+    // Only where the country is wide enough on screen for its name.
+    if (f.width * W < ctx.measureText(f.name).width * 1.1) continue;
+    ctx.fillText(f.name, x, y);
+  }
+}
+
+/** Destinations of the packages on their way (not delivered yet) that fall in the view. */
+function drawPins(ctx, W) {
+  drawn.pins = [];
+  if (view.zoom < 5) return; // a continent of pins says nothing
+  for (const p of state.packages.values()) {
+    if (p.stub || ['delivered', 'returned', 'cancelled'].includes(p.state)) continue;
+    const dest = packageFacts(p.package).destination;
+    if (!dest || typeof dest.lat !== 'number' || typeof dest.lon !== 'number') continue;
+    const x = toScreenX(mercX(dest.lon), W);
+    const y = toScreenY(mercY(dest.lat), W);
+    if (x < -10 || y < -20 || x > view.width + 10 || y > view.height + 10) continue;
+    drawn.pins.push({ package: p.package, x, y, name: dest.name ?? '' });
+    if (drawn.pins.length >= MAX_DESTINATION_PINS) break;
+  }
+  ctx.lineWidth = 1.5;
+  ctx.strokeStyle = '#ffffff';
+  for (const pin of drawn.pins) {
+    const alert = drawn.alertedPackages.has(pin.package);
+    ctx.beginPath(); // a pin: a square flag on a short pole, its foot on the destination
+    ctx.moveTo(pin.x, pin.y);
+    ctx.lineTo(pin.x, pin.y - 14);
+    ctx.lineTo(pin.x + 9, pin.y - 14);
+    ctx.lineTo(pin.x + 9, pin.y - 6);
+    ctx.lineTo(pin.x + 1.5, pin.y - 6);
+    ctx.lineTo(pin.x + 1.5, pin.y);
+    ctx.closePath();
+    ctx.fillStyle = alert ? COLORS.alert : COLORS.destination;
+    ctx.fill();
+    ctx.stroke();
+  }
 }
 
 function drawTrails(ctx, W) {
@@ -57,7 +118,7 @@ function drawTrails(ctx, W) {
     const x = toScreenX(d.mx, W);
     const y = toScreenY(d.my, W);
     if (x < -margin || y < -margin || x > view.width + margin || y > view.height + margin) continue;
-    vertices += addPolyline(ctx, d.trail, W);
+    vertices += addPolyline(ctx, d.trail, W, d.trail.length / 2);
     if (++inPath === TRAIL_CHUNK) {
       ctx.stroke();
       ctx.beginPath();
@@ -68,15 +129,15 @@ function drawTrails(ctx, W) {
   ctx.stroke();
 }
 
-/** Add a flat [mx, my, ...] polyline to the current path, skipping sub-pixel steps. */
-function addPolyline(ctx, flat, W) {
+/** Add the first `count` points of a flat [mx, my, ...] polyline to the path, skipping sub-pixel steps. */
+function addPolyline(ctx, flat, W, count) {
   let lx = toScreenX(flat[0], W);
   let ly = toScreenY(flat[1], W);
   let added = 0;
-  for (let i = 2; i < flat.length; i += 2) {
+  for (let i = 2; i < count * 2; i += 2) {
     const x = toScreenX(flat[i], W);
     const y = toScreenY(flat[i + 1], W);
-    if (Math.abs(x - lx) + Math.abs(y - ly) < 1.5) continue;
+    if (Math.abs(x - lx) + Math.abs(y - ly) < 1.5 && i < count * 2 - 2) continue;
     if (added === 0) ctx.moveTo(lx, ly);
     ctx.lineTo(x, y);
     lx = x;
@@ -86,18 +147,31 @@ function addPolyline(ctx, flat, W) {
   return added;
 }
 
+/** The selected driver's route: all of it faint, and up to the replay position strong. */
 function drawHistory(ctx, W) {
   const h = state.history;
   if (!h || h.points.length < 2) return;
-  const flat = new Float64Array(h.points.length * 2);
-  h.points.forEach((p, i) => {
-    flat[2 * i] = p.mx;
-    flat[2 * i + 1] = p.my;
-  });
-  ctx.beginPath();
-  addPolyline(ctx, flat, W);
+  if (!h.flat || h.flat.length !== h.points.length * 2) {
+    h.flat = new Float64Array(h.points.length * 2);
+    h.points.forEach((p, i) => {
+      h.flat[2 * i] = p.mx;
+      h.flat[2 * i + 1] = p.my;
+    });
+  }
+  const n = h.points.length;
+  const upTo = state.replay.index >= 0 ? Math.min(state.replay.index + 1, n) : n;
   ctx.lineCap = 'round';
   ctx.lineJoin = 'round';
+  if (upTo < n) {
+    ctx.beginPath();
+    addPolyline(ctx, h.flat, W, n);
+    ctx.strokeStyle = 'rgba(123, 31, 162, 0.35)';
+    ctx.lineWidth = 3;
+    ctx.stroke();
+  }
+  if (upTo < 2) return;
+  ctx.beginPath();
+  addPolyline(ctx, h.flat, W, upTo);
   ctx.strokeStyle = 'rgba(255, 255, 255, 0.9)';
   ctx.lineWidth = 5;
   ctx.stroke();
@@ -106,63 +180,54 @@ function drawHistory(ctx, W) {
   ctx.stroke();
 }
 
-/** Screen positions of the visible markers, by kind (colour and shape). */
+/** Screen positions of the visible markers by kind, and the clusters of the ones close together. */
 function bucketMarkers(W) {
   for (const kind of MARKER_KINDS) markerBuckets[kind].length = 0;
   const m = MARKER_R + 2;
+  const now = Date.now();
+  const alerted = drawn.alerted;
+  const clustering = view.zoom < CLUSTER_BELOW_ZOOM;
+  const cells = clustering ? new Map() : null;
+  const cell = CLUSTER_CELL_PX;
   for (const d of state.drivers.values()) {
+    d.cluster = null;
     if (!(d.mx === d.mx)) continue; // NaN: no position yet
     const x = toScreenX(d.mx, W);
     const y = toScreenY(d.my, W);
     if (x < -m || y < -m || x > view.width + m || y > view.height + m) continue;
-    const pkg = heldCount(d.id) > 0;
-    markerBuckets[d.online ? (pkg ? 'onPkg' : 'on') : pkg ? 'offPkg' : 'off'].push(x, y);
-  }
-}
-
-/** One sprite per marker kind at the current pixel ratio: a white halo under the coloured shape. */
-function buildSprites() {
-  const dpr = view.dpr;
-  if (sprites.dpr === dpr) return;
-  for (const kind of MARKER_KINDS) {
-    const diamond = kind.endsWith('Pkg');
-    const halo = MARKER_R + 1.2;
-    const size = Math.ceil(2 * (diamond ? halo * 1.3 : halo) * dpr) + 2;
-    const canvas = document.createElement('canvas');
-    canvas.width = canvas.height = size;
-    const c = canvas.getContext('2d');
-    c.setTransform(dpr, 0, 0, dpr, size / 2, size / 2);
-    const shape = diamond ? diamondAt : circleAt;
-    c.beginPath();
-    shape(c, 0, 0, halo);
-    c.fillStyle = COLORS.outline;
-    c.fill();
-    c.beginPath();
-    shape(c, 0, 0, MARKER_R);
-    c.fillStyle = COLORS[kind];
-    c.fill();
-    const pixels = new Uint32Array(c.getImageData(0, 0, size, size).data.buffer);
-    sprites.kinds[kind] = { size, pixels, spans: rowSpans(pixels, size) };
-  }
-  sprites.dpr = dpr;
-}
-
-/** Per row, the [first, last + 1) columns that are not transparent: the blit skips the rest. */
-function rowSpans(pixels, size) {
-  const spans = new Int16Array(size * 2);
-  for (let y = 0; y < size; y++) {
-    let first = size;
-    let last = -1;
-    for (let x = 0; x < size; x++) {
-      if ((pixels[y * size + x] >>> ALPHA_SHIFT) & 255) {
-        first = Math.min(first, x);
-        last = x;
+    if (clustering && d.id !== state.selected && !alerted.has(d.id)) {
+      const key = Math.floor((x + view.ox) / cell) * 65536 + Math.floor((y + view.oy) / cell);
+      const c = cells.get(key);
+      if (c) {
+        c.members.push(d);
+        c.sx += x;
+        c.sy += y;
+      } else {
+        cells.set(key, { key, members: [d], sx: x, sy: y });
       }
+      continue;
     }
-    spans[2 * y] = first;
-    spans[2 * y + 1] = last + 1;
+    bucket(d, x, y, now);
   }
-  return spans;
+  drawn.clusters = [];
+  if (!clustering) return;
+  for (const c of cells.values()) {
+    if (c.members.length === 1) {
+      bucket(c.members[0], c.sx, c.sy, now);
+      continue;
+    }
+    const n = c.members.length;
+    for (const d of c.members) d.cluster = c.key;
+    drawn.clusters.push({ key: c.key, x: c.sx / n, y: c.sy / n, count: n, members: c.members });
+  }
+}
+
+function bucket(d, x, y, now) {
+  const pkg = heldCount(d.id) > 0;
+  const stale = now - d.ts > STALE_AFTER_MS;
+  d.stale = stale;
+  const kind = `${d.online ? 'on' : 'off'}${pkg ? 'Pkg' : ''}${stale ? 'Stale' : ''}`;
+  markerBuckets[kind].push(x, y);
 }
 
 function blitMarkers(ctx) {
@@ -172,12 +237,12 @@ function blitMarkers(ctx) {
     markerLayer.image = ctx.createImageData(w, h);
     markerLayer.pixels = new Uint32Array(markerLayer.image.data.buffer);
   }
-  buildSprites();
+  const sprites = spritesFor(view.dpr);
   const buf = markerLayer.pixels;
   buf.fill(0);
   for (const kind of MARKER_KINDS) {
     const pts = markerBuckets[kind];
-    const sprite = sprites.kinds[kind];
+    const sprite = sprites[kind];
     for (let i = 0; i < pts.length; i += 2) blit(buf, w, h, sprite, pts[i] * view.dpr, pts[i + 1] * view.dpr);
   }
   const t = performance.now();
@@ -185,45 +250,29 @@ function blitMarkers(ctx) {
   render.parts.put += performance.now() - t;
 }
 
-/**
- * Copy a sprite centred on (cx, cy) device pixels. Opaque pixels are copied; an anti-aliased
- * edge pixel is copied onto empty pixels (so the edge stays smooth against the map below) and,
- * over another marker, made opaque when mostly covered or else skipped. Exact blending there
- * doubled the frame time in dense views for a difference nobody can see at 5 px.
- */
-function blit(buf, w, h, sprite, cx, cy) {
-  const { size, pixels, spans } = sprite;
-  const x0 = Math.round(cx - size / 2);
-  const y0 = Math.round(cy - size / 2);
-  const xs = Math.max(0, -x0);
-  const xe = Math.min(size, w - x0);
-  const ye = Math.min(size, h - y0);
-  for (let y = Math.max(0, -y0); y < ye; y++) {
-    const from = Math.max(xs, spans[2 * y]);
-    const to = Math.min(xe, spans[2 * y + 1]);
-    let di = (y0 + y) * w + x0 + from;
-    let si = y * size + from;
-    for (let x = from; x < to; x++, di++, si++) {
-      const s = pixels[si];
-      const a = (s >>> ALPHA_SHIFT) & 255;
-      if (a === 255 || (a !== 0 && buf[di] === 0)) buf[di] = s;
-      else if (a >= 128) buf[di] = s | OPAQUE;
-    }
+function drawClusters(ctx) {
+  for (const c of drawn.clusters) {
+    const badge = badgeFor(c.count, view.dpr, false);
+    ctx.drawImage(badge.canvas, c.x - badge.size / 2, c.y - badge.size / 2, badge.size, badge.size);
   }
 }
 
-function circleAt(ctx, x, y, r) {
-  ctx.moveTo(x + r, y);
-  ctx.arc(x, y, r, 0, 2 * Math.PI);
-}
-
-function diamondAt(ctx, x, y, r) {
-  const s = r * 1.3;
-  ctx.moveTo(x, y - s);
-  ctx.lineTo(x + s, y);
-  ctx.lineTo(x, y + s);
-  ctx.lineTo(x - s, y);
-  ctx.closePath();
+/** A red ring around every driver named by an open alert: the first thing a dispatcher looks for. */
+function drawAlertRings(ctx, W) {
+  if (!drawn.alerted.size) return;
+  ctx.beginPath();
+  for (const id of drawn.alerted) {
+    const d = state.drivers.get(id);
+    if (!d || !(d.mx === d.mx)) continue;
+    const x = toScreenX(d.mx, W);
+    const y = toScreenY(d.my, W);
+    if (x < -20 || y < -20 || x > view.width + 20 || y > view.height + 20) continue;
+    ctx.moveTo(x + MARKER_R + 5, y);
+    ctx.arc(x, y, MARKER_R + 5, 0, 2 * Math.PI);
+  }
+  ctx.lineWidth = 2.5;
+  ctx.strokeStyle = COLORS.alert;
+  ctx.stroke();
 }
 
 /** Names next to markers once few enough are on screen for them to be readable. */
@@ -243,7 +292,7 @@ function drawNames(ctx, W) {
   const selected = state.selected ? state.drivers.get(state.selected) : null;
   const drivers = selected ? [selected, ...state.drivers.values()] : state.drivers.values();
   for (const d of drivers) {
-    if (!(d.mx === d.mx) || (d !== selected && d.id === state.selected)) continue;
+    if (!(d.mx === d.mx) || d.cluster !== null || (d !== selected && d.id === state.selected)) continue;
     // Clear of the selection ring for the selected driver.
     const x = toScreenX(d.mx, W) + MARKER_R + (d.id === state.selected ? 12 : 4);
     const y = toScreenY(d.my, W);
@@ -257,11 +306,7 @@ function drawNames(ctx, W) {
   }
 }
 
-function drawSelection(ctx, W) {
-  const d = state.selected ? state.drivers.get(state.selected) : null;
-  if (!d || !(d.mx === d.mx)) return;
-  const x = toScreenX(d.mx, W);
-  const y = toScreenY(d.my, W);
+function ring(ctx, x, y) {
   ctx.beginPath();
   ctx.arc(x, y, MARKER_R + 6, 0, 2 * Math.PI);
   ctx.lineWidth = 3;
@@ -270,6 +315,29 @@ function drawSelection(ctx, W) {
   ctx.beginPath();
   ctx.arc(x, y, MARKER_R + 8.5, 0, 2 * Math.PI);
   ctx.lineWidth = 1.5;
+  ctx.strokeStyle = '#1f2328';
+  ctx.stroke();
+}
+
+function drawSelection(ctx, W) {
+  const d = state.selected ? state.drivers.get(state.selected) : null;
+  if (!d || !(d.mx === d.mx)) return;
+  ring(ctx, toScreenX(d.mx, W), toScreenY(d.my, W));
+}
+
+/** Where the replayed driver was at the slider's time: a yellow disc with a dark edge. */
+function drawReplayPosition(ctx, W) {
+  const h = state.history;
+  const i = state.replay.index;
+  if (!h || i < 0 || i >= h.points.length) return;
+  const p = h.points[i];
+  const x = toScreenX(p.mx, W);
+  const y = toScreenY(p.my, W);
+  ctx.beginPath();
+  ctx.arc(x, y, 7, 0, 2 * Math.PI);
+  ctx.fillStyle = COLORS.replay;
+  ctx.fill();
+  ctx.lineWidth = 2;
   ctx.strokeStyle = '#1f2328';
   ctx.stroke();
 }

@@ -12,13 +12,16 @@ import {
   formatTime,
   humanise,
   isNum,
+  plural,
   relativeTime,
   setText,
 } from './util.js';
-import { displayName, heldCount, state } from './store.js';
+import { displayName, heldCount, packageFacts, state } from './store.js';
 import { dirty } from './map.js';
 import { VirtualList } from './virtual-list.js';
 import { selectDriver, updateDetails } from './detail.js';
+import { allDrivers, fleetSummary } from './fleet.js';
+import { openPackage, updatePackageView } from './package-view.js';
 
 // --- Driver and package lists
 
@@ -44,15 +47,18 @@ function createDriverRow() {
 function updateDriverRow(row, d) {
   const held = heldCount(d.id);
   const now = Date.now();
+  const inView = state.drivers.get(d.id) === d;
   row.dataset.driver = d.id;
   row.dataset.online = String(d.online);
+  row.dataset.inView = String(inView);
   row.setAttribute('aria-selected', String(d.id === state.selected));
   const [sym, name, stats, meta, pkgs] = row.children;
   sym.className = `sym ${symClass(d.online, held > 0)}`;
   setText(name, d.name || d.id);
   setText(stats, `${formatSpeed(d.spd)} · ${formatBattery(d.bat)}`);
-  setText(meta, `${d.online ? 'online' : 'offline'} · ${d.name ? `${d.id} · ` : ''}${relativeTime(d.ts, now)}`);
-  setText(pkgs, held ? `${held} pkg${held === 1 ? '' : 's'}` : '');
+  const where = inView ? '' : ' · elsewhere';
+  setText(meta, `${d.online ? 'online' : 'offline'} · ${d.name ? `${d.id} · ` : ''}${relativeTime(d.ts, now)}${where}`);
+  setText(pkgs, held ? plural(held, 'pkg') : '');
   row.title = `Last position ${formatTime(d.ts)}`;
 }
 
@@ -62,16 +68,41 @@ const symClass = (online, pkg) => `sym-${online ? 'on' : 'off'}${pkg ? '-pkg' : 
 function refreshDriverList() {
   const query = $('driver-filter').value.trim().toLowerCase();
   const sort = DRIVER_SORTS[$('driver-sort').value] ?? DRIVER_SORTS.name;
-  const all = [...state.drivers.values()];
+  // The whole fleet, not only the drivers in the map view: a search finds a driver in another city.
+  const all = allDrivers();
   const items = query ? all.filter((d) => d.search.includes(query)) : all;
   items.sort(sort);
   lists.drivers.setItems(items);
   const online = all.reduce((n, d) => n + (d.online ? 1 : 0), 0);
   setText($('count-drivers'), String(all.length));
+  const inView = state.drivers.size;
   setText(
     $('driver-summary'),
-    query ? `${items.length} of ${all.length} drivers match` : `${all.length} drivers in this area · ${online} online`,
+    query
+      ? `${items.length} of ${plural(all.length, 'driver')} match`
+      : `${plural(all.length, 'driver')} · ${online} online · ${inView} in this area`,
   );
+}
+
+/** The fleet summary above the tabs: the whole org (or the client's scope), never only the view. */
+function refreshFleetSummary() {
+  const s = fleetSummary();
+  const parts = [
+    plural(s.drivers, 'driver'),
+    `${s.online} online`,
+    `${s.offline} offline`,
+    `${s.carrying} carrying`,
+    `${plural(s.late, 'late package')}`,
+    plural(s.alerts, 'open alert'),
+  ];
+  setText($('fleet-summary'), parts.join(' · '));
+  const box = $('fleet-summary');
+  box.dataset.drivers = String(s.drivers);
+  box.dataset.online = String(s.online);
+  box.dataset.offline = String(s.offline);
+  box.dataset.carrying = String(s.carrying);
+  box.dataset.late = String(s.late);
+  box.dataset.alerts = String(s.alerts);
 }
 
 function createPackageRow() {
@@ -93,13 +124,17 @@ function updatePackageRow(row, p) {
   const parts = [];
   if (who != null) parts.push(`${p.holder ? 'with' : 'driver'} ${displayName(String(who))}`);
   if (p.client != null) parts.push(`client ${p.client}`);
-  const dest = describeDestination(p.destination);
+  const facts = packageFacts(p.package);
+  const dest = describeDestination(facts.destination);
   if (dest) parts.push(`to ${dest}`);
+  if (isNum(facts.window?.to) && facts.window.to < Date.now() && !['delivered', 'returned'].includes(p.state)) {
+    parts.push('late');
+  }
   setText(meta, parts.join(' · ') || '–');
   setText(extra, p.lastEvent ? `${humanise(p.lastEvent)} ${relativeTime(p.lastEventTs)}` : '');
 }
 
-function describeDestination(dest) {
+export function describeDestination(dest) {
   if (!dest) return '';
   if (typeof dest === 'string') return dest;
   for (const key of ['name', 'label', 'address', 'city']) {
@@ -113,7 +148,7 @@ function refreshPackageList() {
   const query = $('package-filter').value.trim().toLowerCase();
   const all = [...state.packages.values()].filter((p) => !p.stub);
   const matches = (p) =>
-    [p.package, p.state, p.client, p.holder && displayName(p.holder), p.driver, describeDestination(p.destination)]
+    [p.package, p.state, p.client, p.holder && displayName(p.holder), p.driver, describeDestination(packageFacts(p.package).destination)]
       .filter(Boolean)
       .some((s) => String(s).toLowerCase().includes(query));
   const items = query ? all.filter(matches) : all;
@@ -121,7 +156,10 @@ function refreshPackageList() {
   items.sort((a, b) => (b.holder ? 1 : 0) - (a.holder ? 1 : 0) || collator.compare(a.package, b.package));
   lists.packages.setItems(items);
   setText($('count-packages'), String(all.length));
-  setText($('package-summary'), query ? `${items.length} of ${all.length} packages match` : `${all.length} packages`);
+  setText(
+    $('package-summary'),
+    query ? `${items.length} of ${plural(all.length, 'package')} match` : plural(all.length, 'package'),
+  );
 }
 
 // --- Alert feed
@@ -186,12 +224,14 @@ export function refreshPanels() {
   const stale = now - lastFullRefresh >= 1000; // relative times move even when nothing else does
   const tab = activeTab();
   if ((dirty.drivers || stale) && tab === 'drivers') refreshDriverList();
-  else if (dirty.drivers) setText($('count-drivers'), String(state.drivers.size));
+  else if (dirty.drivers) setText($('count-drivers'), String(allDrivers().length));
   if ((dirty.packages || dirty.drivers || stale) && tab === 'packages') refreshPackageList();
   else if (dirty.packages) setText($('count-packages'), String(countPackages()));
   if (dirty.alerts) refreshAlerts();
   else if (stale && tab === 'alerts') ageAlertTimes();
   if (state.selected) updateDetails();
+  if (state.selectedPackage && (dirty.packages || stale)) updatePackageView();
+  if (dirty.drivers || dirty.packages || dirty.alerts || stale) refreshFleetSummary();
   if (stale) lastFullRefresh = now;
   dirty.drivers = dirty.packages = dirty.alerts = false;
 }
@@ -231,9 +271,6 @@ export function setupLists() {
     createRow: createPackageRow,
     updateRow: updatePackageRow,
     keyOf: (p) => p.package,
-    onActivate: (p) => {
-      const who = p.holder ?? p.driver;
-      if (who != null) selectDriver(String(who));
-    },
+    onActivate: (p) => openPackage(p.package),
   });
 }

@@ -14,6 +14,7 @@ export const session = {
   claims: null,
   role: null,
   org: null,
+  client: null, // a client administrator's client organisation (welcome)
   refreshTimer: 0,
   refreshFailed: false,
   warnTimer: 0,
@@ -96,7 +97,7 @@ export function loadStoredToken() {
 export function forgetToken() {
   sessionStorage.removeItem(STORAGE.token);
   sessionStorage.removeItem(STORAGE.refreshUrl);
-  Object.assign(session, { token: null, refreshUrl: null, claims: null, role: null, org: null });
+  Object.assign(session, { token: null, refreshUrl: null, claims: null, role: null, org: null, client: null });
   clearExpiryTimers();
 }
 

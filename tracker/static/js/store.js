@@ -19,6 +19,14 @@ export const state = {
   pendingSnapshot: null, // snapshot parts gathered until the frame without "more"
   frames: 0,
   lastMessageTs: 0,
+  // The whole fleet, not only the map view (fleet.js, from GET /v1/drivers and the live frames):
+  // driver id -> { id, name, online, lat, lon, ts }.
+  fleet: new Map(),
+  fleetLoaded: false,
+  // Consignment terms of the packages in scope (GET /v1/packages): id -> the package representation.
+  packageInfo: new Map(),
+  replay: { index: -1, playing: false }, // the selected driver's route replay (replay.js)
+  selectedPackage: null, // the package whose details are open (package-view.js)
 };
 
 export function driverRecord(id) {
@@ -40,6 +48,8 @@ export function driverRecord(id) {
       bat: null,
       hdg: null,
       trail: [], // flat [mx, my, mx, my, ...], the last TRAIL_POINTS positions seen
+      cluster: null, // the cluster it is drawn in (overlay.js), or null
+      stale: false, // its newest fix is older than STALE_AFTER_MS: drawn faded
     };
     state.drivers.set(id, d);
   }
@@ -89,6 +99,31 @@ export function packageRecord(id) {
     state.packages.set(id, p);
   }
   return p;
+}
+
+/** A package's consignment terms (destination, window, cold chain) merged under its live state. */
+export function packageFacts(id) {
+  const info = state.packageInfo.get(id);
+  const live = state.packages.get(id);
+  if (!info) return live ?? {};
+  if (!live) return info;
+  const out = { ...info };
+  for (const [k, v] of Object.entries(live)) if (v !== undefined && v !== null) out[k] = v;
+  return out;
+}
+
+/** Drivers named by an open alert. */
+export function openAlertDrivers() {
+  const out = new Set();
+  for (const a of state.alerts.values()) if (a.state !== 'resolved' && a.driver != null) out.add(String(a.driver));
+  return out;
+}
+
+/** Packages named by an open alert. */
+export function openAlertPackages() {
+  const out = new Set();
+  for (const a of state.alerts.values()) if (a.state !== 'resolved' && a.package != null) out.add(String(a.package));
+  return out;
 }
 
 export const heldState = (p) => !p.state || (!TERMINAL_STATES.has(p.state) && !PRE_PICKUP_STATES.has(p.state));

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from websockets.exceptions import ConnectionClosed
 
+from harness.browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, WAIT_MS, PageWatch, require_browser
 from harness.clients import Phone, pos, scan
 from harness.http import DEST, consign
 from harness.instances import Instance
@@ -33,18 +31,6 @@ from tracker.sim.routes import CITIES
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "browser"
-WAIT_MS = 15_000  # the deadline of each wait in the page
 NAIROBI_ROAD = CITIES[0].roads["Uhuru Highway - Mombasa Road"]
 
 
@@ -113,105 +99,12 @@ async def driving(drivers: dict[str, Driver], interval: float = 0.3) -> AsyncIte
                 await task
 
 
-def _require_browser() -> Any:
-    """Playwright and Debian's chromium, or a failure that says what CI must install (never a skip)."""
-    try:
-        from playwright.async_api import async_playwright
-    except ImportError:
-        pytest.fail("the Python package `playwright` is missing: install the dev extras (pip install -e '.[dev]')")
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(
-            f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium); .ci/run does it. "
-            "The browser test never downloads a browser."
-        )
-    return async_playwright
-
-
-STATE = "() => window.trackerDebug ? window.trackerDebug.state() : null"
-
-
-class PageWatch:
-    """Console errors, uncaught exceptions and failed loads of the page's own files (its ES modules,
-    the stylesheet, the basemap); the test fails on any, and every failed wait reports them."""
-
-    def __init__(self, page: Any, label: str, t0: float) -> None:
-        self.page = page
-        self.label = label
-        self.t0 = t0
-        self.errors: list[str] = []
-        self.scripts: list[str] = []  # the /static/ scripts the page loaded
-        page.on("console", lambda m: m.type == "error" and self.errors.append(f"console: {m.text}"))
-        page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
-        page.on("requestfailed", self._failed)
-        page.on("response", self._response)
-
-    def _failed(self, request: Any) -> None:
-        if "/static/" in request.url:
-            self.errors.append(f"requestfailed: {request.url} {request.failure}")
-
-    def _response(self, response: Any) -> None:
-        path = urlsplit(response.url).path
-        if not path.startswith("/static/"):
-            return
-        if response.status >= 400:
-            self.errors.append(f"HTTP {response.status}: {path}")
-        if path.endswith((".js", ".mjs")) and response.status < 400:
-            self.scripts.append(path)
-            mime = response.headers.get("content-type", "").split(";")[0].strip()
-            if mime not in ("text/javascript", "application/javascript"):
-                self.errors.append(f"{path} served as {mime!r}: a browser refuses a module script of that type")
-
-    async def goto(self, url: str) -> None:
-        """Open the page: once loaded, every module has run (module scripts run before the load event),
-        so the test hook exists unless a module failed to load, link or run."""
-        await self.page.goto(url)
-        hook = await self.page.evaluate("() => typeof window.trackerDebug?.state === 'function'")
-        assert hook and "/static/js/main.js" in self.scripts, (
-            f"{self.label}: the page's modules did not load (no window.trackerDebug); "
-            f"scripts loaded: {self.scripts}; errors: {self.errors}"
-        )
-        self.assert_clean()
-
-    async def state(self) -> dict[str, Any]:
-        st: dict[str, Any] = await self.page.evaluate(STATE)
-        return st
-
-    async def until(self, js: str, arg: Any = None, what: str = "") -> Any:
-        """Wait until `js` (a function of the page state and `arg`) is truthy; return its value."""
-        fn = f"(arg) => {{ const s = window.trackerDebug?.state(); return !!s && ({js})(s, arg); }}"
-        try:
-            await self.page.wait_for_function(fn, arg=arg, timeout=WAIT_MS, polling=100)
-        except Exception as exc:
-            st = await self.state()
-            keys = ("connection", "role", "drivers", "markers", "packages", "alerts")
-            brief = {k: st.get(k) for k in keys} if st else st
-            raise AssertionError(
-                f"{self.label}: not reached in {WAIT_MS} ms: {what or js}\nstate: {brief}\nerrors: {self.errors}"
-            ) from exc
-        return await self.page.evaluate(f"(arg) => ({js})(window.trackerDebug.state(), arg)", arg)
-
-    async def row(self, testid: str, **data: str) -> Any:
-        """Wait for a list row `[data-testid=testid][data-k="v"]...` to exist; return its locator."""
-        sel = f"[data-testid={testid}]" + "".join(f'[data-{k}="{v}"]' for k, v in data.items())
-        loc = self.page.locator(sel)
-        await loc.wait_for(timeout=WAIT_MS)
-        return loc
-
-    async def shot(self, name: str) -> None:
-        await self.page.evaluate("() => window.trackerDebug.render()")
-        await self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
-        print(f"{time.monotonic() - self.t0:5.1f} s  {name}.png")  # shown with -s or on failure
-
-    def assert_clean(self) -> None:
-        assert not self.errors, f"{self.label}: errors in the page: {self.errors}"
-
-
 def marker(st: dict[str, Any], driver: str) -> dict[str, Any] | None:
     return next((m for m in st["markers"] if m["driver"] == driver), None)
 
 
 async def test_dashboard_end_to_end(start_instance: Any, org: str) -> None:
-    async_playwright = _require_browser()
+    async_playwright = require_browser()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for old in ARTIFACTS.glob("*.png"):
         old.unlink()

@@ -40,3 +40,26 @@ def test_environment_is_parsed_and_checked() -> None:
         Settings.from_env({"TRACKER_JWT_ALG": "RS256"})
     with pytest.raises(ConfigError):
         Settings.from_env({"TRACKER_JWT_ALG": "none"})
+
+
+def test_map_tiles_template_is_checked_and_names_the_csp_origins() -> None:
+    s = Settings.from_env({"TRACKER_MAP_TILES": "https://tiles.example.org/osm/{z}/{x}/{y}.png"})
+    assert s.tiles == "https://tiles.example.org/osm/{z}/{x}/{y}.png"
+    assert s.tile_origins() == ("https://tiles.example.org",)
+    sub = Settings.from_env({"TRACKER_MAP_TILES": "https://{s}.tile.example.org:8443/{z}/{x}/{y}.png"})
+    assert sub.tile_origins() == tuple(f"https://{c}.tile.example.org:8443" for c in "abc")
+    old = Settings.from_env({"TRACKER_TILE_URL": "http://127.0.0.1:7000/{z}/{x}/{y}.png"})
+    assert old.tiles == "http://127.0.0.1:7000/{z}/{x}/{y}.png"  # the older name still works
+    assert Settings().tiles is None and Settings().tile_origins() == ()
+    for bad in (
+        "tiles.example.org/{z}/{x}/{y}.png",  # no scheme
+        "ftp://tiles.example.org/{z}/{x}/{y}.png",
+        "https://tiles.example.org/{z}/{x}.png",  # no {y}
+        "https://tiles.example.org/{z}/{x}/{y}.png; script-src *",  # would widen the CSP
+        "https://{z}.example.org/{z}/{x}/{y}.png",
+        "https://user:pw@tiles.example.org/{z}/{x}/{y}.png",
+    ):
+        with pytest.raises(ConfigError, match="TRACKER_MAP_TILES"):
+            Settings.from_env({"TRACKER_MAP_TILES": bad})
+    with pytest.raises(ConfigError, match="MAX_ZOOM"):
+        Settings.from_env({"TRACKER_MAP_TILES_MAX_ZOOM": "30"})

@@ -63,7 +63,7 @@ class _Inline(HTMLParser):
 
 
 async def test_dashboard_page_security_headers_and_no_inline_code(start_instance: Any) -> None:
-    inst = await start_instance(tile_url="https://tiles.example.org/{z}/{x}/{y}.png")
+    inst = await start_instance(map_tiles="https://tiles.example.org/{z}/{x}/{y}.png")
     status, headers, body = await request(inst, "GET", "/")
     assert status == 200 and headers["content-type"].startswith("text/html")
     policy = csp(headers)

@@ -60,16 +60,16 @@ function clusterAt(p) {
 
 /** Zoom into a cluster: to the box of its drivers, at least far enough for it to break up. */
 export function openCluster(c) {
-  let [w, s, e, n] = [Infinity, Infinity, -Infinity, -Infinity];
+  // World units: y grows southwards, so the north edge is the smallest y.
+  let [w, e, top, bottom] = [Infinity, -Infinity, Infinity, -Infinity];
   for (const d of c.members) {
     w = Math.min(w, d.mx);
     e = Math.max(e, d.mx);
-    n = Math.min(n, d.my);
-    s = Math.max(s, d.my);
+    top = Math.min(top, d.my);
+    bottom = Math.max(bottom, d.my);
   }
-  const before = view.zoom;
-  fitBounds([lonOf(w), latOf(s), lonOf(e), latOf(n)], CLUSTER_BELOW_ZOOM + 1);
-  if (view.zoom < before + 1) zoomAround(before + 2, c.x, c.y);
+  // The members fit in one grid cell, so fitting them on screen always zooms in.
+  fitBounds([lonOf(w), latOf(bottom), lonOf(e), latOf(top)], CLUSTER_BELOW_ZOOM + 1);
 }
 
 function pick(p, radius) {

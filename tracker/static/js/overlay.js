@@ -267,8 +267,8 @@ function drawAlertRings(ctx, W) {
     const x = toScreenX(d.mx, W);
     const y = toScreenY(d.my, W);
     if (x < -20 || y < -20 || x > view.width + 20 || y > view.height + 20) continue;
-    ctx.moveTo(x + MARKER_R + 5, y);
-    ctx.arc(x, y, MARKER_R + 5, 0, 2 * Math.PI);
+    ctx.moveTo(x + MARKER_R + 3.5, y);
+    ctx.arc(x, y, MARKER_R + 3.5, 0, 2 * Math.PI); // inside the selection ring, which is drawn after it
   }
   ctx.lineWidth = 2.5;
   ctx.strokeStyle = COLORS.alert;
@@ -329,7 +329,7 @@ function drawSelection(ctx, W) {
 function drawReplayPosition(ctx, W) {
   const h = state.history;
   const i = state.replay.index;
-  if (!h || i < 0 || i >= h.points.length) return;
+  if (!h || i < 0 || i >= h.points.length - 1) return; // at the end it is where the marker is
   const p = h.points[i];
   const x = toScreenX(p.mx, W);
   const y = toScreenY(p.my, W);

@@ -130,6 +130,8 @@ function updatePackageRow(row, p) {
   if (isNum(facts.window?.to) && facts.window.to < Date.now() && !['delivered', 'returned'].includes(p.state)) {
     parts.push('late');
   }
+  const eta = facts.state === 'picked_up' && isNum(facts.eta?.ts) ? facts.eta.ts : null;
+  if (eta) parts.push(`ETA ${new Date(eta).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' })}`);
   setText(meta, parts.join(' · ') || '–');
   setText(extra, p.lastEvent ? `${humanise(p.lastEvent)} ${relativeTime(p.lastEventTs)}` : '');
 }

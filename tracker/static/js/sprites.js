@@ -27,7 +27,6 @@ export function spritesFor(dpr) {
     canvas.width = canvas.height = size;
     const c = canvas.getContext('2d');
     c.setTransform(dpr, 0, 0, dpr, size / 2, size / 2);
-    c.globalAlpha = stale ? STALE_ALPHA : 1; // a driver silent for a while fades
     const shape = diamond ? diamondAt : circleAt;
     c.beginPath();
     shape(c, 0, 0, halo);
@@ -37,7 +36,9 @@ export function spritesFor(dpr) {
     shape(c, 0, 0, MARKER_R);
     c.fillStyle = COLORS[colour];
     c.fill();
-    const pixels = new Uint32Array(c.getImageData(0, 0, size, size).data.buffer);
+    const image = c.getImageData(0, 0, size, size);
+    if (stale) for (let i = 3; i < image.data.length; i += 4) image.data[i] = Math.round(image.data[i] * STALE_ALPHA);
+    const pixels = new Uint32Array(image.data.buffer); // a driver silent for a while: the whole sprite fades
     sprites.kinds[kind] = { size, pixels, spans: rowSpans(pixels, size) };
   }
   sprites.dpr = dpr;

@@ -303,9 +303,9 @@ async def _migrate_cli(url: str, data_dir: Path) -> subprocess.CompletedProcess[
     env = {
         k: v for k, v in os.environ.items() if not k.startswith("TRACKER_") and k not in ("DATABASE_URL", "REDIS_URL")
     }
-    # A deployment's settings (the shared keys are required beside DATABASE_URL; migrate uses neither).
+    # A deployment's DATABASE_URL alone: migrate uses neither shared key, so the operator running it
+    # (often from a CI job without the secret store) must not be asked for them; `serve` still is.
     env |= {"DATABASE_URL": url, "TRACKER_DATA_DIR": str(data_dir)}
-    env |= {"TRACKER_JWT_SECRET": "s" * 32, "TRACKER_CUSTODY_KEY": "k" * 32}
     return await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "tracker", "migrate"],
@@ -401,6 +401,27 @@ async def test_tracker_migrate_upgrades_a_database_of_the_first_schema(first_sch
     again = await _migrate_cli(first_schema_db, tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "(0 migration(s) applied)" in again.stdout, again.stdout
+
+
+def test_serve_in_a_deployment_refuses_to_start_without_the_shared_keys(tmp_path: Path) -> None:
+    """`migrate` needs no key, but `serve` with DATABASE_URL and no TRACKER_JWT_SECRET /
+    TRACKER_CUSTODY_KEY would generate its own and refuse the other instances' tokens: it stops
+    at once, exit code 2, naming the missing setting."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("TRACKER_") and k not in ("DATABASE_URL", "REDIS_URL")
+    }
+    env |= {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none", "TRACKER_DATA_DIR": str(tmp_path)}
+    for missing, given in (("TRACKER_JWT_SECRET", {}), ("TRACKER_CUSTODY_KEY", {"TRACKER_JWT_SECRET": "s" * 32})):
+        run = subprocess.run(
+            [sys.executable, "-m", "tracker", "serve", "--port", "0"],
+            cwd=ROOT,
+            env=env | given,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 2, run.stdout + run.stderr
+        assert f"{missing} is required" in run.stderr, run.stderr
 
 
 async def test_an_upgraded_database_serves_its_old_data(

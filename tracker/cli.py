@@ -29,6 +29,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import Server, listen, uvicorn_config
 
     settings = _settings(args)
+    settings.check()  # a deployment's shared keys: serve signs and verifies (migrate does not)
     configure_logging(settings.log_level, args.log_format)
     embedded = not (settings.database_url and settings.redis_url)
     if embedded:

@@ -130,20 +130,22 @@ class Settings:
             values[f.name] = _parse(f.name, raw, cls.__dataclass_fields__[f.name].type)
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
-        settings.check()
+        settings.check_values()
         return settings
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
 
     def check(self) -> None:
-        if self.jwt_alg not in ("HS256", "RS256", "ES256"):
-            raise ConfigError(f"TRACKER_JWT_ALG must be HS256, RS256 or ES256, not {self.jwt_alg!r}")
-        if self.jwt_alg != "HS256" and not self.jwt_public_key:
-            raise ConfigError(f"TRACKER_JWT_ALG={self.jwt_alg} needs TRACKER_JWT_PUBLIC_KEY")
-        # With an external PostgreSQL (a deployment: several instances, containers with read-only
-        # folders) the keys every instance must share are required; each instance generating its
-        # own under data_dir would refuse the others' tokens and break the others' chains.
+        """Everything `serve` needs: sane values and, in a deployment, the keys instances share."""
+        self.check_values()
+        self.check_shared_keys()
+
+    def check_shared_keys(self) -> None:
+        """With an external PostgreSQL (a deployment: several instances, containers with read-only
+        folders) the keys every instance must share are required; each instance generating its own
+        under data_dir would refuse the others' tokens and break the others' chains. Only commands
+        that sign or verify need them (`serve`), not `migrate`."""
         shared = "the same on every instance, from your secret store (e.g. `openssl rand -hex 32`)"
         if self.database_url and self.jwt_alg == "HS256" and not self.jwt_secret:
             raise ConfigError(
@@ -155,6 +157,12 @@ class Settings:
                 f"DATABASE_URL is set (a deployment), so TRACKER_CUSTODY_KEY is required: {shared}, kept away from "
                 "the database's operators; only the embedded development mode generates one"
             )
+
+    def check_values(self) -> None:
+        if self.jwt_alg not in ("HS256", "RS256", "ES256"):
+            raise ConfigError(f"TRACKER_JWT_ALG must be HS256, RS256 or ES256, not {self.jwt_alg!r}")
+        if self.jwt_alg != "HS256" and not self.jwt_public_key:
+            raise ConfigError(f"TRACKER_JWT_ALG={self.jwt_alg} needs TRACKER_JWT_PUBLIC_KEY")
         if not 1 <= self.max_batch <= 10_000 or self.max_frame < 1024:
             raise ConfigError("TRACKER_MAX_BATCH must be 1..10000 and TRACKER_MAX_FRAME at least 1024")
         if not 0 <= self.jwt_leeway_s <= 300:

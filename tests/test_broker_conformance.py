@@ -87,12 +87,16 @@ class Harness:
     def make(self, ttl_s: float) -> Broker:
         raise NotImplementedError
 
-    async def peer(self, *, ttl_s: float = 30.0) -> Peer:
-        """A started broker, proven to receive."""
+    async def peer(self, *, ttl_s: float = 30.0, follow: bool = True) -> Peer:
+        """A started broker, proven to receive, following the test's org and `<org>-other` (as
+        an instance with dashboards of both does) unless `follow` is False."""
         peer = Peer(self.make(ttl_s))
         self.peers.append(peer)
         peer.broker.start()
         await until(lambda: peer.broker.receiving, f"{self.name} broker to receive")
+        if follow:
+            await peer.broker.follow(self.org)
+            await peer.broker.follow(self.org + "-other")
         return peer
 
     async def peers2(self, *, ttl_s: float = 30.0) -> tuple[Peer, Peer]:
@@ -303,6 +307,64 @@ async def test_always_items_published_whatever_their_ts(impl: Harness) -> None:
     assert got == [line(old_scan), line(old_scan), b'\t{"type":"package"}']
     positions, _, _ = await a.broker.live_state(org)
     assert positions == {"d-1": (5_000, newest[4])}, "an always item is not a position"
+
+
+async def test_only_followed_orgs_are_received(impl: Harness) -> None:
+    """Issue 17: an instance receives the live messages of the orgs it follows (those with a
+    dashboard there), and nothing of the others; control messages reach every instance."""
+    a = await impl.peer()
+    b = await impl.peer(follow=False)
+    org, other = impl.org, impl.org + "-other"
+    await publish_and_wait((a,), a, org, [p_item("d-1", 1_000)])
+    await publish_and_wait((a,), a, other, [p_item("d-2", 1_000)])
+    await a.broker.publish_control("mark", b"")
+    for p in (a, b):
+        await until(lambda p=p: ["mark", ""] in p.ctl, "the control marker on every instance")
+    assert b.live == [], "an instance that follows no org received live messages"
+    # Following takes effect when `follow` returns: the next message arrives, nothing before it.
+    await b.broker.follow(other)
+    second = p_item("d-2", 2_000)
+    assert await publish_and_wait((a, b), a, other, [second]) == [line(second)]
+    assert len(b.messages(other)) == 1 and b.messages(org) == []
+
+
+async def test_unfollow_stops_an_orgs_messages(impl: Harness) -> None:
+    a, b = await impl.peers2()
+    org, other = impl.org, impl.org + "-other"
+    await publish_and_wait((a, b), a, org, [p_item("d-1", 1_000)])
+    b.broker.unfollow(org)
+    await b.broker.follow(other)  # in order after the unfollow, on the same subscription
+    n = len(b.messages(org))
+    await publish_and_wait((a,), a, org, [p_item("d-1", 2_000)])
+    await publish_and_wait((a, b), a, other, [p_item("d-2", 2_000)])  # b receives this one...
+    assert len(b.messages(org)) == n, "...and nothing of the org it no longer follows"
+    await b.broker.follow(org)  # following again: received again
+    third = p_item("d-1", 3_000)
+    assert await publish_and_wait((a, b), a, org, [third]) == [line(third)]
+
+
+async def test_follow_before_a_read_misses_nothing(impl: Harness) -> None:
+    """Snapshot-then-live: whatever is published after `follow` returns either arrives live or
+    was in the state read after it; a publisher going on throughout never falls in between."""
+    a = await impl.peer()
+    b = await impl.peer(follow=False)
+    org = impl.org
+    ts = 1_000
+    for _ in range(20):
+        ts += 1
+        a.broker.publish(org, [p_item("d-1", ts)])
+        await asyncio.sleep(0)
+    await b.broker.follow(org)
+    positions, _, _ = await b.broker.live_state(org)
+    seen = positions["d-1"][0] if positions else 0
+    last = ts + 20
+    for _ in range(20):
+        ts += 1
+        a.broker.publish(org, [p_item("d-1", ts)])
+        await asyncio.sleep(0)
+    await until(lambda: any(f'"ts":{last}'.encode() in ln for ln in b.lines(org)), "the last position live")
+    got = sorted({orjson.loads(ln.partition(b"\t")[2])["ts"] for ln in b.lines(org)})
+    assert set(range(seen + 1, last + 1)) <= set(got), "a position fell between the read and live"
 
 
 # -- presence ---------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ async def test_deaf_subscriber_is_detected_and_replaced(
         async with Fleet([inst.url], SECRET, org, 2, interval=0.05) as fleet:
             await wait_until(lambda: len(watcher.positions) == 2, 10, "live positions")
             # The subscriber's connection stays up, PING-able at the TCP level, but nothing reaches it.
-            assert proxy.mute(b"PSUBSCRIBE") == 1
+            assert proxy.mute(b"SUBSCRIBE") == 1
             deaf_at = time.monotonic()
             await wait_until(lambda: _status_after(watcher, deaf_at, False), 12, "the probe to notice (live:false)")
             body = await ready(inst.port)

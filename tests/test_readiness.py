@@ -30,7 +30,7 @@ async def test_never_ready_before_the_probe_came_back(
     proxy = await Proxy(private_redis.port).start()
     try:
         for start in range(5):
-            proxy.mute(b"PSUBSCRIBE", also_new=True)
+            proxy.mute(b"SUBSCRIBE", also_new=True)
             settings = Settings(
                 database_url=database_url,
                 redis_url=f"redis://127.0.0.1:{proxy.port}/0",

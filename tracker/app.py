@@ -150,6 +150,7 @@ def create_app(settings: Settings) -> Starlette:
                     redis_url,
                     instance_id=settings.instance_id or default_instance_id(),
                     presence_ttl_s=settings.presence_ttl_s,
+                    window_ms=settings.live_window_ms,
                 )
                 hub = Hub(
                     flush_ms=settings.live_flush_ms,

@@ -59,7 +59,7 @@ class Broker(Protocol):
     """True while live frames flow (published and received); flips are reported to `on_status`."""
 
     on_live: Callable[[str, bytes], None]
-    """Set by the node: (org, message) for every live message of any org. A message is lines
+    """Set by the node: (org, message) for every live message of a followed org. A message is lines
     `<stamp>\\t<frame>` joined by `\\n`, optionally led by `#<publish time ms>`."""
     on_ctl: Callable[[list[str]], None]
     """Set by the node: a control message, split on tabs (`kick`, or an extension's kind first)."""
@@ -80,8 +80,20 @@ class Broker(Protocol):
     async def ping(self) -> bool:
         """The shared store answers; never raises."""
 
+    async def follow(self, org: str) -> None:
+        """Receive `org`'s live messages from now on (its first dashboard here connected): returns
+        once a message published after the return is sure to reach `on_live`, so a snapshot read
+        after it misses nothing. While the feed is down it returns at once: when the feed is back,
+        every followed org is received again and `on_status(True)` resnapshots every dashboard.
+        Idempotent. An instance receives no org it does not follow (issue 17)."""
+
+    def unfollow(self, org: str) -> None:
+        """Stop receiving `org`'s live messages (its last dashboard here left). Never awaits; a
+        message already under way may still arrive (the hub drops what no dashboard wants)."""
+
     def publish(self, org: str, items: list[LiveItem]) -> None:
-        """Queue one org's live frames; all of a tick go out in one round trip. Never awaits; when
+        """Queue one org's live frames; a window's frames (every few ms) go out in one round trip,
+        one message per org. Never awaits; when
         the broker is far behind, frames are dropped (live is best effort), never buffered without
         bound."""
 

@@ -60,6 +60,7 @@ class Settings:
 
     # Dashboards
     live_flush_ms: int = 25
+    live_window_ms: float = 5.0  # live frames go to Redis at most this often, one round trip per window
     dashboard_backlog: int = 5_000  # frames waiting before positions are conflated (~750 KB)
     dashboard_queue_max: int = 10_000  # non-position frames waiting before slow_consumer
     snapshot_chunk: int = 2_000

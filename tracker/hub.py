@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,6 +179,9 @@ class Hub:
         self.backlog = backlog
         self.queue_max = queue_max
         self.by_org: dict[str, set[Dashboard]] = {}
+        # Called with an org when its last dashboard here left (the node: Broker.unfollow). Its
+        # first dashboard's snapshot follows it (Snapshots.send: Broker.follow before the read).
+        self.on_empty: Callable[[str], None] = lambda org: None
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.by_org.values())
@@ -197,6 +200,7 @@ class Hub:
             group.discard(dash)
             if not group:
                 del self.by_org[dash.principal.org]
+                self.on_empty(dash.principal.org)
         dash.closing = True
         dash.wake.set()
 

@@ -9,7 +9,8 @@ It keeps the Redis one's contract, step for step (tracker/lua/*.lua): positions 
 live ts, a message is lines `<stamp>\\t<frame>` joined by `\\n` and led by `#<ms>` for a tick's
 publish, presence goes offline only from the connection that set it online, and an expiry is
 published once however many instances sweep. Every state change is atomic (it never awaits), and
-messages reach every started broker of the bus in publish order, from the event loop, never from
+messages reach every started broker of the bus that follows their org (control messages: every
+one) in publish order, from the event loop, never from
 inside the publisher's call. `MemoryBus.down()` / `up()` simulate an outage: awaited calls raise
 `BrokerUnavailable` (the Broker contract), live frames are dropped, and every broker reports
 `on_status(False)`, then `on_status(True)`; `MemoryBus.wipe()` is a restarted store.
@@ -84,7 +85,8 @@ class MemoryBus:
 
     def publish_live(self, org: str, message: bytes) -> None:
         for broker in self.brokers:
-            broker._schedule(broker._deliver_live, org, message)
+            if org in broker.following:  # as a Redis subscription: decided when published
+                broker._schedule(broker._deliver_live, org, message)
 
     def publish_control(self, message: str) -> None:
         parts = message.split("\t")
@@ -127,6 +129,7 @@ class MemoryBroker:
         self._pending: dict[str, list[LiveItem]] = {}
         self._flush_handle: asyncio.Handle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.following: set[str] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -194,6 +197,16 @@ class MemoryBroker:
             self.on_ctl(parts)
         except Exception:
             log.exception("error while handling a control message %r", parts[:1])
+
+    # -- following ------------------------------------------------------------------------------
+
+    async def follow(self, org: str) -> None:
+        """Receive `org`'s messages published from now on (RedisBroker: once Redis confirmed)."""
+        self.following.add(org)
+        await asyncio.sleep(0)
+
+    def unfollow(self, org: str) -> None:
+        self.following.discard(org)
 
     # -- publishing -----------------------------------------------------------------------------
 

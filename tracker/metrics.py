@@ -41,6 +41,10 @@ GC_PAUSE = Histogram(
     ["generation"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
 )
+LIVE_RECEIVED_BYTES = Counter(
+    "tracker_live_received_bytes_total", "Live bytes received from the broker (only orgs with a dashboard here)"
+)
+LIVE_RECEIVED_MESSAGES = Counter("tracker_live_received_messages_total", "Live messages received from the broker")
 BROKER_LIVE = Gauge("tracker_broker_live", "1 when the Redis subscriber is proven to receive")
 
 # Day-two operations (docs/OPERATIONS.md; deploy/prometheus/alerts.yml alerts on these).

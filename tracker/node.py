@@ -56,6 +56,7 @@ class Node:
         broker.on_live = hub.deliver
         broker.on_ctl = self._on_ctl
         broker.on_status = self._on_status
+        hub.on_empty = broker.unfollow  # an org's last dashboard here left: stop receiving it
 
     def register(self, extension: Extension) -> None:
         """Install the one extension, before `start`."""

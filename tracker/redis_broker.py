@@ -1,43 +1,45 @@
 """Redis between instances: live fan-out over pub/sub, latest positions, presence.
 
-One publish per org per event-loop tick: a Lua script keeps each driver's newest position (by
-live ts, so a late event never overwrites a newer one) and publishes, in the same atomic step,
-the frames that became newest plus every scan, presence, package and alert frame. A message on
-`trk:live:<org>` is lines `<stamp>\\t<frame>` joined by `\\n` (orjson never emits a raw tab or
-newline), where `<stamp>` is empty or a JSON array of the client ids entitled to the frame.
+Live frames are published per time window, not per event: `publish` queues, and the sender sends
+everything queued at most every `window_ms` (default 5 ms) in one round trip: one Lua call for
+every org of the window (tracker/lua/live.lua) keeps each driver's newest position (by live ts, so
+a late event never overwrites a newer one) and publishes, in the same atomic step, one message per
+org with the frames that became newest plus every scan, presence, package and alert frame. The
+first frame after a quiet spell goes out at once; under load a window's frames share one call
+(issue 13: Redis pays per call, not per position). A message on `trk:live:<org>` is lines
+`<stamp>\\t<frame>` joined by `\\n` (orjson never emits a raw tab or newline), where `<stamp>` is empty
+or a JSON array of the client ids entitled to the frame.
 
-Every instance holds one subscriber (`trk:live:*`, `trk:ctl`, and its own probe channel). The
-subscriber proves it receives with a loop-back probe; a subscriber that is connected but deaf is
-torn down and made again. Live delivery is best effort: when Redis is down, ingest and acks go on
-(PostgreSQL does not depend on Redis) and dashboards are told with `status` frames.
+Each instance subscribes only to the orgs that have dashboards here (tracker/redis_sub.py), plus
+the control channel and its own loop-back probe. Live delivery is best effort: when Redis is down,
+ingest and acks go on (PostgreSQL does not depend on Redis) and dashboards are told with `status`
+frames. A window that meets a connection the network left dead is kept and sent once more on a
+fresh connection, so the first tick after a partition heals is not lost.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import Any, Final, ParamSpec, TypeVar
 
 import hiredis
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
 
 from . import metrics
-from .broker import BrokerUnavailable, LiveItem, Registered
+from .broker import BrokerUnavailable, Held, LiveItem, LiveState, Offline, Online, Registered
+from .redis_keys import CTL_CHANNEL, ORGS_KEY, SYNCED_KEY, Naming
+from .redis_lua import LIVE_LUA, PRESENCE_OFF_LUA, PRESENCE_ON_LUA, REFRESH_LUA, SWEEP_LUA, Call, Lua, live_calls
+from .redis_sub import Subscriber
 
 log = logging.getLogger("tracker.broker")
-
-LUA_DIR: Final = Path(__file__).parent / "lua"
-
-
-def _lua(name: str) -> str:
-    return (LUA_DIR / name).read_text()
-
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -57,36 +59,12 @@ def unavailable(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coro
     return wrapped
 
 
-LIVE_PREFIX: Final = "trk:live:"
-CTL_CHANNEL: Final = "trk:ctl"
-# A hash org -> 1, set once PostgreSQL's newest positions of an org were merged into Redis. A
-# restarted Redis has lost it along with the positions, so the next snapshot merges again.
-SYNCED_KEY: Final = "trk:pgsynced"
-PUBLISH_CHUNK: Final = 2_000  # live items per published message
 REFRESH_CHUNK: Final = 250  # connections per presence refresh call (~2 ms of Redis each)
-
-LIVE_LUA: Final = _lua("live.lua")
-
-
-def live_args(org: str, items: list[LiveItem]) -> list[Any]:
-    """LIVE_LUA's arguments for one org's items of a tick."""
-    drivers: list[Any] = []
-    ltss: list[Any] = []
-    plines: list[Any] = []
-    always: list[Any] = []
-    for kind, driver, lts, stamp, frame in items:
-        if kind == "p":
-            drivers.append(driver)
-            ltss.append(lts)
-            plines.append(stamp + b"\t" + frame)
-        else:
-            always.append(stamp + b"\t" + frame)
-    return [org, len(drivers), *drivers, *ltss, *plines, *always]
 
 
 class FastPacking:
     """hiredis packs commands in C, ~15x faster than redis-py's Python packer: it matters when one
-    call carries a tick's worth of items."""
+    call carries a window's worth of items."""
 
     def pack_command(self, *args: Any) -> list[bytes]:
         if isinstance(args[0], str) and " " in args[0]:
@@ -102,25 +80,34 @@ class FastUnixConnection(FastPacking, aioredis.UnixDomainSocketConnection):
     pass
 
 
-PRESENCE_ON_LUA: Final = _lua("presence_on.lua")
-
-PRESENCE_OFF_LUA: Final = _lua("presence_off.lua")
-
-REFRESH_LUA: Final = _lua("presence_refresh.lua")
-
-SWEEP_LUA: Final = _lua("presence_sweep.lua")
+def _by_org(conns: list[Any]) -> dict[str, list[int]]:
+    """Indexes of `conns` per org (first field), in order: one script call per org."""
+    groups: dict[str, list[int]] = {}
+    for i, conn in enumerate(conns):
+        groups.setdefault(conn[0], []).append(i)
+    return groups
 
 
 class RedisBroker:
     """The `Broker` on Redis: moves live frames between instances and keeps the shared live state."""
 
-    def __init__(self, url: str, *, instance_id: str, presence_ttl_s: float = 30.0) -> None:
+    def __init__(self, url: str, *, instance_id: str, presence_ttl_s: float = 30.0, window_ms: float = 5.0) -> None:
         self.url = url
         self.instance_id = instance_id
         self.presence_ttl_ms = int(presence_ttl_s * 1000)
-        # A bounded pool: callers queue for a connection instead of opening thousands.
+        self.window_s = window_ms / 1000
+        self.naming = Naming(cluster=False)
+        # A bounded pool: callers queue for a connection instead of opening thousands. A command
+        # that meets a connection the network left dead is sent once more at once, on a new one
+        # (stated here, not left to the redis-py version's default).
         pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=32, timeout=5, socket_timeout=3, socket_connect_timeout=2, health_check_interval=10
+            url,
+            max_connections=32,
+            timeout=5,
+            socket_timeout=3,
+            socket_connect_timeout=2,
+            health_check_interval=10,
+            retry=Retry(NoBackoff(), 1),
         )
         pool.connection_class = (
             FastUnixConnection
@@ -128,30 +115,53 @@ class RedisBroker:
             else FastConnection
         )
         self.redis = aioredis.Redis(connection_pool=pool)
-        self._live = self.redis.register_script(LIVE_LUA)
-        self._on = self.redis.register_script(PRESENCE_ON_LUA)
-        self._off = self.redis.register_script(PRESENCE_OFF_LUA)
-        self._refresh = self.redis.register_script(REFRESH_LUA)
-        self._sweep = self.redis.register_script(SWEEP_LUA)
         self._pending: dict[str, list[LiveItem]] = {}
         self._pending_count = 0
         self._send_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.probe_channel = f"trk:probe:{instance_id}"
         self._probe_sent = 0.0
-        self._probe_seen = 0.0
-        self._subscribed_at = 0.0
-        self.subscribed = False
         self.live = False
         self.on_live: Callable[[str, bytes], None] = lambda org, payload: None
         self.on_ctl: Callable[[list[str]], None] = lambda parts: None
         self.on_status: Callable[[bool], None] = lambda live: None
         self.max_pending = 200_000
+        self.flushes = 0  # windows sent (one round trip each)
+        self.sub = Subscriber(
+            lambda: aioredis.Redis.from_url(self.url, socket_connect_timeout=2),
+            self.naming,
+            self.probe_channel,
+            self._publish_probe,
+            on_live=lambda org, msg: self.on_live(org, msg),
+            on_ctl=lambda parts: self.on_ctl(parts),
+            set_live=self._set_live,
+        )
+
+    async def _run(self, script: Lua, calls: list[Call], *, also: Callable[[Any], None] | None = None) -> list[Any]:
+        """Every call of `script` in one round trip (with `also`'s commands first, in the same
+        pipeline); the script is loaded only if Redis does not have it yet."""
+        for attempt in (0, 1):
+            try:
+                if len(calls) == 1 and also is None:
+                    keys, args = calls[0]
+                    return [await self.redis.evalsha(script.sha, len(keys), *keys, *args)]  # type: ignore[misc]
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    if also is not None:
+                        also(pipe)
+                    for keys, args in calls:
+                        pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    out = await pipe.execute()
+                return out[len(out) - len(calls) :]
+            except NoScriptError:
+                if attempt:
+                    raise
+                await self.redis.script_load(script.text)  # type: ignore[no-untyped-call]
+        raise AssertionError("unreachable")
 
     # -- publishing ---------------------------------------------------------------------------
 
     def publish(self, org: str, items: list[LiveItem]) -> None:
-        """Queue live frames of one org; sent in one pipelined round trip per tick. Never awaits."""
+        """Queue live frames of one org; sent with the rest of their window. Never awaits."""
         if self._pending_count > self.max_pending:  # Redis is slow or gone: live is best effort
             metrics.LIVE_FAILED.inc(len(items))
             return
@@ -160,78 +170,129 @@ class RedisBroker:
         self._send_wake.set()
 
     async def _sender(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._send_wake.wait()
             self._send_wake.clear()
+            started = loop.time()
             pending, self._pending, self._pending_count = self._pending, {}, 0
-            n = sum(len(v) for v in pending.values())
+            await self._send(pending)
+            rest = self.window_s - (loop.time() - started)
+            if rest > 0:  # what arrives meanwhile waits for the next window: one call for all of it
+                await asyncio.sleep(rest)
+
+    async def _send(self, pending: dict[str, list[LiveItem]]) -> None:
+        n = sum(len(v) for v in pending.values())
+        calls = live_calls(self.naming, pending)
+        for attempt in (0, 1):
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for org, items in pending.items():
-                        # Bounded messages: a backlog after a slow round trip must not become one
-                        # multi-megabyte message that every instance and dashboard chokes on.
-                        for start in range(0, len(items), PUBLISH_CHUNK):
-                            await self._live(args=live_args(org, items[start : start + PUBLISH_CHUNK]), client=pipe)
-                    await pipe.execute()
+                await self._run(LIVE_LUA, calls)
                 metrics.LIVE_PUBLISHED.inc(n)
+                self.flushes += 1
+                return
+            except RedisConnectionError as exc:
+                if attempt == 0:  # a dead pooled connection: the others died with it; once more
+                    log.debug("live publish met a dead connection (%s): sending again", exc)
+                    await self.redis.connection_pool.disconnect(inuse_connections=False)
+                    continue
+                error: Exception = exc
             except (RedisError, OSError) as exc:
-                metrics.LIVE_FAILED.inc(n)
-                log.debug("live publish failed: %s", exc)
-                self._set_live(False)
-                await asyncio.sleep(0.2)
+                error = exc
+            metrics.LIVE_FAILED.inc(n)
+            log.debug("live publish failed: %s", error)
+            self._set_live(False)
+            await asyncio.sleep(0.2)
+            return
 
     # -- presence -----------------------------------------------------------------------------
 
+    def _add_orgs(self, orgs: list[str]) -> Callable[[Any], None]:
+        return lambda pipe: pipe.sadd(ORGS_KEY, *orgs)
+
     @unavailable
-    async def drivers_online(self, conns: list[tuple[str, str, str, str | None, bytes]]) -> list[Registered]:
+    async def drivers_online(self, conns: list[Online]) -> list[Registered]:
         """Mark connections (org, driver, conn id, name, presence line) online, in order, each
         replacing any other of the same driver (lua/presence_on.lua: Redis's order is "newest")."""
-        args: list[Any] = [int(time.time() * 1000) + self.presence_ttl_ms]
-        for org, driver, conn, name, line in conns:
-            args += (org, driver, conn, name or "", line)
-        out = await self._on(args=args)
-        return [
-            Registered(int(last.split(b"\t", 1)[0]) if last else 0, int(gen), bool(current))
-            for last, gen, current in zip(out[0::3], out[1::3], out[2::3], strict=True)
-        ]
+        exp = int(time.time() * 1000) + self.presence_ttl_ms
+        naming = self.naming
+        groups = _by_org(conns)
+        calls: list[Call] = []
+        for org, idx in groups.items():
+            args: list[Any] = [exp, naming.publish_command, naming.live_channel(org), CTL_CHANNEL, org]
+            for i in idx:
+                _, driver, conn, name, line = conns[i]
+                args += (driver, conn, name or "", line)
+            calls.append((naming.presence_keys(org), args))
+        outs = await self._run(PRESENCE_ON_LUA, calls, also=self._add_orgs(list(groups)))
+        answers: list[Registered | None] = [None] * len(conns)
+        for idx, out in zip(groups.values(), outs, strict=True):
+            for i, last, gen, current in zip(idx, out[0::3], out[1::3], out[2::3], strict=True):
+                answers[i] = Registered(int(last.split(b"\t", 1)[0]) if last else 0, int(gen), bool(current))
+        return answers  # type: ignore[return-value]
+
+    def _presence3(self, org: str) -> list[str]:
+        return [self.naming.key("pconn", org), self.naming.key("pstamp", org), self.naming.key("presence", org)]
 
     @unavailable
-    async def drivers_offline(self, conns: list[tuple[str, str, str, bytes]]) -> list[bool]:
+    async def drivers_offline(self, conns: list[Offline]) -> list[bool]:
         """Offline only where that connection is still the one that set the driver online."""
-        args: list[Any] = []
-        for item in conns:
-            args += item
-        return [bool(v) for v in await self._off(args=args)]
+        naming = self.naming
+        groups = _by_org(conns)
+        calls: list[Call] = []
+        for org, idx in groups.items():
+            args: list[Any] = [naming.publish_command, naming.live_channel(org)]
+            for i in idx:
+                args += conns[i][1:]
+            calls.append((self._presence3(org), args))
+        answers = [False] * len(conns)
+        for idx, out in zip(groups.values(), await self._run(PRESENCE_OFF_LUA, calls), strict=True):
+            for i, went in zip(idx, out, strict=True):
+                answers[i] = bool(went)
+        return answers
 
     @unavailable
-    async def refresh_presence(self, conns: list[tuple[str, str, str, bytes]], *, spread_s: float = 1.0) -> None:
+    async def refresh_presence(self, conns: list[Held], *, spread_s: float = 1.0) -> None:
         """Keep (org, driver, conn id, stamp) online for another TTL.
 
         In small calls spread over `spread_s`: Redis runs one script at a time, and a call for
-        5,000 connections held every tick's live publish and the subscriber for ~40 ms."""
+        5,000 connections held every window's live publish and the subscriber for ~40 ms."""
         exp = int(time.time() * 1000) + self.presence_ttl_ms
         chunks = range(0, len(conns), REFRESH_CHUNK)
         pause = spread_s / max(1, len(chunks))
         for start in chunks:
-            args: list[Any] = [exp]
-            for item in conns[start : start + REFRESH_CHUNK]:
-                args += item
-            await self._refresh(args=args)
+            part = conns[start : start + REFRESH_CHUNK]
+            groups = _by_org(part)
+            calls: list[Call] = []
+            for org, idx in groups.items():
+                args: list[Any] = [exp]
+                for i in idx:
+                    args += part[i][1:]
+                calls.append((self._presence3(org), args))
+            await self._run(REFRESH_LUA, calls, also=self._add_orgs(list(groups)))
             await asyncio.sleep(pause)
 
     @unavailable
     async def sweep(self) -> int:
-        return int(await self._sweep(args=[int(time.time() * 1000)]))
+        """Per org, one atomic script: each expiry is published once however many instances sweep."""
+        naming = self.naming
+        members: set[bytes] = await self.redis.smembers(ORGS_KEY)  # type: ignore[misc]
+        orgs = sorted(o.decode() for o in members)
+        if not orgs:
+            return 0
+        now = int(time.time() * 1000)
+        calls = [(self._presence3(o), [now, naming.publish_command, naming.live_channel(o)]) for o in orgs]
+        return sum(int(n) for n in await self._run(SWEEP_LUA, calls))
 
     # -- snapshot reads -----------------------------------------------------------------------
 
     @unavailable
-    async def live_state(self, org: str) -> tuple[dict[str, tuple[int, bytes]], dict[str, str], set[str]]:
+    async def live_state(self, org: str) -> LiveState:
         """(driver -> (live ts, newest pos frame), driver -> name, drivers online) of one org."""
+        key = self.naming.key
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(f"trk:lastpos:{org}")
-            pipe.hgetall(f"trk:names:{org}")
-            pipe.zrangebyscore(f"trk:presence:{org}", int(time.time() * 1000), "+inf")
+            pipe.hgetall(key("lastpos", org))
+            pipe.hgetall(key("names", org))
+            pipe.zrangebyscore(key("presence", org), int(time.time() * 1000), "+inf")
             lastpos, names, online = await pipe.execute()
         positions = {}
         for driver, value in lastpos.items():
@@ -264,14 +325,24 @@ class RedisBroker:
         """Write back positions read from PostgreSQL (newest-only, never over a newer one)."""
         if items:
             # Published too: a dashboard that already has a newer one keeps it (hub checks ts).
-            await self._live(args=live_args(org, [("p", d, lts, b"", f) for d, lts, f in items]))
+            await self._run(LIVE_LUA, live_calls(self.naming, {org: [("p", d, lts, b"", f) for d, lts, f in items]}))
 
-    # -- subscriber and probe -----------------------------------------------------------------
+    # -- following ----------------------------------------------------------------------------
+
+    async def follow(self, org: str) -> None:
+        """Receive `org`'s live messages from now on; returns once Redis confirmed the subscription."""
+        await self.sub.follow(org)
+
+    def unfollow(self, org: str) -> None:
+        """Stop receiving `org`'s live messages. Never awaits."""
+        self.sub.unfollow(org)
+
+    # -- lifecycle, status and probe ----------------------------------------------------------
 
     def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._sender(), name="broker-sender"),
-            asyncio.create_task(self._subscriber(), name="broker-subscriber"),
+            asyncio.create_task(self.sub.run(), name="broker-subscriber"),
             asyncio.create_task(self._prober(), name="broker-probe"),
         ]
 
@@ -301,79 +372,33 @@ class RedisBroker:
 
     async def ping(self) -> bool:
         try:
-            return bool(await self.redis.ping())
+            return bool(await self.redis.ping())  # type: ignore[misc]
         except (RedisError, OSError):
             return False
 
+    async def _publish_probe(self) -> None:
+        await self.redis.publish(self.probe_channel, b"%f" % time.monotonic())
+
     async def _prober(self) -> None:
         """Loop-back probe: publish to our own channel; the subscriber must see it."""
+        sub = self.sub
         while True:
             try:
                 self._probe_sent = time.monotonic()
-                await self.redis.publish(self.probe_channel, b"%f" % self._probe_sent)
+                await self._publish_probe()
             except (RedisError, OSError):
                 self._set_live(False)
             await asyncio.sleep(1.0)
             # Deaf: published fine, yet nothing came back for a while (a busy loop is not deaf).
-            if self.subscribed and self._probe_sent - self._probe_seen > 8.0 and self._probe_seen:
+            if sub.subscribed and self._probe_sent - sub.probe_seen > 8.0 and sub.probe_seen:
                 self._set_live(False)
 
     @property
     def receiving(self) -> bool:
         """Subscribed, and a probe published after this subscription was received back recently:
         a subscription that was only sent (not proven to deliver) is not receiving."""
-        return self.subscribed and self._probe_seen > 0 and time.monotonic() - self._probe_seen < 8.5
-
-    async def _subscriber(self) -> None:
-        backoff = 0.1
-        while True:
-            client = aioredis.Redis.from_url(self.url, socket_connect_timeout=2)
-            pubsub = client.pubsub()
-            try:
-                await pubsub.psubscribe(LIVE_PREFIX + "*")
-                await pubsub.subscribe(CTL_CHANNEL, self.probe_channel)
-                self.subscribed = True
-                self._probe_seen = 0.0  # receiving only once a probe came back on this subscription
-                self._subscribed_at = time.monotonic()
-                with contextlib.suppress(RedisError, OSError):  # the first proof now, not in a second
-                    await self.redis.publish(self.probe_channel, b"%f" % time.monotonic())
-                backoff = 0.1
-                await self._listen(pubsub)
-            except (RedisError, OSError) as exc:
-                log.debug("subscriber lost: %s", exc)
-            finally:
-                self.subscribed = False
-                self._set_live(False)
-                try:
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-                    await client.aclose()
-                except (RedisError, OSError):
-                    pass
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
-
-    async def _listen(self, pubsub: Any) -> None:
-        prefix_len = len(LIVE_PREFIX)
-        probe = self.probe_channel.encode()
-        while True:
-            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if msg is None:
-                if time.monotonic() - max(self._probe_seen, self._subscribed_at) > 10.0:
-                    log.warning("subscriber is connected but receives nothing: reconnecting")
-                    return
-                continue
-            channel: bytes = msg["channel"]
-            try:
-                if msg["type"] == "pmessage":
-                    self.on_live(channel[prefix_len:].decode(), msg["data"])
-                elif channel == probe:
-                    self._probe_seen = time.monotonic()
-                    if not self.live:
-                        self._set_live(True)
-                else:
-                    self.on_ctl(msg["data"].decode().split("\t"))
-            except Exception:  # one bad message must not kill the subscriber
-                log.exception("error while handling a message on %r", channel)
+        sub = self.sub
+        return sub.subscribed and sub.probe_seen > 0 and time.monotonic() - sub.probe_seen < 8.5
 
 
 def default_instance_id() -> str:

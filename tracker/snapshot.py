@@ -1,6 +1,7 @@
 """Building a dashboard's snapshot, and handing over to live frames with nothing lost between.
 
-The dashboard is registered in the hub *before* the state is read, with `live=False`: frames
+The dashboard is registered in the hub, and this instance subscribed to its org's live channel
+(`Broker.follow`, confirmed by the broker), *before* the state is read, with `live=False`: frames
 that arrive meanwhile wait in `dash.pre`. After the snapshot is written, they are replayed,
 except positions no newer than the one the snapshot holds for their driver. Redis updates the
 latest position and publishes it in one atomic script, so every update is either in the state
@@ -103,6 +104,8 @@ class Snapshots:
     async def send(self, dash: Dashboard) -> None:
         """Write the dashboard's snapshot, then replay what arrived meanwhile and go live."""
         p, flt = dash.principal, dash.flt
+        # Subscribed before the state is read: what is published from now on waits in dash.pre.
+        await self.broker.follow(p.org)
         if not self.broker.live:
             dash.channel.write(status_frame(False))
         positions, names, online = await self._positions(p.org)

@@ -1,17 +1,16 @@
--- Sets offline the drivers whose instance stopped refreshing them (it died). Atomic, so when every
--- instance sweeps, each expiry is published once.
-local now = ARGV[1]
+-- Sets offline the drivers of one org whose instance stopped refreshing them (it died). Atomic, so
+-- when every instance sweeps, each expiry is published once.
+-- KEYS: pconn, pstamp, presence. ARGV: now (ms), publish command, live channel.
+local pconn, pstamp, presence = KEYS[1], KEYS[2], KEYS[3]
+local now, pub, channel = ARGV[1], ARGV[2], ARGV[3]
 local n = 0
-for _, org in ipairs(redis.call('SMEMBERS', 'trk:orgs')) do
-  local zkey = 'trk:presence:' .. org
-  for _, driver in ipairs(redis.call('ZRANGEBYSCORE', zkey, '-inf', now)) do
-    redis.call('ZREM', zkey, driver)
-    redis.call('HDEL', 'trk:pconn:' .. org, driver)
-    local stamp = redis.call('HGET', 'trk:pstamp:' .. org, driver) or ''
-    redis.call('HDEL', 'trk:pstamp:' .. org, driver)
-    local frame = '{"type":"presence","driver":' .. cjson.encode(driver) .. ',"online":false,"ts":' .. now .. '}'
-    redis.call('PUBLISH', 'trk:live:' .. org, stamp .. '\t' .. frame)
-    n = n + 1
-  end
+for _, driver in ipairs(redis.call('ZRANGEBYSCORE', presence, '-inf', now)) do
+  redis.call('ZREM', presence, driver)
+  redis.call('HDEL', pconn, driver)
+  local stamp = redis.call('HGET', pstamp, driver) or ''
+  redis.call('HDEL', pstamp, driver)
+  local frame = '{"type":"presence","driver":' .. cjson.encode(driver) .. ',"online":false,"ts":' .. now .. '}'
+  redis.call(pub, channel, stamp .. '\t' .. frame)
+  n = n + 1
 end
 return n

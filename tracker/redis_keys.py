@@ -1,0 +1,98 @@
+"""Where RedisBroker keeps things in Redis, and which Redis a `REDIS_URL` names.
+
+Three deployments, told apart by the URL's scheme (docs/OPERATIONS.md, "Redis"):
+
+- `redis://`, `rediss://`, `unix://`: one Redis. Keys and channels keep the names of earlier
+  releases (`trk:lastpos:<org>`, `trk:live:<org>`), so a rolling upgrade keeps the live state.
+- `redis+cluster://host:port[,host:port...]` (`rediss+cluster://` with TLS): a Redis Cluster. Every
+  key of an org carries the org as a hash tag (`trk:lastpos:{<org>}`), so that each Lua script
+  touches one slot, and live traffic goes by sharded pub/sub (SPUBLISH / SSUBSCRIBE on
+  `trk:live:{<org>}`, the org's slot): a message travels only to the node that owns the org.
+- `redis+sentinel://host:port[,host:port...]/<service>[/<db>]`: a master found through Sentinel;
+  after a failover, connections go to the new master.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import unquote, urlsplit
+
+CTL_CHANNEL: Final = "trk:ctl"
+# A hash org -> 1, set once PostgreSQL's newest positions of an org were merged into Redis. A
+# restarted Redis has lost it along with the positions, so the next snapshot merges again.
+SYNCED_KEY: Final = "trk:pgsynced"
+ORGS_KEY: Final = "trk:orgs"  # every org with presence: what the sweep visits
+CLUSTER_SCHEMES: Final = ("redis+cluster", "rediss+cluster")
+SENTINEL_SCHEMES: Final = ("redis+sentinel", "rediss+sentinel")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a `REDIS_URL` names: `mode` is "single", "cluster" or "sentinel"."""
+
+    mode: str
+    url: str  # single: the URL as given; cluster: one node's redis:// URL (the others are found)
+    nodes: tuple[tuple[str, int], ...] = ()  # cluster and sentinel: the addresses given
+    service: str = ""  # sentinel: the master's name
+    db: int = 0
+    password: str | None = None
+    username: str | None = None
+    tls: bool = False
+
+
+def parse_url(url: str) -> Target:
+    """Read a `REDIS_URL`; raises ValueError when a cluster or sentinel URL names no node."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in CLUSTER_SCHEMES + SENTINEL_SCHEMES:
+        return Target("single", url)
+    tls = scheme.startswith("rediss")
+    netloc = parts.netloc.rpartition("@")[2]
+    nodes = tuple(_host_port(h) for h in netloc.split(",") if h)
+    if not nodes:
+        raise ValueError(f"REDIS_URL {scheme}:// names no node")
+    password = unquote(parts.password) if parts.password else None
+    username = unquote(parts.username) if parts.username else None
+    path = [p for p in parts.path.split("/") if p]
+    if scheme in CLUSTER_SCHEMES:
+        host, port = nodes[0]
+        first = f"{'rediss' if tls else 'redis'}://{host}:{port}"
+        return Target("cluster", first, nodes, password=password, username=username, tls=tls)
+    if not path:
+        raise ValueError("REDIS_URL redis+sentinel:// needs the master's name: redis+sentinel://host:port/<service>")
+    db = int(path[1]) if len(path) > 1 else 0
+    return Target("sentinel", url, nodes, path[0], db, password, username, tls)
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host:
+        return text, 6379
+    return host.strip("[]"), int(port)
+
+
+class Naming:
+    """Key and channel names; on a cluster each org's are in the org's slot (hash tag)."""
+
+    def __init__(self, *, cluster: bool) -> None:
+        self.cluster = cluster
+        self.publish_command = "SPUBLISH" if cluster else "PUBLISH"
+
+    def tag(self, org: str) -> str:
+        return "{" + org + "}" if self.cluster else org
+
+    def key(self, kind: str, org: str) -> str:
+        """`kind` is one of lastpos, names, pconn, pstamp, presence, pgen."""
+        return f"trk:{kind}:{self.tag(org)}"
+
+    def presence_keys(self, org: str) -> list[str]:
+        """KEYS of the presence scripts (tracker/lua/presence_*.lua), in their order."""
+        return [self.key(k, org) for k in ("pconn", "pgen", "pstamp", "presence", "names", "lastpos")]
+
+    def live_channel(self, org: str) -> str:
+        return "trk:live:" + self.tag(org)
+
+    def org_of(self, channel: bytes) -> str:
+        name = channel.decode()[len("trk:live:") :]
+        return name[1:-1] if self.cluster else name

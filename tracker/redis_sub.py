@@ -1,0 +1,192 @@
+"""RedisBroker's subscriber: one connection that receives what this instance needs, and proves it.
+
+It is subscribed to the control channel, to its own probe channel and to `trk:live:<org>` for each
+org that has a dashboard here (`follow` / `unfollow`), never to every org: an instance without
+dashboards receives no live traffic, one with one org's dashboards receives about that org's share
+(issue 17). Subscription changes are sent on the listening connection and confirmed by Redis's
+replies, in order; `follow` returns only once its subscription is confirmed, so a message published
+after it returns is received (a dashboard's snapshot is read after that: nothing lost between).
+
+The subscriber proves it receives with a loop-back probe; one that is connected but deaf is torn
+down and made again, and every wanted org is subscribed again on the new connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from redis.exceptions import RedisError
+
+from . import metrics
+from .redis_keys import CTL_CHANNEL, Naming
+
+log = logging.getLogger("tracker.broker")
+
+FOLLOW_TIMEOUT_S: Final = 3.0  # a subscription not confirmed by then: the deaf check takes over
+
+
+class Subscriber:
+    """Owns the subscribing connection. `connect` makes a fresh redis-py client for it."""
+
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        naming: Naming,
+        probe_channel: str,
+        publish_probe: Callable[[], Any],
+        *,
+        on_live: Callable[[str, bytes], None],
+        on_ctl: Callable[[list[str]], None],
+        set_live: Callable[[bool], None],
+    ) -> None:
+        self._connect = connect
+        self.naming = naming
+        self.probe_channel = probe_channel
+        self._publish_probe = publish_probe
+        self.on_live = on_live
+        self.on_ctl = on_ctl
+        self._set_live = set_live
+        self.wanted: set[str] = set()  # orgs with a dashboard here
+        self._sent: set[str] = set()  # orgs subscribed (or being subscribed) on this connection
+        self._inflight: dict[str, int] = {}  # org -> subscribe commands sent, not confirmed yet
+        self.confirmed: set[str] = set()
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._changed = asyncio.Event()
+        self._pubsub: Any = None
+        self.subscribed = False
+        self.probe_seen = 0.0
+        self.subscribed_at = 0.0
+        self.received_bytes = 0  # live bytes received (messages of followed orgs), for /metrics
+        self.received_messages = 0
+
+    # -- following ------------------------------------------------------------------------------
+
+    async def follow(self, org: str) -> None:
+        """Subscribe to `org`'s live channel; return once Redis confirmed it (or at once while not
+        subscribed: the feed's return resnapshots every dashboard, and subscribes every wanted org)."""
+        if org in self.confirmed:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(org, []).append(waiter)
+        self.wanted.add(org)
+        self._changed.set()
+        if not self.subscribed:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(waiter), FOLLOW_TIMEOUT_S)
+
+    def unfollow(self, org: str) -> None:
+        """Stop receiving `org`'s live messages (sent in order with later subscriptions). Never awaits."""
+        self.wanted.discard(org)
+        self.confirmed.discard(org)
+        for waiter in self._waiters.pop(org, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+        self._changed.set()
+
+    async def _sync(self, pubsub: Any) -> None:
+        """Send what changed in `wanted` on this connection, in order, for as long as it lives."""
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            add = sorted(self.wanted - self._sent)
+            drop = sorted(self._sent - self.wanted)
+            if drop:
+                self._sent.difference_update(drop)
+                await pubsub.unsubscribe(*(self.naming.live_channel(o) for o in drop))
+            if add:
+                self._sent.update(add)
+                for org in add:
+                    self._inflight[org] = self._inflight.get(org, 0) + 1
+                await pubsub.subscribe(*(self.naming.live_channel(o) for o in add))
+
+    def _confirm(self, kind: str, org: str) -> None:
+        if kind == "subscribe":
+            left = self._inflight.get(org, 1) - 1
+            if left > 0:
+                self._inflight[org] = left
+                return
+            self._inflight.pop(org, None)
+            if org in self._sent and org in self.wanted:
+                self.confirmed.add(org)
+                for waiter in self._waiters.pop(org, ()):
+                    if not waiter.done():
+                        waiter.set_result(None)
+        elif org not in self._sent:  # an unsubscribe reply: a later subscribe may be in flight
+            self.confirmed.discard(org)
+
+    # -- the connection ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        backoff = 0.1
+        while True:
+            client = self._connect()
+            pubsub = client.pubsub()
+            sync: asyncio.Task[None] | None = None
+            try:
+                await pubsub.subscribe(CTL_CHANNEL, self.probe_channel)
+                self._sent, self._inflight, self.confirmed = set(), {}, set()
+                self._pubsub = pubsub
+                self.subscribed = True
+                self.probe_seen = 0.0  # receiving only once a probe came back on this subscription
+                self.subscribed_at = time.monotonic()
+                self._changed.set()
+                sync = asyncio.create_task(self._sync(pubsub), name="broker-subscriptions")
+                with contextlib.suppress(RedisError, OSError):  # the first proof now, not in a second
+                    await self._publish_probe()
+                backoff = 0.1
+                await self._listen(pubsub, sync)
+            except (RedisError, OSError) as exc:
+                log.debug("subscriber lost: %s", exc)
+            finally:
+                self.subscribed = False
+                self._pubsub = None
+                self.confirmed = set()
+                self._set_live(False)
+                if sync is not None:
+                    sync.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+                        await sync
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+                    await client.aclose()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def _listen(self, pubsub: Any, sync: asyncio.Task[None]) -> None:
+        probe = self.probe_channel.encode()
+        ctl = CTL_CHANNEL.encode()
+        org_of = self.naming.org_of
+        while True:
+            if sync.done():
+                sync.result()  # a failed subscription change: this connection is done
+            msg = await pubsub.get_message(timeout=1.0)
+            if msg is None:
+                if time.monotonic() - max(self.probe_seen, self.subscribed_at) > 10.0:
+                    log.warning("subscriber is connected but receives nothing: reconnecting")
+                    return
+                continue
+            channel: bytes = msg["channel"]
+            kind = msg["type"]
+            try:
+                if kind == "message" and channel != probe and channel != ctl:
+                    data: bytes = msg["data"]
+                    self.received_bytes += len(data)
+                    self.received_messages += 1
+                    metrics.LIVE_RECEIVED_BYTES.inc(len(data))
+                    metrics.LIVE_RECEIVED_MESSAGES.inc()
+                    self.on_live(org_of(channel), data)
+                elif kind == "message" and channel == probe:
+                    self.probe_seen = time.monotonic()
+                    self._set_live(True)
+                elif kind == "message":
+                    self.on_ctl(msg["data"].decode().split("\t"))
+                elif kind in ("subscribe", "unsubscribe") and channel not in (probe, ctl):
+                    self._confirm(kind, org_of(channel))
+            except Exception:  # one bad message must not kill the subscriber
+                log.exception("error while handling a message on %r", channel)

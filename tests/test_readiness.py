@@ -53,7 +53,7 @@ async def test_never_ready_before_the_probe_came_back(
                     if body is not None:
                         seen.append(body)
                     # long enough for the probes sent after the subscription (one per second)
-                    return broker.subscribed and time.monotonic() - broker._subscribed_at > 1.5
+                    return broker.sub.subscribed and time.monotonic() - broker.sub.subscribed_at > 1.5
 
                 await wait_until(answered_for_a_while, 10, "the subscriber to be subscribed for 1.5 s", interval=0.01)
                 assert seen, f"start {start}: /readyz never answered"

@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, ParamSpec, TypeVar
 
-import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -35,7 +34,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from . import metrics
 from .broker import BrokerUnavailable, Held, LiveItem, LiveState, Offline, Online, Registered
-from .redis_keys import CTL_CHANNEL, ORGS_KEY, SYNCED_KEY, Naming
+from .redis_keys import CTL_CHANNEL, ORGS_KEY, SYNCED_KEY, FastConnection, FastUnixConnection, Naming
 from .redis_lua import LIVE_LUA, PRESENCE_OFF_LUA, PRESENCE_ON_LUA, REFRESH_LUA, SWEEP_LUA, Call, Lua, live_calls
 from .redis_sub import Subscriber
 
@@ -60,24 +59,6 @@ def unavailable(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coro
 
 
 REFRESH_CHUNK: Final = 250  # connections per presence refresh call (~2 ms of Redis each)
-
-
-class FastPacking:
-    """hiredis packs commands in C, ~15x faster than redis-py's Python packer: it matters when one
-    call carries a window's worth of items."""
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        if isinstance(args[0], str) and " " in args[0]:
-            args = (*args[0].split(), *args[1:])
-        return [hiredis.pack_command(args)]
-
-
-class FastConnection(FastPacking, aioredis.Connection):
-    pass
-
-
-class FastUnixConnection(FastPacking, aioredis.UnixDomainSocketConnection):
-    pass
 
 
 def _by_org(conns: list[Any]) -> dict[str, list[int]]:
@@ -275,7 +256,7 @@ class RedisBroker:
     async def sweep(self) -> int:
         """Per org, one atomic script: each expiry is published once however many instances sweep."""
         naming = self.naming
-        members: set[bytes] = await self.redis.smembers(ORGS_KEY)  # type: ignore[misc]
+        members: set[bytes] = await self.redis.smembers(ORGS_KEY)  # type: ignore[misc,assignment]
         orgs = sorted(o.decode() for o in members)
         if not orgs:
             return 0
@@ -302,7 +283,7 @@ class RedisBroker:
 
     @unavailable
     async def latest(self, org: str, driver: str) -> tuple[int, bytes, bytes] | None:
-        value: bytes | None = await self.redis.hget(f"trk:lastpos:{org}", driver)  # type: ignore[misc,assignment]
+        value: bytes | None = await self.redis.hget(self.naming.key("lastpos", org), driver)  # type: ignore[misc,assignment]
         if value is None:
             return None
         lts, stamp, frame = value.split(b"\t", 2)

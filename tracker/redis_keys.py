@@ -1,4 +1,4 @@
-"""Where RedisBroker keeps things in Redis, and which Redis a `REDIS_URL` names.
+"""Where RedisBroker keeps things in Redis, which Redis a `REDIS_URL` names, and its connections.
 
 Three deployments, told apart by the URL's scheme (docs/OPERATIONS.md, "Redis"):
 
@@ -15,8 +15,11 @@ Three deployments, told apart by the URL's scheme (docs/OPERATIONS.md, "Redis"):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 from urllib.parse import unquote, urlsplit
+
+import hiredis
+import redis.asyncio as aioredis
 
 CTL_CHANNEL: Final = "trk:ctl"
 # A hash org -> 1, set once PostgreSQL's newest positions of an org were merged into Redis. A
@@ -96,3 +99,21 @@ class Naming:
     def org_of(self, channel: bytes) -> str:
         name = channel.decode()[len("trk:live:") :]
         return name[1:-1] if self.cluster else name
+
+
+class FastPacking:
+    """hiredis packs commands in C, ~15x faster than redis-py's Python packer: it matters when one
+    call carries a window's worth of items."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str) and " " in args[0]:
+            args = (*args[0].split(), *args[1:])
+        return [hiredis.pack_command(args)]
+
+
+class FastConnection(FastPacking, aioredis.Connection):
+    pass
+
+
+class FastUnixConnection(FastPacking, aioredis.UnixDomainSocketConnection):
+    pass

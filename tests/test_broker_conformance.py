@@ -502,9 +502,12 @@ async def test_refresh_keeps_online_and_expiry_is_swept_once(impl: Harness) -> N
         assert [f["driver"] for _, f in p.offline(org)] == ["lapsed"], "one offline per expiry, kept stays"
         [offline] = [ln for ln in p.lines(org) if b'"online":false' in ln]
         assert offline.partition(b"\t")[0] == lapsed_stamp
-    # The sweeps' count is what they published: in every org (the Redis may hold others).
-    await until(lambda: len(a.offline()) >= sum(swept), "every published expiry")
-    assert sum(swept) == len(a.offline()) == len(b.offline())
+    # The sweeps' count is what they published, in every org. An instance receives only the orgs
+    # it follows, and the session's Redis holds other tests' orgs: exact on a store of our own.
+    if isinstance(impl, MemoryHarness):
+        assert sum(swept) == len(a.offline()) == len(b.offline())
+    else:
+        assert sum(swept) >= len(a.offline(org)) == len(b.offline(org)) == 1
 
     # `kept` stops being refreshed: past its TTL it is online no more, even before a sweep...
     started = time.monotonic()

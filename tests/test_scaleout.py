@@ -80,9 +80,7 @@ async def test_an_instance_receives_only_its_dashboards_orgs(
         client = aioredis.Redis.from_url(private_redis.url)
         try:
             channel = f"trk:live:{orgs[0]}"
-            await wait_until(
-                lambda: _numsub(client, channel, 0), 5, "instance a to unsubscribe from org A's channel"
-            )
+            await wait_until(lambda: _numsub(client, channel, 0), 5, "instance a to unsubscribe from org A's channel")
         finally:
             await client.aclose()
         quiet = await _received(a.port)

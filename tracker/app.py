@@ -38,6 +38,7 @@ from .redis_broker import RedisBroker, default_instance_id
 from .transport import http as http_api
 from .transport.admission import Admission
 from .transport.endpoints import driver_endpoint, live_endpoint
+from .transport.exports import driver_trail_file
 from .transport.keepalive import Keepalive
 from .transport.upload import driver_events
 
@@ -191,6 +192,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/config", http_api.config_endpoint),
         Route("/v1/drivers", http_api.list_drivers),
         Route("/v1/drivers/{driver}/trail", http_api.driver_trail),
+        Route("/v1/drivers/{driver}/trail.{fmt}", driver_trail_file),
         *custody_http.routes(),
         *thresholds.routes(),
         *alerts_http.routes(),

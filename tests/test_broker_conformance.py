@@ -49,8 +49,15 @@ class Peer:
 
     def __post_init__(self) -> None:
         self.broker.on_live = lambda org, msg: self.live.append((org, msg))
-        self.broker.on_ctl = self.ctl.append
+        self.broker.on_ctl = self._ctl
         self.broker.on_status = self.status.append
+
+    def _ctl(self, parts: list[str]) -> None:
+        # Pub/sub channels are server-wide, not per Redis database: other tests' instances on the
+        # session's Redis publish their custody `stamp` messages on the same control channel.
+        # This suite never sends that kind.
+        if parts[0] != "stamp":
+            self.ctl.append(parts)
 
     def messages(self, org: str) -> list[bytes]:
         return [msg for o, msg in self.live if o == org]

@@ -13,6 +13,7 @@ One module per concept; import the module you need (this package imports nothing
 - ``harness.servers``    private redis-server and PostgreSQL cluster on spare ports; stopping processes
 - ``harness.instances``  tracker in this event loop (``Instance``) or as a subprocess (``TrackerProc``)
 - ``harness.loss``       loss and duplicates as sets over (driver, seq), checked against PostgreSQL
+- ``harness.sse``        server-sent events read over a bare stream (a tracking link's live feed)
 
 Rules: the harness may import ``tracker``'s public API; ``tracker`` never imports the harness,
 and neither ``tracker`` nor ``bench`` imports ``tests``. Pytest fixtures stay in

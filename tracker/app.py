@@ -35,6 +35,9 @@ from .hub import Hub
 from .looplag import LoopLag
 from .node import Node
 from .redis_broker import RedisBroker, default_instance_id
+from .share import http as share_http
+from .share.service import ShareService
+from .share.store import migrations as share_migrations
 from .transport import http as http_api
 from .transport.admission import Admission
 from .transport.endpoints import driver_endpoint, live_endpoint
@@ -72,7 +75,9 @@ class SecurityHeaders:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = list(message.get("headers", [])) + self.headers
+                headers = list(message.get("headers", []))
+                own = {name.lower() for name, _ in headers}  # a page with a stricter policy keeps its own
+                message["headers"] = headers + [h for h in self.headers if h[0] not in own]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -132,7 +137,7 @@ async def _reset(conn: asyncpg.Connection) -> None:
 
 async def migrate(pool: asyncpg.Pool) -> int:
     """The core's schema and the custody extension's, in version order (tracker migrate, startup)."""
-    return await store.migrate(pool, migrations())
+    return await store.migrate(pool, [*migrations(), *share_migrations()])
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -166,6 +171,7 @@ def create_app(settings: Settings) -> Starlette:
                 app.state.node = node
                 app.state.custody = custody.layer
                 app.state.eta = EtaService(pool, settings)
+                app.state.share = ShareService(pool, broker, custody.layer.stamps, app.state.eta, settings)
                 log.info(
                     "tracker ready: instance %s, PostgreSQL %s, Redis %s",
                     broker.instance_id,
@@ -193,6 +199,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/drivers", http_api.list_drivers),
         Route("/v1/drivers/{driver}/trail", http_api.driver_trail),
         Route("/v1/drivers/{driver}/trail.{fmt}", driver_trail_file),
+        *share_http.routes(),
         *custody_http.routes(),
         *thresholds.routes(),
         *alerts_http.routes(),

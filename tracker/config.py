@@ -119,6 +119,15 @@ class Settings:
     eta_floor_mps: float = 1.5  # the moving speed never counts as lower (a stopped or creeping driver)
     eta_default_mps: float = 8.0  # the speed of a driver with no recent moving position
 
+    # Recipient tracking links (tracker/share; PROTOCOL.md "Tracking links")
+    share_grace_s: float = 3_600.0  # a link works this long after its package's delivery
+    share_max_s: float = 14 * 86_400.0  # and never longer than this after it was made
+    share_rate_per_s: float = 1.0  # requests per second per link (burst below), then 429
+    share_ip_rate_per_s: float = 5.0  # requests per second per client address, all links together
+    share_burst: int = 30
+    share_live_s: float = 1.0  # how often the live feed (SSE) looks for a change
+    share_driver_name_orgs: tuple[str, ...] = ()  # orgs whose links show the driver's display name
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read settings from `environ` (default: os.environ); keyword overrides win."""
@@ -188,8 +197,10 @@ class Settings:
         self.eta_road_factor_orgs()
         if not 1.0 <= self.eta_road_factor <= 5.0 or self.eta_stop_s < 0 or self.eta_half_life_s <= 0:
             raise ConfigError("TRACKER_ETA_ROAD_FACTOR must be 1..5, TRACKER_ETA_STOP_S >= 0, half-life > 0")
-        if min(self.eta_floor_mps, self.eta_default_mps) <= 0:
-            raise ConfigError("TRACKER_ETA_FLOOR_MPS and TRACKER_ETA_DEFAULT_MPS must be > 0")
+        if min(self.eta_floor_mps, self.eta_default_mps, self.share_rate_per_s, self.share_ip_rate_per_s) <= 0:
+            raise ConfigError("TRACKER_ETA_FLOOR_MPS, TRACKER_ETA_DEFAULT_MPS and the share rates must be > 0")
+        if self.share_grace_s < 0 or self.share_max_s <= 0 or self.share_burst < 1 or self.share_live_s <= 0:
+            raise ConfigError("TRACKER_SHARE_GRACE_S must be >= 0; share max, burst and live interval > 0")
         tiles = self.tiles
         if tiles is not None:
             problem = tile_template_problem(tiles)

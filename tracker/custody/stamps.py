@@ -51,6 +51,14 @@ CTL_KIND = "stamp"  # control messages of this layer (Broker.publish_control)
 CLOSING_TTL_MS = 120_000  # a closing scan never chained (refused by the writer) stops counting
 DriverKey = tuple[str, str]
 Chained = tuple[str, str, str, int]  # (org, package, driver, seq) of a scan
+# A stamp entry "\x01<package>": the holder's frames may reach that package's tracking links
+# (tracker/share). A client id is printable, so no client's needle ever matches one.
+SHARE_MARK = "\x01"
+
+
+def share_needle(package: str) -> bytes:
+    """What a stamp holds, as JSON, when its driver's frames may reach the package's tracking links."""
+    return orjson.dumps(SHARE_MARK + package)
 
 
 class Stamps:
@@ -65,6 +73,7 @@ class Stamps:
         # or elsewhere) and not chained yet, of a package whose client is known.
         self.opening: dict[tuple[str, str], tuple[str, int, int]] = {}
         self.client_of: dict[tuple[str, str], str] = {}  # consigned packages' clients (immutable)
+        self.shared: set[tuple[str, str]] = set()  # packages with a tracking link: marked in stamps
         self._orgs: dict[str, asyncio.Future[None]] = {}  # orgs whose open consignments are cached
         self._keys: set[DriverKey] = set()
         self._clears: list[Chained] = []
@@ -146,6 +155,26 @@ class Stamps:
             del self._recent[key]
         return [notice for notice, _ in self._recent.values()]
 
+    def share(self, org: str, package: str) -> None:
+        """A tracking link of the package was made here: from now on (on every instance, once it
+        hears of it) its holder's stamp carries the package's mark (`share_needle`)."""
+        self._mark(org, package)
+        self.core.spawn(self._tell({"shared": [[org, package]]}))
+
+    def needle(self, package: str) -> bytes:
+        return share_needle(package)
+
+    def _mark(self, org: str, package: str) -> None:
+        if (org, package) in self.shared:
+            return
+        self.shared.add((org, package))
+        holder = self.holder_of.get((org, package))
+        if holder is not None:
+            self.apply(holder)
+        opened = self.opening.get((org, package))
+        if opened is not None:
+            self.apply((org, opened[0]))
+
     def consigned(self, org: str, package: str, client: str) -> None:
         """A package was consigned here: every instance learns its client (one control message)."""
         self.client_of[(org, package)] = client
@@ -165,7 +194,19 @@ class Stamps:
                 log.warning("clients of %s unknown (PostgreSQL: %s); windows open after chaining", org, exc)
             finally:
                 loading.set_result(None)
+            await self._load_shared(org)
         await asyncio.shield(loading)
+
+    async def _load_shared(self, org: str) -> None:
+        """The org's packages with a live tracking link (also every sweep: links made while this
+        instance could not hear of them, its feed down). Without them a link shows no position."""
+        try:
+            rows = await ps.shared_packages(self.core.pool, org, now_ms())
+        except PG_ERRORS as exc:
+            log.warning("tracking links of %s unknown (PostgreSQL: %s); retried at the next sweep", org, exc)
+            return
+        for row in rows:
+            self._mark(org, row["package_id"])
 
     async def on_driver_connected(self, conn: DriverConn) -> None:
         await self._known_clients(conn.key[0])
@@ -188,6 +229,8 @@ class Stamps:
                 return  # this instance did it already
             for org, package, client in msg.get("clients", ()):
                 self.client_of[(org, package)] = client
+            for org, package in msg.get("shared", ()):
+                self._mark(org, package)
             for org, package, driver, seq, event in msg.get("closing", ()):
                 if self._first((org, package, driver, seq, event)):
                     self._closing(org, package, driver, seq, event)
@@ -259,6 +302,11 @@ class Stamps:
                 del self.closing[pk]
         gone = [k for k in self.held.keys() | self._applied.keys() if k not in self.core.drivers]
         self.refresh([*self.core.drivers, *gone])
+        self.core.spawn(self._reload_shared())
+
+    async def _reload_shared(self) -> None:
+        for org in list(self._orgs):
+            await self._load_shared(org)
 
     async def run(self) -> None:
         while True:
@@ -332,9 +380,14 @@ class Stamps:
         if self.uncertain:
             return b""  # the feed is (or was just) down: who may see this driver is not known
         org = k[0]
-        clients = {c for p, c in self.held.get(k, {}).items() if (org, p) not in self.closing}
-        clients.update(self.client_of[pk] for pk, opened in self.opening.items() if pk[0] == org and opened[0] == k[1])
-        return orjson.dumps(sorted(clients)) if clients else b""
+        held = [p for p in self.held.get(k, {}) if (org, p) not in self.closing]
+        opened = [pk for pk, o in self.opening.items() if pk[0] == org and o[0] == k[1]]
+        entries = {self.held[k][p] for p in held}
+        entries.update(self.client_of[pk] for pk in opened)
+        if self.shared:
+            entries.update(SHARE_MARK + p for p in held if (org, p) in self.shared)
+            entries.update(SHARE_MARK + pk[1] for pk in opened if pk in self.shared)
+        return orjson.dumps(sorted(entries)) if entries else b""
 
     def apply(self, k: DriverKey) -> None:
         conn = self.core.drivers.get(k)

@@ -164,6 +164,16 @@ async def open_consignments(conn: Conn, org: str) -> list[asyncpg.Record]:
     )
 
 
+async def shared_packages(conn: Conn, org: str, now: int) -> list[asyncpg.Record]:
+    """(package_id) of the org's packages with a tracking link neither revoked nor expired
+    (tracker/share's table: its holder's stamps carry the package's mark)."""
+    return await conn.fetch(
+        "SELECT DISTINCT package_id FROM package_shares WHERE org = $1 AND revoked_at IS NULL AND expires_at > $2",
+        org,
+        now,
+    )
+
+
 async def unchained_since(conn: Conn, since: int, before: int, limit: int) -> list[asyncpg.Record]:
     """Scans received in [since, before) that no instance has chained (it crashed in between),
     except those already refused as not written by the service (a `tamper_suspected` alert)."""

@@ -142,7 +142,9 @@ async def test_share_page_before_during_and_after_custody(start_instance: Any, o
                 assert "away" in driver_text and "Amina" not in driver_text and "d-1" not in driver_text
                 first = await page.get_by_test_id("driver").inner_text()
                 await page.wait_for_function(  # the driver moves on the page as positions arrive
-                    "(t) => document.querySelector('[data-testid=driver]').textContent !== t", arg=first, timeout=WAIT_MS
+                    "(t) => document.querySelector('[data-testid=driver]').textContent !== t",
+                    arg=first,
+                    timeout=WAIT_MS,
                 )
                 assert "on its way" in await page.get_by_test_id("headline").inner_text()
                 await shot("2-in-custody")

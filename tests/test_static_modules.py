@@ -126,11 +126,14 @@ def exports(path: Path, root: Path = STATIC, seen: frozenset[Path] = frozenset()
     return names
 
 
-def entry_scripts() -> list[str]:
-    """The `src` of every script tag of index.html, which must all be module scripts."""
-    html = (STATIC / "index.html").read_text()
+PAGES = ("index.html", "share.html")  # the dashboard; the recipient's tracking page (tracker/share)
+
+
+def entry_scripts(page: str = "index.html") -> list[str]:
+    """The `src` of every script tag of a page, which must all be module scripts."""
+    html = (STATIC / page).read_text()
     tags = re.findall(r"<script\b[^>]*>", html)
-    assert tags, "index.html loads no script"
+    assert tags, f"{page} loads no script"
     srcs = []
     for tag in tags:
         src = re.search(r'\bsrc="([^"]+)"', tag)
@@ -169,12 +172,14 @@ def test_every_import_resolves_to_a_file_that_exports_the_name() -> None:
 
 
 def test_every_module_is_reachable_from_index_html() -> None:
-    """No module is left over (such as an old copy of the code) and every entry script exists."""
+    """No module is left over (such as an old copy of the code) and every entry script exists (of
+    the dashboard and of the tracking page)."""
     todo = []
-    for src in entry_scripts():
-        target = resolve(src, STATIC / "index.html")
-        assert target and target.is_file(), f"index.html loads {src}, which is not a file under tracker/static"
-        todo.append(target)
+    for page in PAGES:
+        for src in entry_scripts(page):
+            target = resolve(src, STATIC / page)
+            assert target and target.is_file(), f"{page} loads {src}, which is not a file under tracker/static"
+            todo.append(target)
     reached: set[Path] = set()
     while todo:
         path = todo.pop()
@@ -186,7 +191,7 @@ def test_every_module_is_reachable_from_index_html() -> None:
             if target and target.is_file():
                 todo.append(target)
     unused = {name for name, path in modules().items() if path.resolve() not in reached}
-    assert not unused, f"modules that index.html never loads: {sorted(unused)}"
+    assert not unused, f"modules that no page ({', '.join(PAGES)}) loads: {sorted(unused)}"
 
 
 def test_the_import_check_finds_broken_imports(tmp_path: Path) -> None:

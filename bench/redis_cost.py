@@ -69,7 +69,7 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
             await sub.follow(org)
     drivers = [(orgs[i % len(orgs)], f"d-{i}") for i in range(args.drivers)]
     now = int(time.time() * 1000)
-    for start in range(0, len(drivers), 500):
+    for start in range(0, len(drivers) if args.presence else 0, 500):
         part = drivers[start : start + 500]
         await pub.drivers_online(
             [(o, d, f"c-{d}", None, b"\t" + presence_frame(d, True, now)) for o, d in part]  # type: ignore[arg-type]
@@ -80,7 +80,7 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
             await pub.refresh_presence([(o, d, f"c-{d}", b"") for o, d in drivers], spread_s=1.0)
             await asyncio.sleep(9.0)
 
-    refresher = asyncio.create_task(presence())
+    refresher = asyncio.create_task(presence() if args.presence else asyncio.sleep(0))
     sent = 0
     seq = 0
 
@@ -136,7 +136,7 @@ def run(ref: str, args: argparse.Namespace) -> dict[str, Any]:
             [sys.executable, __file__, "--child", "--src", str(src), "--url", url, "--redis-pid", str(pid)]
             + [
                 f"--{k.replace('_', '-')}={getattr(args, k)}"
-                for k in ("rate", "drivers", "orgs", "warmup", "seconds", "window_ms")
+                for k in ("rate", "drivers", "orgs", "warmup", "seconds", "window_ms", "presence")
             ],
             capture_output=True,
             text=True,
@@ -159,6 +159,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--window-ms", type=float, default=5.0, help="TRACKER_LIVE_WINDOW_MS where the commit has it")
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--presence", type=int, default=1, help="0: no presence (the live path alone)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--src", help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)

@@ -126,7 +126,8 @@ def exports(path: Path, root: Path = STATIC, seen: frozenset[Path] = frozenset()
     return names
 
 
-PAGES = ("index.html", "share.html")  # the dashboard; the recipient's tracking page (tracker/share)
+PAGES = ("index.html", "share.html", "report.html")  # the dashboard; the recipient's tracking page (tracker/share);
+# the printable custody report (tracker/custody/report.py)
 
 
 def entry_scripts(page: str = "index.html") -> list[str]:

@@ -26,7 +26,7 @@ from starlette.websockets import WebSocket
 from . import store
 from .auth import TokenVerifier, new_secret
 from .config import Settings
-from .custody import alerts_http, thresholds
+from .custody import alerts_http, report, thresholds
 from .custody import http as custody_http
 from .custody.extension import CustodyExtension, custody_key, migrations
 from .embedded import Embedded
@@ -200,6 +200,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/drivers/{driver}/trail", http_api.driver_trail),
         Route("/v1/drivers/{driver}/trail.{fmt}", driver_trail_file),
         *share_http.routes(),
+        *report.routes(),
         *custody_http.routes(),
         *thresholds.routes(),
         *alerts_http.routes(),

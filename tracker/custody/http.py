@@ -255,8 +255,13 @@ def _record_json(rec: chain.Record, row: asyncpg.Record, alerts: dict[tuple[str,
 @api
 async def get_package(request: Request) -> Response:
     p = principal_of(request, "dispatcher", "client")
+    _, out = await detail(request, p, request.path_params["package"])
+    return OrjsonResponse(out)
+
+
+async def detail(request: Request, p: Principal, package: str) -> tuple[asyncpg.Record, dict[str, Any]]:
+    """The package row and its representation with its chain of custody and its alerts (in scope)."""
     node = _layer(request).core
-    package = request.path_params["package"]
     row = _in_scope(await ps.get_package(node.pool, p.org, package), p)
     records = await ps.custody_records(node.pool, p.org, package)
     alerts = [a for a in await ps.package_alerts(node.pool, p.org, package) if _alert_visible(a["kind"], p)]
@@ -280,33 +285,41 @@ async def get_package(request: Request) -> Response:
         }
         for a in alerts
     ]
-    return OrjsonResponse(out)
+    return row, out
 
 
 @api
 async def verify_package(request: Request) -> Response:
     p = principal_of(request, "dispatcher", "client")
     layer = _layer(request)
-    pool = layer.core.pool
     package = request.path_params["package"]
-    row = _in_scope(await ps.get_package(pool, p.org, package), p)
-    records = [rec for rec, _ in await ps.custody_records(pool, p.org, package)]
+    row = _in_scope(await ps.get_package(layer.core.pool, p.org, package), p)
+    out, _ = await verification(layer, p.org, package, row)
+    return OrjsonResponse(out)
+
+
+async def verification(
+    layer: PackageLayer, org: str, package: str, row: asyncpg.Record
+) -> tuple[dict[str, Any], tuple[int, bytes, int] | None]:
+    """`/verify`'s answer, and the latest signed checkpoint it compared the chain with."""
+    pool = layer.core.pool
+    records = [rec for rec, _ in await ps.custody_records(pool, org, package)]
     head = bytes(row["chain_head"]) if row["chain_head"] is not None else None
     tag = bytes(row["head_tag"]) if row["head_tag"] is not None else None
-    problems = chain.verify(layer.key, p.org, package, records, row["chain_len"], head, tag, ps.consignment(row))
-    problems += chain.against_checkpoint(records, row["chain_len"], await layer.checkpoints.latest(p.org, package))
-    for scan in await ps.unchained_of(pool, p.org, package, UNCHAINED_MAX):
-        if not chain.sealed(layer.key, p.org, ps.content(scan), scan["seal"]):
+    problems = chain.verify(layer.key, org, package, records, row["chain_len"], head, tag, ps.consignment(row))
+    checkpoint = await layer.checkpoints.latest(org, package)
+    problems += chain.against_checkpoint(records, row["chain_len"], checkpoint)
+    for scan in await ps.unchained_of(pool, org, package, UNCHAINED_MAX):
+        if not chain.sealed(layer.key, org, ps.content(scan), scan["seal"]):
             why = "this scan row was not written by the service (its seal does not verify): never chained"
             problems.append(chain.Problem(None, why, (scan["driver_id"], scan["seq"])))
     metrics.CUSTODY_VERIFY_FAILED.inc(1 if problems else 0)
-    return OrjsonResponse(
-        {
-            "package": package,
-            "ok": not problems,
-            "length": len(records),
-            "problems": [pr.as_dict() for pr in problems],
-            "recovered": sum(r.recovered for r in records),
-            "unchained": await ps.count_unchained(pool, p.org, package),
-        }
-    )
+    out = {
+        "package": package,
+        "ok": not problems,
+        "length": len(records),
+        "problems": [pr.as_dict() for pr in problems],
+        "recovered": sum(r.recovered for r in records),
+        "unchained": await ps.count_unchained(pool, org, package),
+    }
+    return out, checkpoint

@@ -6,7 +6,7 @@
 
 import { COLORS } from './constants.js';
 import { $, el, formatTime, humanise, isNum, relativeTime, setText } from './util.js';
-import { authHeaders } from './session.js';
+import { authHeaders, session } from './session.js';
 import { displayName, packageFacts, state } from './store.js';
 import { setCenter, view } from './map.js';
 import { selectDriver } from './detail.js';
@@ -70,6 +70,10 @@ function render(data, note = '') {
   renderProof(custody, facts.destination);
   $('package-show-driver').hidden = facts.driver == null;
   $('package-show-destination').hidden = !isNum(facts.destination?.lat);
+  // The printable, signed custody report (report.html): the token goes in the fragment, never the query.
+  const report = $('package-report');
+  report.href = `/static/report.html#package=${encodeURIComponent(current.id)}&token=${encodeURIComponent(session.token ?? '')}`;
+  report.hidden = !data;
 }
 
 function renderFacts(p) {

@@ -11,6 +11,7 @@ One module per concept; import the module you need (this package imports nothing
 - ``harness.flood``      many idle sockets against one port
 - ``harness.proxy``      a TCP proxy to cut, reset, throttle or mute
 - ``harness.servers``    private redis-server and PostgreSQL cluster on spare ports; stopping processes
+- ``harness.redis_ha``   Redis with failover: a master, a replica and a Sentinel
 - ``harness.instances``  tracker in this event loop (``Instance``) or as a subprocess (``TrackerProc``)
 - ``harness.loss``       loss and duplicates as sets over (driver, seq), checked against PostgreSQL
 - ``harness.sse``        server-sent events read over a bare stream (a tracking link's live feed)

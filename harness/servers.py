@@ -54,8 +54,9 @@ def stop_process(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM, 
 class RedisServer:
     """A private redis-server (no persistence: a restart loses everything, as after a crash)."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, args: tuple[str, ...] = ()) -> None:
         self.port = port or free_port()
+        self.args = args  # more redis-server options (a replica's --replicaof, a cluster node's)
         self.proc: subprocess.Popen[bytes] | None = None
         self.dir = tempfile.mkdtemp(prefix="tracker-fault-redis-")
 
@@ -85,6 +86,7 @@ class RedisServer:
                 self.dir,
                 "--loglevel",
                 "warning",
+                *self.args,
             ]
         )
         await wait_until(self._pong, 10, "redis-server to answer PING")

@@ -26,15 +26,12 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, ParamSpec, TypeVar
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from . import metrics
 from .broker import BrokerUnavailable, Held, LiveItem, LiveState, Offline, Online, Registered
-from .redis_keys import CTL_CHANNEL, ORGS_KEY, SYNCED_KEY, FastConnection, FastUnixConnection, Naming
+from .redis_keys import CTL_CHANNEL, ORGS_KEY, SYNCED_KEY, clients
 from .redis_lua import LIVE_LUA, PRESENCE_OFF_LUA, PRESENCE_ON_LUA, REFRESH_LUA, SWEEP_LUA, Call, Lua, live_calls
 from .redis_sub import Subscriber
 
@@ -77,25 +74,10 @@ class RedisBroker:
         self.instance_id = instance_id
         self.presence_ttl_ms = int(presence_ttl_s * 1000)
         self.window_s = window_ms / 1000
-        self.naming = Naming(cluster=False)
-        # A bounded pool: callers queue for a connection instead of opening thousands. A command
-        # that meets a connection the network left dead is sent once more at once, on a new one
-        # (stated here, not left to the redis-py version's default).
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=32,
-            timeout=5,
-            socket_timeout=3,
-            socket_connect_timeout=2,
-            health_check_interval=10,
-            retry=Retry(NoBackoff(), 1),
-        )
-        pool.connection_class = (
-            FastUnixConnection
-            if issubclass(pool.connection_class, aioredis.UnixDomainSocketConnection)
-            else FastConnection
-        )
-        self.redis = aioredis.Redis(connection_pool=pool)
+        # The command client (a bounded pool; a command that meets a connection the network left
+        # dead is sent once more at once, on a new one), a factory of subscriber clients, and the
+        # names: all from what the URL names (one Redis, or a master found through Sentinel).
+        self.redis, self._sub_client, self.naming = clients(url)
         self._pending: dict[str, list[LiveItem]] = {}
         self._pending_count = 0
         self._send_wake = asyncio.Event()
@@ -109,7 +91,7 @@ class RedisBroker:
         self.max_pending = 200_000
         self.flushes = 0  # windows sent (one round trip each)
         self.sub = Subscriber(
-            lambda: aioredis.Redis.from_url(self.url, socket_connect_timeout=2),
+            self._sub_client,
             self.naming,
             self.probe_channel,
             self._publish_probe,

@@ -14,12 +14,16 @@ Three deployments, told apart by the URL's scheme (docs/OPERATIONS.md, "Redis"):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
 
 CTL_CHANNEL: Final = "trk:ctl"
 # A hash org -> 1, set once PostgreSQL's newest positions of an org were merged into Redis. A
@@ -117,3 +121,41 @@ class FastConnection(FastPacking, aioredis.Connection):
 
 class FastUnixConnection(FastPacking, aioredis.UnixDomainSocketConnection):
     pass
+
+
+def clients(url: str) -> tuple[aioredis.Redis, Callable[[], aioredis.Redis], Naming]:
+    """What `RedisBroker` talks to for the Redis `url` names: the command client, a factory of
+    clients for the subscriber (one per subscription: it is made again after a loss), the names."""
+    target = parse_url(url)
+    # A command that meets a connection the network left dead is sent once more at once, on a new
+    # one: stated here, not left to the redis-py version's default.
+    kw: dict[str, Any] = {
+        "socket_timeout": 3,
+        "socket_connect_timeout": 2,
+        "health_check_interval": 10,
+        "retry": Retry(NoBackoff(), 1),
+    }
+    if target.mode == "sentinel":
+        auth: dict[str, Any] = {"db": target.db, "password": target.password, "username": target.username}
+        if target.tls:
+            auth["ssl"] = True
+        sentinel = Sentinel(list(target.nodes), sentinel_kwargs={"socket_timeout": 2, "socket_connect_timeout": 2})  # type: ignore[no-untyped-call]
+        # Every connection asks the sentinels for the master when it connects: after a failover,
+        # the next (re)connection reaches the promoted replica.
+        command = sentinel.master_for(target.service, max_connections=32, **kw, **auth)
+        return (
+            command,
+            lambda: sentinel.master_for(target.service, socket_connect_timeout=2, **auth),
+            Naming(cluster=False),
+        )
+    if target.mode == "cluster":
+        raise ValueError("REDIS_URL redis+cluster:// is not supported yet (issue 17, item 4)")
+    # A bounded pool: callers queue for a connection instead of opening thousands.
+    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=32, timeout=5, **kw)
+    unix = issubclass(pool.connection_class, aioredis.UnixDomainSocketConnection)
+    pool.connection_class = FastUnixConnection if unix else FastConnection
+    return (
+        aioredis.Redis(connection_pool=pool),
+        lambda: aioredis.Redis.from_url(url, socket_connect_timeout=2),
+        Naming(cluster=False),
+    )

@@ -16,6 +16,7 @@ import pytest
 from harness.fakes import FakeChannel, next_iteration, until
 from tracker import store
 from tracker.auth import Principal
+from tracker.eventstore import DriverKeys, insert_events
 from tracker.extension import NoExtension
 from tracker.hub import Dashboard, Hub
 from tracker.memory_broker import MemoryBroker, MemoryBus
@@ -182,7 +183,8 @@ async def stored(pool: asyncpg.Pool, org: str, *events: tuple[str, str | None, P
     """Positions as the writer stores them, drivers as hello records them."""
     await store.drivers_hello(pool, sorted({(org, d, name) for d, name, _ in events}))
     async with pool.acquire() as conn:
-        await store.insert_events(conn, [Pending(None, org, d, ev, ev.ts) for d, _, ev in events])
+        ids = await DriverKeys().ids(conn, [(org, d) for d, _, _ in events])
+        await insert_events(conn, [Pending(None, org, d, ev, ev.ts) for d, _, ev in events], ids)
 
 
 async def test_a_broker_that_lost_its_state_is_refilled_from_postgresql(org: str, pool: asyncpg.Pool) -> None:

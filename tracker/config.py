@@ -57,6 +57,9 @@ class Settings:
     writer_buffer_max: int = 200_000  # events waiting for PostgreSQL; beyond it -> `unavailable`
     answer_deadline_s: float = 25.0  # every event is answered within 30 s (PROTOCOL.md)
     pg_pool_size: int = 8
+    # Positions older than this many days are dropped a whole UTC day at a time (tracker/partitions.py);
+    # 0 keeps every position. Scans, custody and alerts are never dropped.
+    retention_days: int = 0
 
     # Dashboards
     live_flush_ms: int = 25
@@ -179,6 +182,8 @@ class Settings:
             raise ConfigError("TRACKER_JWT_LEEWAY_S must be 0..300 (a small clock skew allowance)")
         if self.watch_interval_s <= 0 or self.watch_lookback_s <= 0:
             raise ConfigError("TRACKER_WATCH_INTERVAL_S and TRACKER_WATCH_LOOKBACK_S must be > 0")
+        if self.retention_days < 0:
+            raise ConfigError("TRACKER_RETENTION_DAYS must be >= 0 (0 keeps every position)")
         if self.custody_checkpoint_s <= 0:
             raise ConfigError("TRACKER_CUSTODY_CHECKPOINT_S must be > 0")
         if self.jwt_max_ttl_s < 0 or self.handshake_timeout_s <= 0 or self.subscribe_rate_per_s <= 0:

@@ -22,6 +22,7 @@ from .drivers import Drivers
 from .extension import Extension, NoExtension
 from .hub import Dashboard, Hub
 from .ingest import Ingest
+from .partitions import maintain
 from .protocol.live import status_frame
 from .snapshot import Snapshots
 from .store import drivers_hello
@@ -85,6 +86,9 @@ class Node:
         self.writer.start()
         self.broker.start()
         self._tasks.append(asyncio.create_task(self.drivers.presence_loop(), name="presence"))
+        self._tasks.append(
+            asyncio.create_task(maintain(self.pool, retention_days=self.settings.retention_days), name="partitions")
+        )
         for coro in self.extension.tasks():
             self._tasks.append(asyncio.create_task(coro))
 

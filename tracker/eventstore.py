@@ -110,7 +110,7 @@ class DriverKeys:
         self._ids: dict[tuple[str, str], int] = {}
         self._max = max_size
 
-    async def ids(self, conn: asyncpg.Connection, keys: Sequence[tuple[str, str]]) -> list[int]:
+    async def ids(self, conn: Any, keys: Sequence[tuple[str, str]]) -> list[int]:
         """One id per key, in order; unknown drivers get a `drivers` row (one query per miss set)."""
         ids = self._ids
         missing = sorted({k for k in keys if k not in ids})

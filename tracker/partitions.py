@@ -23,7 +23,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 
@@ -60,7 +60,7 @@ def _value(text: str) -> int | None:
     return None if text == "MINVALUE" else int(text)
 
 
-async def partitions(conn: asyncpg.Connection) -> list[Part]:
+async def partitions(conn: Any) -> list[Part]:
     """The position partitions, by start."""
     out = []
     for row in await conn.fetch(PARTITIONS):
@@ -81,8 +81,8 @@ class Pass:
     drop_seconds: float = 0.0
 
 
-async def maintain_once(conn: asyncpg.Connection, *, retention_days: int, now_ms: int | None = None) -> Pass:
-    """One maintenance pass on `conn` (outside a transaction); a no-op while another instance
+async def maintain_once(conn: Any, *, retention_days: int, now_ms: int | None = None) -> Pass:
+    """One maintenance pass on `conn` (an asyncpg connection, outside a transaction); a no-op while another instance
     holds the maintenance lock."""
     now = int(time.time() * 1000) if now_ms is None else now_ms
     today = now // DAY_MS
@@ -106,15 +106,16 @@ async def maintain_once(conn: asyncpg.Connection, *, retention_days: int, now_ms
     return result
 
 
-async def drop(conn: asyncpg.Connection, part: Part) -> None:
+async def drop(conn: Any, part: Part) -> None:
     """Expire one day partition: floor first, then detach concurrently, then drop."""
     await conn.execute("UPDATE position_floor SET floor_ts = greatest(floor_ts, $1)", part.end)
     # DDL takes no parameters: PostgreSQL's format(%I) quotes the name (read from pg_class, never
     # from input), and the text is executed as it comes back. DETACH ... CONCURRENTLY cannot run
     # inside a function or a transaction, hence this round trip.
-    detach, drop_table = await conn.fetchrow(DDL, part.name, "FINALIZE" if part.pending else "CONCURRENTLY")
-    await conn.execute(detach)
-    await conn.execute(drop_table)
+    ddl = await conn.fetchrow(DDL, part.name, "FINALIZE" if part.pending else "CONCURRENTLY")
+    assert ddl is not None
+    await conn.execute(ddl[0])
+    await conn.execute(ddl[1])
 
 
 async def maintain(pool: asyncpg.Pool, *, retention_days: int, every_s: float = 3600.0) -> None:

@@ -1,20 +1,19 @@
 """PostgreSQL write rate of the batch writer alone (no websockets): rows/s and CPU per row.
 
-Three ways to store a batch of positions idempotently, on one connection, batch after batch:
+Ways to store a batch of positions idempotently, on one connection, batch after batch:
 
-- ``unnest``: the current path, ``tracker.store.insert_events`` (INSERT ... SELECT FROM
-  unnest(arrays) WHERE NOT EXISTS (the scans table) ON CONFLICT DO NOTHING, in a transaction);
-- ``copy``: asyncpg ``copy_records_to_table`` into a temporary staging table, then
-  INSERT ... SELECT (same NOT EXISTS) ON CONFLICT DO NOTHING, in a transaction;
-- ``executemany``: one INSERT ... VALUES (...) ON CONFLICT DO NOTHING per row, pipelined by
-  asyncpg's executemany, in a transaction (no NOT EXISTS: the cheapest form of it).
+- ``statement``: the current path, ``tracker.eventstore.insert_events``: one INSERT ... SELECT
+  FROM unnest(arrays) statement with CTEs (positions, scans, driver_seqs), one round trip, no
+  BEGIN/COMMIT (sql/0008's day partitions, integer driver keys);
+- ``copy``: asyncpg ``copy_records_to_table`` into a temporary staging table, then the same
+  statement reading (and emptying) the stage: two round trips, no BEGIN/COMMIT.
 
-For each method and batch size (default 100, 1000, 5000) the table is emptied, then --rows
-rows (default 200,000: 1,000 drivers) are written; reported: rows/s (wall), the PostgreSQL
-backend's CPU per row and this process's CPU per row (encoding the batch is the service's CPU),
-from /proc. Each configuration runs --repeat times; the median is reported.
+For each method and batch size the table is emptied, then --rows rows (default 200,000: 1,000
+drivers) are written; reported: rows/s (wall), the PostgreSQL backend's CPU per row and this
+process's CPU per row (encoding the batch is the service's CPU), from /proc. Each configuration
+runs --repeat times; the median is reported. A batch of 40 is a 20 ms flush at 2,000 positions/s.
 
-    .venv/bin/python bench/writer.py [--rows 200000] [--sizes 100,1000,5000] [--repeat 3]
+    .venv/bin/python bench/writer.py [--rows 200000] [--sizes 40,1000,5000] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -36,22 +35,36 @@ import common
 from common import log
 
 from tracker import store
+from tracker.eventstore import DriverKeys, insert_events
 from tracker.protocol.events import Position
 from tracker.store import Pending
 
-COLUMNS = ("org", "driver_id", "seq", "ts", "received_at", "lat", "lon", "acc", "spd", "hdg", "alt", "bat")
 STAGE = """
-CREATE TEMP TABLE IF NOT EXISTS stage_positions (LIKE positions INCLUDING DEFAULTS) ON COMMIT DELETE ROWS
+CREATE TEMP TABLE IF NOT EXISTS stage_positions (seq int8, ts int8, received_at int8, lat float8, lon float8,
+    driver int4, acc float4, spd float4, hdg float4, alt float4, bat float4)
 """
+STAGE_COLUMNS = ("seq", "ts", "received_at", "lat", "lon", "driver", "acc", "spd", "hdg", "alt", "bat")
+# eventstore.INSERT's positions part, reading the stage (emptied by the same statement).
 FROM_STAGE = """
-INSERT INTO positions SELECT t.* FROM stage_positions t
-WHERE NOT EXISTS (SELECT 1 FROM scans s WHERE s.org = t.org AND s.driver_id = t.driver_id AND s.seq = t.seq OFFSET 0)
-ON CONFLICT DO NOTHING
-"""
-EXECUTEMANY = (
-    "INSERT INTO positions (org, driver_id, seq, ts, received_at, lat, lon, acc, spd, hdg, alt, bat) "
-    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT DO NOTHING"
+WITH tp AS (DELETE FROM stage_positions RETURNING *), p AS (
+    INSERT INTO position_rows (seq, ts, received_at, lat, lon, driver, acc, spd, hdg, alt, bat)
+    SELECT t.seq, t.ts, t.received_at, t.lat, t.lon, t.driver, t.acc, t.spd, t.hdg, t.alt, t.bat
+    FROM tp t LEFT JOIN driver_seqs w ON w.driver = t.driver
+    WHERE t.ts >= (SELECT floor_ts FROM position_floor)
+      AND (t.seq > coalesce(w.hi, 0) OR (
+          NOT EXISTS (SELECT 1 FROM position_rows x WHERE x.driver = t.driver AND x.seq = t.seq)
+          AND NOT EXISTS (SELECT 1 FROM drivers d JOIN scans s ON s.org = d.org AND s.driver_id = d.driver_id
+                          WHERE d.id = t.driver AND s.seq = t.seq)))
+    ON CONFLICT DO NOTHING
+    RETURNING driver, seq
+), hi AS (
+    INSERT INTO driver_seqs AS w (driver, hi)
+    SELECT driver, max(seq) FROM p GROUP BY driver ORDER BY driver
+    ON CONFLICT (driver) DO UPDATE SET hi = EXCLUDED.hi WHERE w.hi < EXCLUDED.hi
 )
+SELECT count(*) FROM p
+"""
+KEYS = DriverKeys()
 
 
 def make_batches(rows: int, size: int, drivers: int = 1000) -> list[list[Pending]]:
@@ -75,47 +88,37 @@ def make_batches(rows: int, size: int, drivers: int = 1000) -> list[list[Pending
     return [items[i : i + size] for i in range(0, rows, size)]
 
 
-async def by_unnest(conn: asyncpg.Connection, batch: list[Pending]) -> None:
-    verdicts = await store.insert_events(conn, batch)
+async def by_statement(conn: asyncpg.Connection, batch: list[Pending]) -> None:
+    ids = await KEYS.ids(conn, [(it.org, it.driver) for it in batch])
+    verdicts = await insert_events(conn, batch, ids)
     assert all(verdicts)
 
 
 async def by_copy(conn: asyncpg.Connection, batch: list[Pending]) -> None:
+    ids = await KEYS.ids(conn, [(it.org, it.driver) for it in batch])
     records = [
-        (it.org, it.driver, e.seq, e.ts, it.received_at, e.lat, e.lon, e.acc, e.spd, e.hdg, e.alt, e.bat)
-        for it in batch
+        (e.seq, e.ts, it.received_at, e.lat, e.lon, d, e.acc, e.spd, e.hdg, e.alt, e.bat)
+        for it, d in zip(batch, ids, strict=True)
         for e in (it.event,)
     ]
-    async with conn.transaction():
-        await conn.copy_records_to_table("stage_positions", records=records, columns=COLUMNS)
-        status = await conn.execute(FROM_STAGE)
-    assert int(status.rsplit(" ", 1)[-1]) == len(batch)
+    await conn.copy_records_to_table("stage_positions", records=records, columns=STAGE_COLUMNS)
+    assert await conn.fetchval(FROM_STAGE) == len(batch)
 
 
-async def by_executemany(conn: asyncpg.Connection, batch: list[Pending]) -> None:
-    args = [
-        (it.org, it.driver, e.seq, e.ts, it.received_at, e.lat, e.lon, e.acc, e.spd, e.hdg, e.alt, e.bat)
-        for it in batch
-        for e in (it.event,)
-    ]
-    async with conn.transaction():
-        await conn.executemany(EXECUTEMANY, args)
-
-
-METHODS = {"unnest": by_unnest, "copy": by_copy, "executemany": by_executemany}
+METHODS = {"statement": by_statement, "copy": by_copy}
 
 
 async def one(dsn: str, database: str, method: str, size: int, rows: int) -> dict[str, Any]:
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("TRUNCATE positions, scans")
+        await conn.execute("TRUNCATE position_rows, scans, driver_seqs")
         await conn.execute(STAGE)
         await conn.execute("CHECKPOINT")
         backend = await conn.fetchval("SELECT pg_backend_pid()")
         batches = make_batches(rows, size)
         fn = METHODS[method]
         await fn(conn, batches[0])  # warm: plans, type introspection
-        await conn.execute("TRUNCATE positions")
+        await conn.execute("TRUNCATE position_rows, driver_seqs")
         meter = common.CpuMeter(
             {
                 "postgres": lambda: [backend],
@@ -129,7 +132,7 @@ async def one(dsn: str, database: str, method: str, size: int, rows: int) -> dic
             await fn(conn, b)
         wall = time.perf_counter() - t0
         cpu = meter.stop()
-        stored = await conn.fetchval("SELECT count(*) FROM positions")
+        stored = await conn.fetchval("SELECT count(*) FROM position_rows")
     finally:
         await conn.close()
     assert stored == rows, (stored, rows)
@@ -147,7 +150,7 @@ async def one(dsn: str, database: str, method: str, size: int, rows: int) -> dic
 
 
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    database = "bench_writer"
+    database = args.database
     dsn = common.fresh_database(database)
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
     await store.migrate(pool)
@@ -176,8 +179,9 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=200_000)
-    p.add_argument("--sizes", default="100,1000,5000")
-    p.add_argument("--methods", default="unnest,copy,executemany")
+    p.add_argument("--sizes", default="40,1000,5000")
+    p.add_argument("--methods", default="statement,copy")
+    p.add_argument("--database", default="bench_writer", help="created afresh (dropped first)")
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
     common.exit_on_sigterm()

@@ -230,8 +230,8 @@ async def size(conn: asyncpg.Connection) -> dict[str, Any]:
     n = max(float(row["n"] or 0), 1.0)
     return {
         "rows": int(n),
-        "heap_bytes_per_row": round(row["heap"] / n, 1),
-        "index_bytes_per_row": round(row["idx"] / n, 1),
+        "heap_bytes_per_row": round(float(row["heap"]) / n, 1),
+        "index_bytes_per_row": round(float(row["idx"]) / n, 1),
     }
 
 

@@ -2,11 +2,11 @@
 
 Ways to store a batch of positions idempotently, on one connection, batch after batch:
 
-- ``statement``: the current path, ``tracker.eventstore.insert_events``: one INSERT ... SELECT
-  FROM unnest(arrays) statement with CTEs (positions, scans, driver_seqs), one round trip, no
-  BEGIN/COMMIT (sql/0008's day partitions, integer driver keys);
-- ``copy``: asyncpg ``copy_records_to_table`` into a temporary staging table, then the same
-  statement reading (and emptying) the stage: two round trips, no BEGIN/COMMIT.
+- ``statement``: the current path, ``tracker.eventstore.insert_events``: for new positions one
+  INSERT ... SELECT FROM unnest(arrays) statement with CTEs (``eventstore.FAST``: positions and
+  driver_seqs), one round trip, no BEGIN/COMMIT (sql/0008's day partitions, integer driver keys);
+- ``copy``: asyncpg ``copy_records_to_table`` into a temporary staging table, then the
+  statement of ``eventstore.FAST`` reading (and emptying) the stage: two round trips, no BEGIN/COMMIT.
 
 For each method and batch size the table is emptied, then --rows rows (default 200,000: 1,000
 drivers) are written; reported: rows/s (wall), the PostgreSQL backend's CPU per row and this
@@ -44,17 +44,13 @@ CREATE TEMP TABLE IF NOT EXISTS stage_positions (seq int8, ts int8, received_at 
     driver int4, acc float4, spd float4, hdg float4, alt float4, bat float4)
 """
 STAGE_COLUMNS = ("seq", "ts", "received_at", "lat", "lon", "driver", "acc", "spd", "hdg", "alt", "bat")
-# eventstore.INSERT's positions part, reading the stage (emptied by the same statement).
+# eventstore.FAST, reading the stage (emptied by the same statement).
 FROM_STAGE = """
-WITH tp AS (DELETE FROM stage_positions RETURNING *), p AS (
+WITH t AS (DELETE FROM stage_positions RETURNING *), p AS (
     INSERT INTO position_rows (seq, ts, received_at, lat, lon, driver, acc, spd, hdg, alt, bat)
     SELECT t.seq, t.ts, t.received_at, t.lat, t.lon, t.driver, t.acc, t.spd, t.hdg, t.alt, t.bat
-    FROM tp t LEFT JOIN driver_seqs w ON w.driver = t.driver
-    WHERE t.ts >= (SELECT floor_ts FROM position_floor)
-      AND (t.seq > coalesce(w.hi, 0) OR (
-          NOT EXISTS (SELECT 1 FROM position_rows x WHERE x.driver = t.driver AND x.seq = t.seq)
-          AND NOT EXISTS (SELECT 1 FROM drivers d JOIN scans s ON s.org = d.org AND s.driver_id = d.driver_id
-                          WHERE d.id = t.driver AND s.seq = t.seq)))
+    FROM t LEFT JOIN driver_seqs w ON w.driver = t.driver
+    WHERE t.seq > coalesce(w.hi, 0) AND t.ts >= (SELECT floor_ts FROM position_floor)
     ON CONFLICT DO NOTHING
     RETURNING driver, seq
 ), hi AS (

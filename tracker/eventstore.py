@@ -1,10 +1,12 @@
 """Storing a batch of events: one statement, one round trip, no BEGIN/COMMIT.
 
 `insert_events` stores positions (into the day partitions of `position_rows`, keyed by the
-driver's integer id) and scans in one `INSERT ... SELECT FROM unnest(arrays)` statement with
+driver's integer id) and scans with `INSERT ... SELECT FROM unnest(arrays)` statements with
 data-modifying CTEs: a single statement is its own transaction, so it commits in the same round
-trip that carries it. Only when some events were not stored (resends, conflicts, expired days)
-does a second, read-only statement compare them with what is stored under their keys.
+trip that carries it. Live traffic (positions above their driver's highest stored seq) takes one
+statement (FAST); the rest (resends, out-of-order backlogs, scans) a statement with the probes
+(INSERT), and what that did not store a read-only statement comparing it with what is stored
+under its key (EXISTING).
 
 Uniqueness of (org, driver, seq) across partitions and tables (sql/0008): a day partition's
 unique (driver, seq) index catches a resend (same event, same ts, same day); `driver_seqs.hi`
@@ -26,6 +28,31 @@ import asyncpg
 from .protocol.events import Position, Scan
 from .store import Pending, identity, stored_identity
 
+# The common case: positions above their driver's highest stored seq. No probe of other days or of
+# scans (whose cost would grow with the number of partitions: each is an index scan to set up);
+# returns the 1-based indexes of the rows stored. What it leaves goes through INSERT below.
+FAST: Final = """
+WITH t AS (
+    SELECT * FROM unnest($1::int4[], $2::int8[], $3::int8[], $4::int8[], $5::float8[], $6::float8[],
+                         $7::float4[], $8::float4[], $9::float4[], $10::float4[], $11::float4[])
+        WITH ORDINALITY AS t(driver, seq, ts, received_at, lat, lon, acc, spd, hdg, alt, bat, i)
+), p AS (
+    INSERT INTO position_rows (seq, ts, received_at, lat, lon, driver, acc, spd, hdg, alt, bat)
+    SELECT t.seq, t.ts, t.received_at, t.lat, t.lon, t.driver, t.acc, t.spd, t.hdg, t.alt, t.bat
+    FROM t LEFT JOIN driver_seqs w ON w.driver = t.driver
+    WHERE t.seq > coalesce(w.hi, 0) AND t.ts >= (SELECT floor_ts FROM position_floor)
+    ON CONFLICT DO NOTHING
+    RETURNING driver, seq
+), hi AS (
+    INSERT INTO driver_seqs AS w (driver, hi)
+    SELECT driver, max(seq) FROM p GROUP BY driver ORDER BY driver  -- locked in id order: no deadlock
+    ON CONFLICT (driver) DO UPDATE SET hi = EXCLUDED.hi WHERE w.hi < EXCLUDED.hi
+)
+SELECT array_agg(t.i) AS stored FROM t JOIN p ON p.driver = t.driver AND p.seq = t.seq
+"""
+
+# Any batch: positions and scans, each probed for its seq in every partition and in scans when
+# at or below its driver's highest stored seq.
 INSERT: Final = """
 WITH tp AS (
     SELECT * FROM unnest($1::int4[], $2::int8[], $3::int8[], $4::int8[], $5::float8[], $6::float8[],
@@ -129,14 +156,50 @@ class DriverKeys:
 
 
 async def insert_events(conn: asyncpg.Connection, items: Sequence[Pending], drivers: Sequence[int]) -> list[bool]:
-    """Store `items` (of the drivers `drivers`, by id, one per item) in one statement; returns,
+    """Store `items` (of the drivers `drivers`, by id, one per item); returns,
     per item, True for an ack (that very event is stored, now or before, or it is a position
     older than the retention floor: expired, not stored) and False for a `conflict` (its seq
     names a different event).
 
+    One statement, one round trip, when the batch is positions above their drivers' highest
+    stored seqs (live traffic); resends, backlogs and scans take a second statement (with the
+    probes), and a third (a read) when some were not stored.
+
     Keys must be unique within `items` (the writer dedupes first). Raises asyncpg errors as is;
     the caller decides between retrying (connection) and bisecting (data); `Unsettled` is a retry.
     """
+    if all(type(it.event) is Position for it in items):
+        # One round trip for the common case; the rest (resends, backlogs, conflicts) below.
+        ev: list[Any] = [it.event for it in items]
+        row = await conn.fetchrow(
+            FAST,
+            list(drivers),
+            [e.seq for e in ev],
+            [e.ts for e in ev],
+            [it.received_at for it in items],
+            [e.lat for e in ev],
+            [e.lon for e in ev],
+            [e.acc for e in ev],
+            [e.spd for e in ev],
+            [e.hdg for e in ev],
+            [e.alt for e in ev],
+            [e.bat for e in ev],
+        )
+        assert row is not None
+        done = set(row["stored"] or ())
+        if len(done) == len(items):
+            return [True] * len(items)
+        rest = [k for k in range(len(items)) if k + 1 not in done]
+        verdicts = await _insert_and_compare(conn, [items[k] for k in rest], [drivers[k] for k in rest])
+        out = [True] * len(items)
+        for k, ok in zip(rest, verdicts, strict=True):
+            out[k] = ok
+        return out
+    return await _insert_and_compare(conn, items, drivers)
+
+
+async def _insert_and_compare(conn: Any, items: Sequence[Pending], drivers: Sequence[int]) -> list[bool]:
+    """INSERT (with every probe), then, for what it did not store, EXISTING."""
     pos = [(it, d) for it, d in zip(items, drivers, strict=True) if type(it.event) is Position]
     scans = [(it, d) for it, d in zip(items, drivers, strict=True) if type(it.event) is Scan]
     ev: list[Any] = [it.event for it, _ in pos]

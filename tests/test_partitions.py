@@ -208,3 +208,23 @@ async def test_a_database_of_the_old_schema_is_migrated_with_its_rows(schema: Po
             assert await conn.fetchval("SELECT count(*) FROM positions") == 101
     finally:
         await writer.close()
+
+
+async def test_a_missing_day_is_created_not_refused(schema: Pools) -> None:
+    """A day partition missing (maintenance could not run): the writer creates it and stores the
+    position; a phone's event is never refused `invalid` for the service's missing day."""
+    pool = await schema()
+    await store.migrate(pool, migrations())
+    tomorrow = TODAY + DAY_MS
+    async with pool.acquire() as conn:
+        name = "position_rows_" + time.strftime("%Y%m%d", time.gmtime(tomorrow / 1000))
+        await conn.execute(f'DROP TABLE "{name}"')
+    answers = Answers()
+    writer = Writer(pool, answers, flush_interval_ms=5)
+    writer.start()
+    try:
+        assert await answer(writer, answers, pos(1, tomorrow + 5), pos(2, TODAY + 5)) == {1: "ack", 2: "ack"}
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM positions") == 2
+    finally:
+        await writer.close()

@@ -26,7 +26,7 @@ from typing import Any, Final
 import asyncpg
 
 from .protocol.events import Position, Scan
-from .store import Pending, identity, stored_identity
+from .store import PARTITION_AHEAD_DAYS, Pending, identity, stored_identity
 
 # The common case: positions above their driver's highest stored seq. No probe of other days or of
 # scans (whose cost would grow with the number of partitions: each is an index scan to set up);
@@ -156,6 +156,24 @@ class DriverKeys:
 
 
 async def insert_events(conn: asyncpg.Connection, items: Sequence[Pending], drivers: Sequence[int]) -> list[bool]:
+    """`store_events`, creating the day partitions first if one is missing (they are kept 3 days
+    ahead, and a phone's ts is at most a day ahead: a missing day is the service's fault, never
+    the event's, so it is never refused `invalid` for it)."""
+    try:
+        return await store_events(conn, items, drivers)
+    except asyncpg.CheckViolationError as exc:
+        if "no partition" not in str(exc):
+            raise
+        made = await conn.fetchval(
+            "SELECT tracker_position_days((extract(epoch FROM now())::bigint / 86400)::integer + $1)",
+            PARTITION_AHEAD_DAYS,
+        )
+        if not made:
+            raise Unsettled(f"no day partition for a row ({exc})") from exc
+        return await store_events(conn, items, drivers)
+
+
+async def store_events(conn: asyncpg.Connection, items: Sequence[Pending], drivers: Sequence[int]) -> list[bool]:
     """Store `items` (of the drivers `drivers`, by id, one per item); returns,
     per item, True for an ack (that very event is stored, now or before, or it is a position
     older than the retention floor: expired, not stored) and False for a `conflict` (its seq

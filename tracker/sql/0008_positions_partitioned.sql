@@ -58,17 +58,20 @@ BEGIN
     RETURN true;
 END $$;
 
--- Creates every missing day from the highest partition's end up to the day `upto` (inclusive), so
--- a service that was down for days leaves no gap; returns how many it created.
+-- Creates every missing day from the first day partition (or the end of `position_rows_before`)
+-- up to the day `upto` (inclusive), so a service that was down for days, or a day dropped by
+-- hand, leaves no gap; returns how many it created.
 CREATE FUNCTION tracker_position_days(upto integer) RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
-    top bigint;
+    first bigint;
     made integer := 0;
 BEGIN
-    SELECT max(substring(pg_get_expr(c.relpartbound, c.oid) FROM 'TO \(''?(-?[0-9]+)''?\)')::bigint) INTO top
-    FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-    WHERE i.inhparent = 'position_rows'::regclass;
-    FOR d IN coalesce(top / 86400000, upto)::integer .. upto LOOP
+    SELECT min(coalesce(substring(b FROM 'FROM \(''?(-?[0-9]+)''?\)'), substring(b FROM 'TO \(''?(-?[0-9]+)''?\)'))::bigint)
+    INTO first
+    FROM (SELECT pg_get_expr(c.relpartbound, c.oid) AS b
+          FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+          WHERE i.inhparent = 'position_rows'::regclass) parts;
+    FOR d IN coalesce(first / 86400000, upto)::integer .. upto LOOP
         IF tracker_position_day(d) THEN
             made := made + 1;
         END IF;

@@ -186,7 +186,8 @@ async def test_a_database_of_the_old_schema_is_migrated_with_its_rows(schema: Po
             "VALUES ('acme', 'd-2', 51, $1::bigint, $1::bigint, 'P', 'pickup')",
             TODAY - DAY_MS,
         )
-    assert await store.migrate(pool, migrations()) == 1
+    newer = [v for v, _ in [*store.MIGRATIONS, *migrations()] if v >= 8]
+    assert await store.migrate(pool, migrations()) == len(newer)
     async with pool.acquire() as conn:
         assert await conn.fetchval("SELECT relkind FROM pg_class WHERE oid = to_regclass('position_rows')") == b"p"
         trail = await store.trail(conn, "acme", "d-2", TODAY - 3 * DAY_MS, TODAY, 100)

@@ -41,6 +41,7 @@ class Settings:
     # Driver ingest
     max_frame: int = 65_536
     max_batch: int = 300
+    ack_delay_ms: int = 1000  # cumulative acks (a phone's opt-in): at most one ack frame per delay, <= 1 s
     rate_per_s: float = 10.0
     rate_burst: int = 20_000
     hello_timeout_s: float = 10.0
@@ -178,6 +179,8 @@ class Settings:
             raise ConfigError(f"TRACKER_JWT_ALG={self.jwt_alg} needs TRACKER_JWT_PUBLIC_KEY")
         if not 1 <= self.max_batch <= 10_000 or self.max_frame < 1024:
             raise ConfigError("TRACKER_MAX_BATCH must be 1..10000 and TRACKER_MAX_FRAME at least 1024")
+        if not 0 <= self.ack_delay_ms <= 1000:
+            raise ConfigError("TRACKER_ACK_DELAY_MS must be 0..1000 (acks stay prompt)")
         if not 0 <= self.jwt_leeway_s <= 300:
             raise ConfigError("TRACKER_JWT_LEEWAY_S must be 0..300 (a small clock skew allowance)")
         if self.watch_interval_s <= 0 or self.watch_lookback_s <= 0:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from .auth import Principal
+from .protocol.acks import CumulativeAcks
 from .protocol.bucket import TokenBucket
 from .types import Channel
 
@@ -36,6 +37,10 @@ class DriverConn:
     # received - ts of the connection's last fixes (ms): network delay only adds to the phone's
     # clock offset, so their minimum is the best bound on it (PROTOCOL.md, "Phones' clocks").
     fix_gaps: deque[int] = field(default_factory=lambda: deque(maxlen=FIX_WINDOW), repr=False)
+    # Cumulative acks (the phone asked for them in hello): the session's ledger; ingest writes its
+    # frame at most `delay_ms` after a commit (`ack_due` is that pending timer). None: one ack per commit.
+    acks: CumulativeAcks | None = None
+    ack_due: object = None
 
     @property
     def key(self) -> DriverKey:

@@ -124,11 +124,19 @@ class Ingest:
                 self.extension.scans_stored(scans)
         now = now_ms()
         for target, seqs in acks.items():
-            if target is not None and target.welcomed:
+            if target is None or not target.welcomed:
+                continue
+            ledger = target.acks
+            if ledger is None:
                 target.channel.write(frames.ack(seqs))
                 metrics.ACK_SECONDS.observe((now - oldest[target]) / 1000)
+                continue
+            for seq in seqs:
+                ledger.stored(seq, oldest[target])
+            if target.ack_due is None:  # coalesced: one frame per ack delay (PROTOCOL.md, "Cumulative acks")
+                target.ack_due = asyncio.get_running_loop().call_later(ledger.delay_ms / 1000, _write_ack, target)
         unavailable: dict[DriverConn, list[int]] = {}
-        for it, code, message in refused:
+        for it, code, message in refused:  # a coalesced ack (written later) may pass what they name
             target = current(it.owner)
             if target is None or not target.welcomed:
                 continue
@@ -136,6 +144,8 @@ class Ingest:
                 unavailable.setdefault(target, []).append(it.event.seq)
             else:
                 target.channel.write(frames.error(code, message, seq=it.event.seq))
+                if target.acks is not None and code in ("invalid", "conflict"):
+                    target.acks.refused(it.event.seq)
         for target, seqs in unavailable.items():
             target.channel.write(
                 frames.error("unavailable", "cannot store now; resend later", seqs=seqs, retry_ms=2000)
@@ -152,6 +162,17 @@ class Ingest:
         elif not self.extension.fans_out_scans:
             conn: DriverConn = target if target is not None else it.owner
             self.publish(it.org, ("a", it.driver, ev.ts, conn.stamp, scan_frame(it.driver, ev)))  # type: ignore[arg-type]
+
+
+def _write_ack(conn: DriverConn) -> None:
+    """A coalesced ack is due: everything stored for `conn` since its last ack, in one frame."""
+    conn.ack_due = None
+    ledger = conn.acks
+    frame = ledger.frame() if ledger is not None else None
+    if frame is not None:
+        assert ledger is not None
+        conn.channel.write(frame)
+        metrics.ACK_SECONDS.observe((now_ms() - ledger.oldest) / 1000)
 
 
 def _no_writer(items: list[Pending]) -> list[Pending]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..auth import Principal, TokenVerifier
-from . import compact, frames
+from . import compact, compact_live, frames
+from .acks import CumulativeAcks
 from .bucket import TokenBucket
 from .events import SEQ_MAX, Event, Refusal, check_event
 from .frames import ProtocolError
@@ -22,19 +23,27 @@ from .session import Session, State
 class DriverSession(Session):
     ROLES = ("driver",)
 
-    def __init__(self, verifier: TokenVerifier, *, max_frame: int, max_batch: int, leeway_s: float) -> None:
+    def __init__(
+        self, verifier: TokenVerifier, *, max_frame: int, max_batch: int, leeway_s: float, ack_delay_ms: int = 1000
+    ) -> None:
         super().__init__(verifier, max_frame=max_frame, leeway_s=leeway_s)
         self.max_batch = max_batch
+        self.ack_delay_ms = ack_delay_ms
         self.bucket: TokenBucket | None = None
         self.refused: list[str] = []  # codes of refused events since the caller last cleared it
         self.encoding = "json"  # what binary frames carry: "json" (none accepted) or compact.NAME
         self.encodings_asked = False  # the phone's hello listed `encodings`: welcome names the choice
+        self.cumulative = False  # the phone's hello asked for cumulative acks (`"acks":"cumulative"`)
+        self.acks: CumulativeAcks | None = None  # their ledger, from `welcome` on
+        self.live = compact_live.LiveContext()  # the connection's compact live frames so far
 
     def welcome(self, last_seq: int, now_ms: int, bucket: TokenBucket) -> None:
         """Open the session: `welcome` is the first frame the phone receives."""
         assert self.principal is not None
         self.bucket = bucket
         self.state = State.OPEN
+        if self.cumulative:
+            self.acks = CumulativeAcks(last_seq, self.ack_delay_ms)
         self.send(self._welcome(now_ms, last_seq=last_seq))
 
     def _welcome(self, now_ms: int, **extra: Any) -> bytes:
@@ -48,16 +57,19 @@ class DriverSession(Session):
                 "max_frame": self.max_frame,
                 "max_batch": self.max_batch,
                 **({"encoding": self.encoding} if self.encodings_asked else {}),
+                **({"acks": "cumulative", "ack_delay_ms": self.ack_delay_ms} if self.cumulative else {}),
             }
         )
 
     def receive_hello(self, data: str | bytes, *, bearer: str | None = None) -> Principal | None:
         """`hello`, plus the encoding: compact-1 when the phone lists it in `encodings`. A malformed
-        `encodings` is a `protocol` error (1008)."""
+        `encodings` is a `protocol` error (1008). `"acks":"cumulative"` asks for cumulative acks."""
         principal = super().receive_hello(data, bearer=bearer)
         if principal is None:
             return None
-        asked = frames.decode(data).get("encodings")  # decoded once already: cannot fail
+        hello = frames.decode(data)  # decoded once already: cannot fail
+        self.cumulative = hello.get("acks") == "cumulative"
+        asked = hello.get("encodings")
         if asked is None:
             return principal
         if type(asked) is not list or len(asked) > 16 or any(type(e) is not str for e in asked):
@@ -69,8 +81,9 @@ class DriverSession(Session):
         return principal
 
     def receive_binary(self, data: bytes, now_ms: int, now_s: float) -> list[Event]:
-        """One binary frame after `welcome`: a compact batch where compact-1 was negotiated (the
-        events accepted for storage, in order), else close 1003. Never raises ProtocolError."""
+        """One binary frame after `welcome`: a compact batch or live frame where compact-1 was
+        negotiated (the events accepted for storage, in order), else close 1003. Never raises
+        ProtocolError."""
         if self.state is not State.OPEN:
             return []
         if self.encoding != compact.NAME:
@@ -79,6 +92,8 @@ class DriverSession(Session):
         try:
             if len(data) > self.max_frame:
                 raise ProtocolError("frame too large", close_code=1009)
+            if data[:1] == b"\xc2":
+                return self._events((self.live.decode(data),), now_ms, now_s)
             items = compact.decode(data, self.max_batch)
         except ProtocolError as exc:
             self.protocol_error(exc)
@@ -132,6 +147,8 @@ class DriverSession(Session):
             if type(ev) is Refusal:
                 self.refused.append(ev.code)
                 self.send(frames.error(ev.code, ev.message, seq=ev.seq))
+                if self.acks is not None and ev.seq is not None and ev.code == "invalid":
+                    self.acks.refused(ev.seq)  # final: `through` may pass it
             elif bucket.take(now_s) > 0.0:
                 self.refused.append("rate_limited")
                 retry_ms = int(1000 / bucket.rate) + 1

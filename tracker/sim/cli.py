@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--drain-timeout", type=float, default=d.drain_timeout, help="max seconds to get everything acked")
     a("--resend-after", type=float, default=d.resend_after, help="resend unanswered events after S seconds")
     a("--consign", action="store_true", help="consign each driver's packages first (POST /v1/packages as a dispatcher)")
+    a("--encoding", choices=("json", "compact"), default=d.encoding, help="positions as JSON or compact-1 frames")
+    a("--acks", choices=("per-commit", "cumulative"), default=d.acks, help="v1 acks, or cumulative coalesced ones")
     a("--no-progress", action="store_true", help="no live progress line on stderr")
 
 
@@ -67,6 +69,8 @@ def options_from_args(args: argparse.Namespace) -> SimOptions:
         drain_timeout=args.drain_timeout,
         resend_after=args.resend_after,
         consign=args.consign,
+        encoding=args.encoding,
+        acks=args.acks,
         progress=not args.no_progress,
     )
 

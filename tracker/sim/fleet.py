@@ -116,6 +116,7 @@ class SimPhone:
         self.link = link
         link.delay = self.delay
         hello = {"type": "hello", "token": self.token, "device": f"sim-{self.index:06d}", "app": "sim/1"}
+        hello.update(self.phone.hello_fields())
         link.send(orjson.dumps(hello))
         try:
             async with asyncio.timeout(15.0):
@@ -147,6 +148,7 @@ class SimPhone:
             self.fleet.connected -= 1
         if self.link is not None:
             self.fleet.bytes_closed += self.link.bytes_out
+            self.fleet.bytes_in_closed += self.link.bytes_in
             self.link = None
         if self.closed is not None and not self.closed.done():
             self.closed.set_result(code)
@@ -198,6 +200,7 @@ class Fleet:
         self.stopping = self.draining = False
         self.connected = self.connects = self.started = self.generated = self.skipped_ticks = 0
         self.bytes_closed = 0
+        self.bytes_in_closed = 0
         self.counts: dict[str, int] = {}
         self.epoch_ms = epoch_ms
         dwell = min(1.0, max(0.05, opts.duration / 600.0))
@@ -207,7 +210,14 @@ class Fleet:
             model = DriverModel(i, org=opts.org, seed=opts.seed, dwell_scale=dwell, record_plans=opts.consign)
             rng = random.Random(f"reorder:{opts.seed}:{i}") if opts.flaky else None
             records = Records(epoch_ms)
-            phone = Phone(driver_id(i), records=records, resend_after_ms=opts.resend_after * 1000, reorder=rng)
+            phone = Phone(
+                driver_id(i),
+                records=records,
+                resend_after_ms=opts.resend_after * 1000,
+                reorder=rng,
+                encoding=opts.encoding,
+                cumulative=opts.acks == "cumulative",
+            )
             self.phones.append(SimPhone(self, i, name, self.token_for(i, name), model, phone))
         self.consigner: Consigner | None = None
         if opts.consign:
@@ -321,13 +331,15 @@ class Fleet:
     def stats(self) -> dict[str, Any]:
         """Counters for the progress line; cheap enough to call every second."""
         acked = refused = unacked = 0
-        open_bytes = 0
+        open_bytes = open_in = positions = 0
         for p in self.phones:
+            positions += p.phone.positions
             acked += p.phone.acked
             refused += p.phone.refused
             unacked += len(p.phone.outbox)
             if p.link is not None:
                 open_bytes += p.link.bytes_out
+                open_in += p.link.bytes_in
         return {
             "connected": self.connected,
             "started": self.started,
@@ -336,6 +348,8 @@ class Fleet:
             "refused": refused,
             "unacked": unacked,
             "bytes_out": self.bytes_closed + open_bytes,
+            "bytes_in": self.bytes_in_closed + open_in,
+            "positions": positions,
             "skipped_ticks": self.skipped_ticks,
             "connects": self.connects,
             "cpu_ms": int(time.process_time() * 1000),  # this process, all of it

@@ -102,7 +102,8 @@ class Link(asyncio.Protocol):
         self.head = b""
         self.open = False
         self.closed = False
-        self.bytes_out = 0
+        self.bytes_out = 0  # at the socket: the handshake, every frame and its header, pongs, the close
+        self.bytes_in = 0
         self.delay = 0.0
         self._held: deque[tuple[float, bytes]] = deque()
         self._timer: asyncio.TimerHandle | None = None
@@ -115,6 +116,7 @@ class Link(asyncio.Protocol):
         self.transport.write(request)
 
     def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
         if not self.open:
             self.head += data
             head, sep, rest = self.head.partition(b"\r\n\r\n")
@@ -156,9 +158,9 @@ class Link(asyncio.Protocol):
 
     # the phone's side
     def send(self, payload: bytes) -> None:
-        """Queue one text message; never awaits. Dropped silently once the link is closed."""
+        """Queue one message (text; binary for a compact-1 frame); never awaits. Dropped once the link is closed."""
         if self.open and not self.closed:
-            frame = encode_frame(OP_TEXT, payload, _mask())
+            frame = encode_frame(_opcode(payload), payload, _mask())
             if self.delay > 0 or self._held:
                 self._hold(frame)
             else:
@@ -169,7 +171,7 @@ class Link(asyncio.Protocol):
         if len(payloads) == 1:
             self.send(payloads[0])
         elif self.open and not self.closed and payloads:
-            data = b"".join([encode_frame(OP_TEXT, p, _mask()) for p in payloads])
+            data = b"".join([encode_frame(_opcode(p), p, _mask()) for p in payloads])
             if self.delay > 0 or self._held:
                 self._hold(data)
             else:
@@ -232,6 +234,11 @@ class Link(asyncio.Protocol):
 def _retrieve(fut: asyncio.Future[None]) -> None:
     if not fut.cancelled():
         fut.exception()  # mark retrieved: the opener may have stopped waiting
+
+
+def _opcode(payload: bytes) -> int:
+    """JSON goes as text; a compact-1 frame (0xC1, 0xC2: never the start of UTF-8 JSON) as binary."""
+    return OP_BINARY if payload[:1] in (b"\xc1", b"\xc2") else OP_TEXT
 
 
 def _mask() -> bytes:

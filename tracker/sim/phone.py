@@ -15,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from tracker.protocol import compact
+from tracker.protocol.compact_live import LiveContext
 from tracker.sim.records import KIND_POS, KIND_SCAN, Records
 
 RESEND_AFTER_MS = 60_000.0  # PROTOCOL.md: resend on the same connection after 60 s without an answer
@@ -73,6 +75,10 @@ class Phone:
     ``forbidden``) refuses it. After (re)connecting, the newest position goes first, alone,
     then the backlog in batches within the welcome's ``max_batch`` and ``max_frame``.
     ``reorder`` (a seeded Random) shuffles the backlog, as a flaky phone's storage might.
+
+    ``encoding="compact"`` asks for compact-1 in ``hello`` (:meth:`hello_fields`): once welcomed
+    with it, a lone position goes as a compact live frame and a backlog's positions as compact
+    batches (scans stay JSON); ``cumulative`` asks for cumulative acks (``through``).
     """
 
     def __init__(
@@ -82,8 +88,16 @@ class Phone:
         records: Records | None = None,
         resend_after_ms: float = RESEND_AFTER_MS,
         reorder: random.Random | None = None,
+        encoding: str = "json",
+        cumulative: bool = False,
     ) -> None:
         self.driver = driver
+        self.encoding = encoding
+        self.cumulative = cumulative
+        self.compact = False  # the welcome said compact-1
+        self.live = LiveContext()
+        self.base = 0  # the welcome's last_seq: cumulative acks speak of seqs above it
+        self.positions = 0
         self.records = records
         self.resend_after = resend_after_ms
         self.reorder = reorder
@@ -105,6 +119,8 @@ class Phone:
     def record(self, body: dict[str, Any], now: float) -> int:
         """Number a new event (``type`` and fields, no seq/ts), store it, queue it; return its seq."""
         self.counter = seq = self.counter + 1
+        if body["type"] == "pos":
+            self.positions += 1
         body["seq"] = seq
         body["ts"] = int(now + self.clock_offset)
         self.outbox[seq] = Entry(seq, body)
@@ -113,6 +129,15 @@ class Phone:
         if rec is not None:
             rec.add(seq, KIND_POS if body["type"] == "pos" else KIND_SCAN, now)
         return seq
+
+    def hello_fields(self) -> dict[str, Any]:
+        """What ``hello`` carries beyond the token for this phone's encoding and acks."""
+        fields: dict[str, Any] = {}
+        if self.encoding == "compact":
+            fields["encodings"] = [compact.NAME, "json"]
+        if self.cumulative:
+            fields["acks"] = "cumulative"
+        return fields
 
     def connected(self, welcome: dict[str, Any], now: float) -> None:
         """The server said ``welcome``: adopt its limits and numbering, queue everything unacked."""
@@ -130,6 +155,9 @@ class Phone:
             for s in stale:
                 self._renumber(s)
         self.online = True
+        self.compact = welcome.get("encoding") == compact.NAME
+        self.live = LiveContext()  # a new connection: the live context starts empty
+        self.base = last_seq
         self.held.clear()
         self.due = dict.fromkeys(sorted(self.outbox))
         self.next_sweep = now + self.resend_after
@@ -144,6 +172,9 @@ class Phone:
         """Handle one server frame (``ack``, ``error``, a refresh ``welcome``)."""
         kind = msg.get("type")
         if kind == "ack":
+            through = msg.get("through")
+            if through is not None and int(through) > self.base:
+                self._ack(self.base + 1, int(through), now)
             for a, b in msg.get("ranges") or ():
                 self._ack(int(a), int(b), now)
         elif kind == "error":
@@ -166,7 +197,9 @@ class Phone:
         out = self.outbox
         entries = [out[s] for s in self.due if s in out]
         self.due = {}
-        if len(entries) == 1:  # the steady state: one new event, one frame
+        if self.compact:
+            frames = self._compact_frames(entries)
+        elif len(entries) == 1:  # the steady state: one new event, one frame
             entries[0].batched = False
             frames = [entries[0].data]
         else:
@@ -187,6 +220,28 @@ class Phone:
         return len(self.outbox)
 
     # --- internals ----------------------------------------------------------------------
+    def _compact_frames(self, entries: list[Entry]) -> list[bytes]:
+        """compact-1: the newest position as a live frame, the other positions as compact batches,
+        scans as JSON."""
+        newest, rest = self._order(entries) if len(entries) > 1 else (None, entries)
+        if newest is None and len(rest) == 1 and rest[0].body["type"] == "pos":
+            newest, rest = rest[0], []
+        frames: list[bytes] = []
+        if newest is not None:
+            newest.batched = False
+            frames.append(self.live.encode(newest.body))
+        positions = [e for e in rest if e.body["type"] == "pos"]
+        size = min(self.max_batch, self.split, max(1, self.max_frame // 64))
+        for i in range(0, len(positions), size):
+            group = positions[i : i + size]
+            for e in group:
+                e.batched = len(group) > 1
+            frames.append(compact.encode([e.body for e in group]))
+        scans = [e for e in rest if e.body["type"] != "pos"]
+        if scans:
+            frames.extend(pack(scans, min(self.max_batch, self.split), self.max_frame))
+        return frames
+
     def _order(self, entries: list[Entry]) -> tuple[Entry | None, list[Entry]]:
         """The newest position (sent first, alone), and the rest oldest first (or shuffled)."""
         newest: Entry | None = None

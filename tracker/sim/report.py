@@ -124,6 +124,8 @@ class Report:
     live_latency_ms: Latency
     bytes_out: int
     bytes_per_event: float
+    up_per_position: float  # bytes phones wrote per position generated (everything they wrote)
+    down_per_position: float  # bytes phones read per position generated
     events_per_s: float
     steady_events_per_s: float
     steady_acked_per_s: float
@@ -179,7 +181,7 @@ class Report:
                 f"{self.events_per_s:.0f} events/s overall, steady {self.steady_events_per_s:.0f} sent/s "
                 f"{self.steady_acked_per_s:.0f} acked/s",
             ),
-            ("wire", f"{self.bytes_out} bytes written by phones, {self.bytes_per_event:.1f} per event"),
+            ("wire", f"bytes per position at the phones' sockets: up {self.up_per_position}, down {self.down_per_position}"),
             (
                 "simulator cpu",
                 f"{self.cpu_s:.1f} s (phones {self.cpu_phones_s:.1f}, dashboards {self.cpu_dashboards_s:.1f}; "
@@ -295,6 +297,8 @@ def build(opts: Any, data: RunData) -> Report:
         live_latency_ms=Latency.of(live_lat),
         bytes_out=data.stats.get("bytes_out", 0),
         bytes_per_event=data.stats.get("bytes_out", 0) / max(1, sent),
+        up_per_position=round(data.stats.get("bytes_out", 0) / max(1, data.stats.get("positions", 0)), 2),
+        down_per_position=round(data.stats.get("bytes_in", 0) / max(1, data.stats.get("positions", 0)), 2),
         events_per_s=round(generated / max(1e-9, data.gen_s), 1),
         steady_events_per_s=steady_sent,
         steady_acked_per_s=steady_acked,

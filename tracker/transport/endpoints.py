@@ -140,6 +140,7 @@ async def driver_endpoint(ws: WebSocket) -> None:
         max_frame=settings.max_frame,
         max_batch=settings.max_batch,
         leeway_s=settings.jwt_leeway_s,
+        ack_delay_ms=settings.ack_delay_ms,
     )
     principal = await _hello(ws, session, channel, settings.hello_timeout_s)
     if principal is None:
@@ -153,6 +154,7 @@ async def driver_endpoint(ws: WebSocket) -> None:
                 await _receive(ws)
         conn.seq_high = last_seq  # above it, an event cannot name a stored one: it may go live at receipt
         session.welcome(last_seq, now_ms(), conn.bucket)
+        conn.acks = session.acks  # cumulative acks, if the phone asked for them
         flush(session, channel)
         conn.welcomed = True
         adapter = DriverAdapter(node, session, conn)

@@ -181,7 +181,10 @@ class Report:
                 f"{self.events_per_s:.0f} events/s overall, steady {self.steady_events_per_s:.0f} sent/s "
                 f"{self.steady_acked_per_s:.0f} acked/s",
             ),
-            ("wire", f"bytes per position at the phones' sockets: up {self.up_per_position}, down {self.down_per_position}"),
+            (
+                "wire",
+                f"bytes per position at the phones' sockets: up {self.up_per_position}, down {self.down_per_position}",
+            ),
             (
                 "simulator cpu",
                 f"{self.cpu_s:.1f} s (phones {self.cpu_phones_s:.1f}, dashboards {self.cpu_dashboards_s:.1f}; "

@@ -21,6 +21,7 @@ class _Pipe:
         self.client, self.server = client, server
         self.said = b""
         self.muted = False
+        self.up = self.down = 0  # bytes carried each way (a byte-counting proxy, for wire measurements)
         self.tasks = [
             asyncio.create_task(self._pump(client[0], server[1], up=True)),
             asyncio.create_task(self._pump(server[0], client[1], up=False)),
@@ -39,6 +40,10 @@ class _Pipe:
                         self.muted = True
                 if not up and self.muted:
                     continue  # green but deaf: the connection stays up, nothing gets through
+                if up:
+                    self.up += len(data)
+                else:
+                    self.down += len(data)
                 writer.write(data)
                 await writer.drain()
                 if rate:
@@ -58,7 +63,9 @@ class _Pipe:
                 writer.transport.abort()
             else:
                 writer.close()
-        self.proxy.pipes.discard(self)
+        if self in self.proxy.pipes:
+            self.proxy.pipes.discard(self)
+            self.proxy.done.append(self)
 
 
 class Proxy:
@@ -73,6 +80,7 @@ class Proxy:
         self.target = (target_host, target_port)
         self.buffer = buffer
         self.pipes: set[_Pipe] = set()
+        self.done: list[_Pipe] = []  # connections that ended, with what they carried (`said`, `up`, `down`)
         self.rate_up = 0
         self.rate_down = 0
         self.refusing = False

@@ -20,6 +20,7 @@ from .frames import ProtocolError
 
 NAME: Final = "compact-1"
 MAGIC: Final = 0xC1  # the first byte of a compact-1 frame
+CONTENT_TYPE: Final = "application/vnd.tracker.compact-1"  # a compact batch as a POST /v1/driver/events body
 VARINT_MAX: Final = 10  # bytes: values below 2^64 (after zigzag)
 ZIGZAG_MAX: Final = 1 << 64
 MIN_ITEM_BYTES: Final = 4  # seq, ts, lat, lon: at least one byte each

@@ -58,6 +58,7 @@ class SimOptions:
     consign: bool = False  # a dispatcher consigns each planned package (POST /v1/packages) before its pickup
     encoding: str = "json"  # json | compact (compact-1: live frames and compact batches, scans as JSON)
     acks: str = "per-commit"  # per-commit (v1) | cumulative (hello's "acks":"cumulative")
+    transport: str = "ws"  # ws | http (POST /v1/driver/events, one connection per upload)
     settle: float = 3.0  # after the drain, how long dashboards wait for the last frames
     progress: bool = True  # a live line on stderr, once per second
     extra: dict[str, str] = field(default_factory=dict)  # free-form labels copied into the report
@@ -68,6 +69,8 @@ class SimOptions:
             raise ValueError("no JWT secret: pass --secret or set TRACKER_JWT_SECRET")
         if self.encoding not in ("json", "compact") or self.acks not in ("per-commit", "cumulative"):
             raise ValueError("encoding must be json or compact, acks per-commit or cumulative")
+        if self.transport not in ("ws", "http"):
+            raise ValueError("transport must be ws or http")
         if self.drivers < 0 or self.dashboards < 0 or self.interval <= 0 or self.duration <= 0:
             raise ValueError("drivers and dashboards must be >= 0, interval and duration > 0")
         return replace(

@@ -47,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--consign", action="store_true", help="consign each driver's packages first (POST /v1/packages as a dispatcher)")
     a("--encoding", choices=("json", "compact"), default=d.encoding, help="positions as JSON or compact-1 frames")
     a("--acks", choices=("per-commit", "cumulative"), default=d.acks, help="v1 acks, or cumulative coalesced ones")
+    a("--transport", choices=("ws", "http"), default=d.transport, help="websocket, or HTTP uploads (POST)")
     a("--no-progress", action="store_true", help="no live progress line on stderr")
 
 
@@ -71,6 +72,7 @@ def options_from_args(args: argparse.Namespace) -> SimOptions:
         consign=args.consign,
         encoding=args.encoding,
         acks=args.acks,
+        transport=args.transport,
         progress=not args.no_progress,
     )
 

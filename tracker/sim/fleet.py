@@ -19,6 +19,7 @@ from tracker.sim import SimOptions, driver_id
 from tracker.sim.consign import Consigner
 from tracker.sim.driver import DriverModel, driver_name
 from tracker.sim.faults import Fault, FaultPlan
+from tracker.sim.http_phone import HttpSimPhone
 from tracker.sim.link import Link, WsError, loopback_sources, open_link
 from tracker.sim.phone import Phone
 from tracker.sim.records import Records
@@ -218,7 +219,8 @@ class Fleet:
                 encoding=opts.encoding,
                 cumulative=opts.acks == "cumulative",
             )
-            self.phones.append(SimPhone(self, i, name, self.token_for(i, name), model, phone))
+            kind: Any = HttpSimPhone if opts.transport == "http" else SimPhone
+            self.phones.append(kind(self, i, name, self.token_for(i, name), model, phone))
         self.consigner: Consigner | None = None
         if opts.consign:
             ttl = opts.duration + opts.drain_timeout + 3600.0

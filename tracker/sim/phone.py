@@ -185,13 +185,7 @@ class Phone:
         """The text frames to write now (possibly none); marks their events as sent at ``now``."""
         if not self.online:
             return []
-        if self.held:
-            for s in [s for s, t in self.held.items() if t <= now]:
-                del self.held[s]
-                if s in self.outbox:
-                    self.due[s] = None
-        if now >= self.next_sweep:
-            self._sweep(now)
+        self.poll_due(now)
         if not self.due:
             return []
         out = self.outbox
@@ -214,6 +208,45 @@ class Phone:
             if rec is not None:
                 rec.sent(e.seq, now)
         return frames
+
+    def upload(self, now: float) -> tuple[bytes, str] | None:
+        """The body of ``POST /v1/driver/events`` for what is due (at most ``max_batch`` events, the
+        rest stays due) and its content type: compact-1 when every event is a position and the
+        phone speaks it, else JSON. None when nothing is due."""
+        if not self.online:
+            return None
+        self.poll_due(now)
+        if not self.due:
+            return None
+        out = self.outbox
+        entries = [out[s] for s in list(self.due)[: min(self.max_batch, self.split)] if s in out]
+        for e in entries:
+            self.due.pop(e.seq, None)
+            e.sent_at, e.batched = now, len(entries) > 1
+            if self.records is not None:
+                self.records.sent(e.seq, now)
+        if not entries:
+            return None
+        if self.encoding == "compact" and all(e.body["type"] == "pos" for e in entries):
+            return compact.encode([e.body for e in entries]), compact.CONTENT_TYPE
+        return b'{"events":[' + b",".join([e.data for e in entries]) + b"]}", "application/json"
+
+    def answered(self, answer: dict[str, Any], now: float) -> None:
+        """The answer to an upload: ``ranges`` stored, ``errors`` per event, ``last_seq``."""
+        for a, b in answer.get("ranges") or ():
+            self._ack(int(a), int(b), now)
+        for error in answer.get("errors") or ():
+            self._error(error, now)
+
+    def poll_due(self, now: float) -> None:
+        """Queue what is due again: held events whose retry time came, unanswered ones (sweep)."""
+        if self.held:
+            for s in [s for s, t in self.held.items() if t <= now]:
+                del self.held[s]
+                if s in self.outbox:
+                    self.due[s] = None
+        if now >= self.next_sweep:
+            self._sweep(now)
 
     @property
     def unacked(self) -> int:

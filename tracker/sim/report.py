@@ -124,8 +124,9 @@ class Report:
     live_latency_ms: Latency
     bytes_out: int
     bytes_per_event: float
-    up_per_position: float  # bytes phones wrote per position generated (everything they wrote)
-    down_per_position: float  # bytes phones read per position generated
+    bytes_in: int  # read by phones at their sockets (the handshake's answer, welcome, acks, errors, pings)
+    up_per_position: float  # bytes phones wrote, and read, per position generated (everything: handshakes...)
+    down_per_position: float
     events_per_s: float
     steady_events_per_s: float
     steady_acked_per_s: float
@@ -181,10 +182,7 @@ class Report:
                 f"{self.events_per_s:.0f} events/s overall, steady {self.steady_events_per_s:.0f} sent/s "
                 f"{self.steady_acked_per_s:.0f} acked/s",
             ),
-            (
-                "wire",
-                f"bytes per position at the phones' sockets: up {self.up_per_position}, down {self.down_per_position}",
-            ),
+            ("wire", f"bytes per position (sockets): up {self.up_per_position} down {self.down_per_position}"),
             (
                 "simulator cpu",
                 f"{self.cpu_s:.1f} s (phones {self.cpu_phones_s:.1f}, dashboards {self.cpu_dashboards_s:.1f}; "
@@ -300,6 +298,7 @@ def build(opts: Any, data: RunData) -> Report:
         live_latency_ms=Latency.of(live_lat),
         bytes_out=data.stats.get("bytes_out", 0),
         bytes_per_event=data.stats.get("bytes_out", 0) / max(1, sent),
+        bytes_in=data.stats.get("bytes_in", 0),
         up_per_position=round(data.stats.get("bytes_out", 0) / max(1, data.stats.get("positions", 0)), 2),
         down_per_position=round(data.stats.get("bytes_in", 0) / max(1, data.stats.get("positions", 0)), 2),
         events_per_s=round(generated / max(1e-9, data.gen_s), 1),

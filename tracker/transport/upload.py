@@ -26,7 +26,7 @@ from ..auth import Principal
 from ..clock import now_ms
 from ..conn import DriverConn
 from ..node import Node
-from ..protocol import frames
+from ..protocol import compact, frames
 from ..protocol.driver import DriverSession
 from ..protocol.frames import ProtocolError
 from .http import ApiError, OrjsonResponse, api, error_response, principal_of
@@ -143,6 +143,17 @@ def parse_events(body: bytes, max_batch: int) -> tuple[list[Any], bool]:
     return events, from_plugin
 
 
+def compact_events(body: bytes, max_batch: int) -> list[Any]:
+    """The positions of a compact-1 body (`application/vnd.tracker.compact-1`): 400 if malformed,
+    413 over `max_batch` positions, as a JSON body."""
+    try:
+        return compact.decode(body, max_batch)
+    except ProtocolError as exc:
+        raise ApiError(400, "invalid", "body: " + str(exc)) from None
+    except compact.TooLarge:
+        raise ApiError(413, "too_large", f"an upload carries at most {max_batch} events") from None
+
+
 def _decode(body: bytes) -> Any:
     try:
         return orjson.loads(body)
@@ -171,7 +182,11 @@ async def driver_events(request: Request) -> Response:
     node: Node = request.app.state.node
     settings = node.settings
     principal: Principal = principal_of(request, "driver")
-    items, from_plugin = parse_events(await read_body(request, settings.max_frame), settings.max_batch)
+    body = await read_body(request, settings.max_frame)
+    if request.headers.get("content-type", "").partition(";")[0].strip().lower() == compact.CONTENT_TYPE:
+        items, from_plugin = compact_events(body, settings.max_batch), False
+    else:
+        items, from_plugin = parse_events(body, settings.max_batch)
     received = now_ms()
     last_seq = (await store.drivers_hello(node.pool, [(principal.org, principal.sub, principal.name)]))[0]
     collector = Collector()

@@ -18,6 +18,7 @@ from harness.clients import Phone, now_ms, pos
 from harness.proxy import Proxy
 from harness.tokens import token
 from tracker.protocol import compact_live
+from tracker.protocol.acks import decode_binary
 
 PATHS = pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "portable"])
 
@@ -26,18 +27,32 @@ class CumulativePhone(Phone):
     """A phone that asked for cumulative acks: `through` and `ranges` both count as acked."""
 
     acks: list[tuple[float, dict[str, Any]]]
+    binary: int
 
     @classmethod
-    async def open(cls, base: str, tok: str, *, encodings: list[str] | None = None) -> CumulativePhone:
+    async def open(
+        cls, base: str, tok: str, *, encodings: list[str] | None = None, acks: str = "cumulative"
+    ) -> CumulativePhone:
         phone = cls(await connect(base + "/v1/driver", compression=None))
         phone.acks = []
-        hello: dict[str, Any] = {"type": "hello", "token": tok, "device": "test", "acks": "cumulative"}
+        phone.binary = 0
+        hello: dict[str, Any] = {"type": "hello", "token": tok, "device": "test", "acks": acks}
         if encodings:
             hello["encodings"] = encodings
         await phone.send(hello)
         phone.welcome = await phone.recv()
         assert phone.welcome["type"] == "welcome", phone.welcome
         return phone
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        data = await asyncio.wait_for(self.ws.recv(), timeout)
+        if isinstance(data, bytes):  # a compact ack: the only binary frame a server sends
+            self.binary += 1
+            frame = decode_binary(data, self.welcome["last_seq"])
+        else:
+            frame = orjson.loads(data)
+        self.frames.append(frame)
+        return frame
 
     async def pump(self, timeout: float = 5.0) -> dict[str, Any]:
         frame = await self.recv(timeout)
@@ -183,3 +198,29 @@ async def test_a_malformed_live_frame_closes_1008_and_without_compact_1003(insta
     await json_only.ws.send(compact_live.LiveContext().encode(fixes(1, 1)[0]))
     assert await json_only.closed() == 1003
     assert orjson.dumps(frame)
+
+
+@PATHS
+async def test_compact_acks_are_binary_frames_saying_the_same(
+    start_instance: Any, org: str, db: asyncpg.Connection, fast: bool
+) -> None:
+    inst = await start_instance(ws_fast_path=fast, ack_delay_ms=300)
+    phone = await CumulativePhone.open(inst.url, token("driver", "d-b", org), encodings=["compact-1"], acks="compact")
+    assert phone.welcome["acks"] == "compact" and phone.welcome["ack_delay_ms"] == 300
+    ctx = compact_live.LiveContext()
+    sent = fixes(1, 12)
+    for fix in sent[:5] + sent[6:]:  # seq 6 held back: a gap
+        await phone.ws.send(ctx.encode(fix))
+    await phone.until(lambda p: p.acked >= {1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12})
+    assert phone.acks[-1][1] == {"type": "ack", "through": 5, "ranges": [[7, 12]]}
+    assert phone.binary == len(phone.acks) <= 3  # binary frames only, coalesced
+    assert await stored_seqs(db, org, "d-b") == {1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12}
+    await phone.ws.send(ctx.encode(sent[5]))
+    await phone.until(lambda p: 6 in p.acked)
+    assert phone.acks[-1][1] == {"type": "ack", "through": 12}
+    # Without compact-1, a phone asking for compact acks gets cumulative JSON ones.
+    json_phone = await CumulativePhone.open(inst.url, token("driver", "d-c", org), acks="compact")
+    assert json_phone.welcome["acks"] == "cumulative"
+    await json_phone.send(sent[0])
+    await json_phone.until(lambda p: 1 in p.acked)
+    assert json_phone.binary == 0

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tracker.protocol import compact_live
-from tracker.protocol.acks import MAX_SPANS, CumulativeAcks
+from tracker.protocol.acks import MAX_SPANS, CumulativeAcks, decode_binary
 from tracker.protocol.frames import ProtocolError
 
 FIELDS = {"acc": 0.05, "spd": 0.05, "hdg": 0.5, "alt": 0.5, "bat": 0.005}
@@ -171,3 +171,23 @@ def test_the_ledger_is_bounded_whatever_the_numbering() -> None:
     assert len(ledger.spans) == MAX_SPANS
     got = frame(ledger)
     assert got is not None and "through" not in got and len(got["ranges"]) == 2 * MAX_SPANS  # every one acked
+
+
+def test_compact_acks_stand_for_the_json_ones() -> None:
+    ledger = CumulativeAcks(1041, 1000, binary=True)
+    for seq in (7, 8, *range(1042, 1062), 1064, 1065):
+        ledger.stored(seq, 0)
+    data = ledger.frame()
+    assert data is not None and data.hex(" ") == "a1 14 02 07 01 a0 08 01"  # through 1061 (+20), [7, 8], [1064, 1065]
+    assert decode_binary(data, 1041) == {"type": "ack", "through": 1061, "ranges": [[7, 8], [1064, 1065]]}
+    ledger.stored(1062, 0)
+    data = ledger.frame()
+    assert data == b"\xa1\x15\x00" and decode_binary(data, 1041) == {"type": "ack", "through": 1062}
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"\xa2\x00\x00", b"\xa1\x01", b"\xa1\x00\x05\x01\x01", b"\xa1\x00\x00\x00", b"\xa1\x80\x00\x00"]
+)
+def test_malformed_compact_acks_are_protocol_errors(data: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode_binary(data, 0)

@@ -14,8 +14,10 @@ from typing import Final
 
 import orjson
 
-from .frames import seq_ranges
+from .compact import _Reader, _varint
+from .frames import ProtocolError, seq_ranges
 
+MAGIC: Final = 0xA1  # the first byte of a compact ack (a binary frame, server to phone)
 MAX_SPANS: Final = 64  # answered spans above `through` kept to advance it; beyond, the highest go
 
 
@@ -23,9 +25,10 @@ class CumulativeAcks:
     """One driver connection's ack ledger. `stored` and `refused` mark seqs; `frame()` gives the
     next `ack` frame (None when nothing was stored since the last one)."""
 
-    __slots__ = ("base", "delay_ms", "oldest", "pending", "spans", "through")
+    __slots__ = ("base", "binary", "delay_ms", "oldest", "pending", "spans", "through")
 
-    def __init__(self, base: int, delay_ms: int) -> None:
+    def __init__(self, base: int, delay_ms: int, *, binary: bool = False) -> None:
+        self.binary = binary  # compact acks: `frame()` gives binary frames (PROTOCOL.md, "Compact acks")
         self.base = base  # the welcome's last_seq: `through` only speaks of seqs above it
         self.delay_ms = delay_ms  # the welcome's ack_delay_ms: a frame at most this long after a commit
         self.through = base
@@ -74,9 +77,50 @@ class CumulativeAcks:
         base, through = self.base, self.through
         outside = [s for s in self.pending if not base < s <= through]
         self.pending = []
+        if self.binary:
+            return encode_binary(through - base, seq_ranges(outside))
         frame: dict[str, object] = {"type": "ack"}
         if through > base:
             frame["through"] = through
         if outside:
             frame["ranges"] = seq_ranges(outside)
         return orjson.dumps(frame)
+
+
+def encode_binary(through: int, ranges: list[list[int]]) -> bytes:
+    """A compact ack: 0xA1, `through` - last_seq (0: none), the number of ranges, then per range
+    its start minus the previous range's end (0 before the first) and its length - 1; varints."""
+    out = bytearray((MAGIC,))
+    _varint(out, through)
+    _varint(out, len(ranges))
+    end = 0
+    for a, b in ranges:
+        _varint(out, a - end)
+        _varint(out, b - a)
+        end = b
+    return bytes(out)
+
+
+def decode_binary(data: bytes, base: int) -> dict[str, object]:
+    """A compact ack as the JSON `ack` it stands for, given the welcome's `last_seq` (the phone's
+    side). ProtocolError for a malformed one."""
+    r = _Reader(data)
+    if r.byte("the format byte") != MAGIC:
+        raise ProtocolError(f"compact: the first byte of a compact ack must be 0x{MAGIC:X}")
+    through = r.varint("through")
+    count = r.varint("the range count")
+    if count * 2 > len(data) - r.at:
+        raise ProtocolError(f"compact: {count} ranges cannot fit in {len(data)} bytes")
+    ranges, end = [], 0
+    for _ in range(count):
+        a = end + r.varint("a range's start")
+        end = a + r.varint("a range's length")
+        ranges.append([a, end])
+    if r.at != len(data):
+        raise ProtocolError(f"compact: {len(data) - r.at} bytes after the last range")
+    frame: dict[str, object] = {"type": "ack"}
+    if through:
+        frame["through"] = base + through
+    if ranges:
+        frame["ranges"] = ranges
+    return frame

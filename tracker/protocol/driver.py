@@ -33,7 +33,8 @@ class DriverSession(Session):
         self.refused: list[str] = []  # codes of refused events since the caller last cleared it
         self.encoding = "json"  # what binary frames carry: "json" (none accepted) or compact.NAME
         self.encodings_asked = False  # the phone's hello listed `encodings`: welcome names the choice
-        self.cumulative = False  # the phone's hello asked for cumulative acks (`"acks":"cumulative"`)
+        self.cumulative = False  # the phone's hello asked for cumulative acks (`"acks":"cumulative"` or "compact")
+        self.binary_acks = False  # ... as compact (binary) acks: `"acks":"compact"` and compact-1
         self.acks: CumulativeAcks | None = None  # their ledger, from `welcome` on
         self.live = compact_live.LiveContext()  # the connection's compact live frames so far
 
@@ -43,7 +44,7 @@ class DriverSession(Session):
         self.bucket = bucket
         self.state = State.OPEN
         if self.cumulative:
-            self.acks = CumulativeAcks(last_seq, self.ack_delay_ms)
+            self.acks = CumulativeAcks(last_seq, self.ack_delay_ms, binary=self.binary_acks)
         self.send(self._welcome(now_ms, last_seq=last_seq))
 
     def _welcome(self, now_ms: int, **extra: Any) -> bytes:
@@ -57,7 +58,7 @@ class DriverSession(Session):
                 "max_frame": self.max_frame,
                 "max_batch": self.max_batch,
                 **({"encoding": self.encoding} if self.encodings_asked else {}),
-                **({"acks": "cumulative", "ack_delay_ms": self.ack_delay_ms} if self.cumulative else {}),
+                **({"acks": self._acks_name(), "ack_delay_ms": self.ack_delay_ms} if self.cumulative else {}),
             }
         )
 
@@ -68,7 +69,7 @@ class DriverSession(Session):
         if principal is None:
             return None
         hello = frames.decode(data)  # decoded once already: cannot fail
-        self.cumulative = hello.get("acks") == "cumulative"
+        self.cumulative = hello.get("acks") in ("cumulative", "compact")
         asked = hello.get("encodings")
         if asked is None:
             return principal
@@ -78,7 +79,11 @@ class DriverSession(Session):
             return None
         self.encodings_asked = True
         self.encoding = compact.NAME if compact.NAME in asked else "json"
+        self.binary_acks = hello.get("acks") == "compact" and self.encoding == compact.NAME
         return principal
+
+    def _acks_name(self) -> str:
+        return "compact" if self.binary_acks else "cumulative"
 
     def receive_binary(self, data: bytes, now_ms: int, now_s: float) -> list[Event]:
         """One binary frame after `welcome`: a compact batch or live frame where compact-1 was

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--resend-after", type=float, default=d.resend_after, help="resend unanswered events after S seconds")
     a("--consign", action="store_true", help="consign each driver's packages first (POST /v1/packages as a dispatcher)")
     a("--encoding", choices=("json", "compact"), default=d.encoding, help="positions as JSON or compact-1 frames")
-    a("--acks", choices=("per-commit", "cumulative"), default=d.acks, help="v1 acks, or cumulative coalesced ones")
+    a("--acks", choices=("per-commit", "cumulative", "compact"), default=d.acks, help="v1, cumulative, binary acks")
     a("--transport", choices=("ws", "http"), default=d.transport, help="websocket, or HTTP uploads (POST)")
     a("--no-progress", action="store_true", help="no live progress line on stderr")
 

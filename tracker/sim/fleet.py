@@ -135,6 +135,9 @@ class SimPhone:
         link.send_many(self.phone.poll(now))  # newest fix first, then the backlog
 
     def _on_message(self, payload: bytes) -> None:
+        if payload[:1] == b"\xa1" and self.phone.online:  # a compact ack
+            self.phone.receive_binary(payload, time.time() * 1000.0)
+            return
         msg = orjson.loads(payload)
         if self.phone.online:
             self.phone.receive(msg, time.time() * 1000.0)
@@ -217,7 +220,7 @@ class Fleet:
                 resend_after_ms=opts.resend_after * 1000,
                 reorder=rng,
                 encoding=opts.encoding,
-                cumulative=opts.acks == "cumulative",
+                acks=opts.acks,
             )
             kind: Any = HttpSimPhone if opts.transport == "http" else SimPhone
             self.phones.append(kind(self, i, name, self.token_for(i, name), model, phone))

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from tracker.protocol import compact
+from tracker.protocol.acks import decode_binary
 from tracker.protocol.compact_live import LiveContext
 from tracker.sim.records import KIND_POS, KIND_SCAN, Records
 
@@ -78,7 +79,7 @@ class Phone:
 
     ``encoding="compact"`` asks for compact-1 in ``hello`` (:meth:`hello_fields`): once welcomed
     with it, a lone position goes as a compact live frame and a backlog's positions as compact
-    batches (scans stay JSON); ``cumulative`` asks for cumulative acks (``through``).
+    batches (scans stay JSON); ``acks`` asks for cumulative acks (``through``), in JSON or compact.
     """
 
     def __init__(
@@ -89,11 +90,11 @@ class Phone:
         resend_after_ms: float = RESEND_AFTER_MS,
         reorder: random.Random | None = None,
         encoding: str = "json",
-        cumulative: bool = False,
+        acks: str = "per-commit",
     ) -> None:
         self.driver = driver
         self.encoding = encoding
-        self.cumulative = cumulative
+        self.acks = acks  # per-commit (v1), cumulative (JSON `through`), compact (binary, with compact-1)
         self.compact = False  # the welcome said compact-1
         self.live = LiveContext()
         self.base = 0  # the welcome's last_seq: cumulative acks speak of seqs above it
@@ -135,8 +136,8 @@ class Phone:
         fields: dict[str, Any] = {}
         if self.encoding == "compact":
             fields["encodings"] = [compact.NAME, "json"]
-        if self.cumulative:
-            fields["acks"] = "cumulative"
+        if self.acks != "per-commit":
+            fields["acks"] = self.acks
         return fields
 
     def connected(self, welcome: dict[str, Any], now: float) -> None:
@@ -167,6 +168,10 @@ class Phone:
         self.online = False
         self.due.clear()
         self.held.clear()
+
+    def receive_binary(self, data: bytes, now: float) -> None:
+        """Handle a compact ack (the only binary frame a server sends)."""
+        self.receive(decode_binary(data, self.base), now)
 
     def receive(self, msg: dict[str, Any], now: float) -> None:
         """Handle one server frame (``ack``, ``error``, a refresh ``welcome``)."""

@@ -20,13 +20,13 @@ from .uvicorn_fast import FastPath, fast_path
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-def frame_header(length: int) -> bytes:
-    """An unmasked, final text frame's header (RFC 6455, server to client)."""
+def frame_header(length: int, opcode: int = 0x81) -> bytes:
+    """An unmasked, final text frame's header (RFC 6455, server to client); 0x82: binary."""
     if length < 126:
-        return bytes((0x81, length))
+        return bytes((opcode, length))
     if length < 65_536:
-        return b"\x81\x7e" + length.to_bytes(2, "big")
-    return b"\x81\x7f" + length.to_bytes(8, "big")
+        return bytes((opcode, 0x7E)) + length.to_bytes(2, "big")
+    return bytes((opcode, 0x7F)) + length.to_bytes(8, "big")
 
 
 class Channel:
@@ -41,12 +41,14 @@ class Channel:
         self.closed = False
 
     def write(self, data: bytes) -> None:
-        """Send one text frame (UTF-8 JSON bytes) now, without awaiting. Never raises."""
+        """Send one text frame (UTF-8 JSON bytes) now, without awaiting. Never raises. A compact ack
+        (its first byte 0xA1, which never starts UTF-8 text) goes as a binary frame."""
         if self.closed:
             return
         fast = self.fast
         if fast is not None:
-            if not fast.write(frame_header(len(data)) + data):
+            opcode = 0x82 if data[:1] == b"\xa1" else 0x81
+            if not fast.write(frame_header(len(data), opcode) + data):
                 self.closed = True
             return
         self._queue.append(data)
@@ -59,7 +61,10 @@ class Channel:
             data = self._queue.popleft()
             self._queued_bytes -= len(data)
             try:
-                await self._send({"type": "websocket.send", "text": data.decode()})
+                if data[:1] == b"\xa1":
+                    await self._send({"type": "websocket.send", "bytes": data})
+                else:
+                    await self._send({"type": "websocket.send", "text": data.decode()})
             except Exception:  # the peer is gone: nothing more will be sent
                 self.closed = True
                 self._queue.clear()

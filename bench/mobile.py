@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
     SECRET,
+    TRACKER_REF,
     CpuMeter,
     exit_on_sigterm,
     fresh_database,
@@ -44,6 +44,7 @@ from bench.common import (
     machine,
     private_redis,
     save,
+    tracker_source,
 )
 from harness.http import wait_ready
 from harness.ports import free_port
@@ -98,7 +99,10 @@ def tracker(redis_url: str, env: dict[str, str] | None = None) -> Iterator[tuple
         "TRACKER_LOG_LEVEL": "warning",
         **(env or {}),
     }
-    proc = popen([sys.executable, "-m", "tracker", "serve"], cwd=ROOT, env=base)
+    src, sha = tracker_source(TRACKER_REF)  # a clean copy of the commit (the work tree may be edited meanwhile)
+    base["PYTHONPATH"] = str(src)
+    log(f"tracker from {sha}")
+    proc = popen([sys.executable, "-m", "tracker", "serve"], cwd=src, env=base)
     try:
         asyncio.run(wait_ready(port, proc=proc, timeout=90, interval=0.3))
         yield port, proc.pid
@@ -253,7 +257,7 @@ def main() -> None:
     p.add_argument("--forms", default=",".join([*FORMS, "deflate"]))
     args = p.parse_args()
     exit_on_sigterm()
-    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    commit = tracker_source(TRACKER_REF)[1]
     rows: list[dict[str, Any]] = []
     with private_redis() as (redis_url, _):
         for name in args.forms.split(","):

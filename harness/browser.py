@@ -256,3 +256,55 @@ class TileServer:
             if len(parts) >= 4 and parts[1] == "tiles":
                 out.append((int(parts[-3]), int(parts[-2]), int(parts[-1])))
         return out
+
+
+# The frame-time measurement (tests/test_browser_frames.py, bench/dashboard_frames.py): in a page
+# booted with `boot({ connect: false })`, `drivers` drivers spread over the view at `zoom` each move
+# once a second (a 250-position `batch` every 50 ms, as the live feed sends them); for `seconds`
+# after a 1 s warm-up, the time between animation frames is recorded. Returns its p50/p95/max (ms),
+# the frame count, trackerDebug.perf(), the clusters drawn and the markers on screen.
+FRAME_HARNESS = """async ({ drivers, zoom, seconds }) => {
+  const dbg = window.trackerDebug;
+  dbg.setView(36.82, -1.29, zoom);
+  dbg.render();
+  const v = dbg.state().view;
+  const [w, s, e, n] = v.bbox;
+  const pts = Array.from({ length: drivers }, (_, i) => ({
+    lat: s + (n - s) * (0.05 + 0.9 * ((i * 7919) % 1000) / 1000),
+    lon: w + (e - w) * (0.05 + 0.9 * ((i * 104729) % 997) / 997),
+  }));
+  const t = Date.now();
+  dbg.feed({ type: 'snapshot', packages: [], alerts: [], drivers: pts.map((p, i) => (
+    { driver: `d-${i}`, name: `Driver ${i}`, online: true, ts: t, seq: 1, lat: p.lat, lon: p.lon }))});
+  dbg.render();
+  // Every driver moves once a second: a 250-position batch every 50 ms, as the live feed sends them.
+  let next = 0;
+  let seq = 1;
+  const step = (e - w) / 4000;
+  const feeder = setInterval(() => {
+    const items = [];
+    for (let k = 0; k < 250; k++, next = (next + 1) % drivers) {
+      const p = pts[next];
+      p.lon += step * ((next % 3) - 1);
+      p.lat += step * ((next % 5) - 2) / 2;
+      items.push({ type: 'pos', driver: `d-${next}`, seq: ++seq, ts: Date.now(), lat: p.lat, lon: p.lon });
+    }
+    dbg.feed({ type: 'batch', items });
+  }, 50);
+  await new Promise((r) => setTimeout(r, 1000)); // warm up
+  dbg.resetPerf();
+  const intervals = [];
+  let last = performance.now();
+  let running = true;
+  const tick = (now) => { intervals.push(now - last); last = now; if (running) requestAnimationFrame(tick); };
+  requestAnimationFrame((now) => { last = now; requestAnimationFrame(tick); });
+  await new Promise((r) => setTimeout(r, seconds * 1000));
+  running = false;
+  clearInterval(feeder);
+  const sorted = [...intervals].sort((a, b) => a - b);
+  const p95 = sorted[Math.ceil(0.95 * sorted.length) - 1];
+  const st = dbg.state();
+  return { p50: sorted[Math.floor(0.5 * sorted.length)], p95, max: sorted[sorted.length - 1],
+           frames: intervals.length, perf: dbg.perf(), clusters: (st.clusters ?? []).length,
+           visible: st.markers.filter((m) => m.visible).length };
+}"""

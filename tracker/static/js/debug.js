@@ -80,7 +80,7 @@ function debugState() {
 function percentile(values, q) {
   if (!values.length) return 0;
   const sorted = [...values].sort((a, b) => a - b);
-  return sorted[Math.min(sorted.length - 1, Math.ceil(q * sorted.length) - 1)];
+  return sorted[Math.max(0, Math.min(sorted.length - 1, Math.ceil(q * sorted.length) - 1))];
 }
 
 export function installDebugHook() {
@@ -111,7 +111,9 @@ export function installDebugHook() {
         avgMarkersMs: per(render.parts.markers),
         avgBucketMs: per(render.parts.bucket),
         avgPutImageDataMs: per(render.parts.put),
+        p50RenderMs: percentile(render.samples, 0.5),
         p95RenderMs: percentile(render.samples, 0.95),
+        minRenderMs: percentile(render.samples, 0),
         frames: state.frames,
       };
     },

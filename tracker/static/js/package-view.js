@@ -5,7 +5,7 @@
 // frame changes the package.
 
 import { COLORS } from './constants.js';
-import { $, el, formatTime, humanise, isNum, relativeTime, setText } from './util.js';
+import { $, el, formatTime, humanise, isNum, setText } from './util.js';
 import { authHeaders, session } from './session.js';
 import { displayName, packageFacts, state } from './store.js';
 import { setCenter, view } from './map.js';
@@ -97,7 +97,12 @@ function renderFacts(p) {
   }
   if (p.driver != null) rows.push([p.state === 'picked_up' ? 'With' : 'Last driver', displayName(String(p.driver))]);
   const eta = etaOf(p);
-  if (eta) rows.push(['ETA', `${formatTime(eta)} (${relativeTime(eta, now).replace(' ago', ' late')})`]);
+  if (eta) {
+    const mins = Math.round((eta - now) / 60000);
+    const when = mins >= 1 ? `in ${mins} min` : mins <= -1 ? `${-mins} min ago` : 'now';
+    const after = isNum(w?.to) && eta > w.to ? ', after the delivery window' : '';
+    rows.push(['ETA', `${formatTime(eta)} (${when}${after})`]);
+  }
   if (p.notes) rows.push(['Notes', String(p.notes)]);
   const grid = $('package-grid');
   grid.replaceChildren(...rows.flatMap(([k, v]) => [el('dt', '', k), el('dd', '', v)]));

@@ -167,10 +167,10 @@ async def test_clusters_fleet_search_replay_package_view_and_alerts(start_instan
             # The whole fleet, in words with the right plurals. PKG-L1's missed window may raise an
             # alert of its own (delivery_window_missed): the count is whatever is open.
             await page.until(
-                "(s) => { const m = document.querySelector('[data-testid=fleet-summary]').textContent"
-                ".match(/(\\d+) open alerts?$/); return m && +m[1] === s.alerts.filter((a) => a.state !== 'resolved')"
-                ".length; }",
-                what="the summary counts the open alerts",
+                "(s) => { const m = document.querySelector('[data-testid=fleet-summary]').textContent.match("
+                "/^7 drivers · 7 online · 0 offline · 0 carrying · 1 late package · (\\d+) open alerts?$/);"
+                " return m && +m[1] === s.alerts.filter((a) => a.state !== 'resolved').length; }",
+                what="the summary: the whole fleet, the late package, the open alerts",
             )
             text = await page.page.get_by_test_id("fleet-summary").inner_text()
             found = re.fullmatch(

@@ -6,7 +6,7 @@
 import { FLEET_REFRESH_MS, TERMINAL_STATES } from './constants.js';
 import { isNum } from './util.js';
 import { authHeaders, session } from './session.js';
-import { setName, state } from './store.js';
+import { roster, setName, state } from './store.js';
 import { fitBounds, markData, restored, view } from './map.js';
 
 const timers = { fleet: 0 };
@@ -20,6 +20,7 @@ function fleetEntry(id) {
     f = { id, name, search: `${name} ${id}`.toLowerCase(), online: false, ts: 0, lat: null, lon: null };
     f.spd = f.bat = null;
     state.fleet.set(id, f);
+    roster.version += 1;
   }
   return f;
 }
@@ -61,6 +62,7 @@ async function loadDrivers() {
       const f = fleetEntry(key);
       if (typeof item.name === 'string' && item.name) {
         state.names.set(key, item.name);
+        if (f.name !== item.name) roster.version += 1;
         f.name = item.name;
         f.search = `${item.name} ${key}`.toLowerCase();
         const d = state.drivers.get(key);
@@ -75,7 +77,9 @@ async function loadDrivers() {
       }
     }
     // A client's scope shrinks when a delivery closes its window on a driver: forget those.
-    for (const key of [...state.fleet.keys()]) if (!seen.has(key) && !state.drivers.has(key)) state.fleet.delete(key);
+    for (const key of [...state.fleet.keys()]) {
+      if (!seen.has(key) && !state.drivers.has(key) && state.fleet.delete(key)) roster.version += 1;
+    }
     state.fleetLoaded = true;
     markData();
   } catch {
@@ -137,6 +141,7 @@ export function fleetSaw(d) {
   if (d.name && d.name !== f.name) {
     f.name = d.name;
     f.search = d.search;
+    roster.version += 1;
   }
   if (isNum(d.lat) && isNum(d.ts) && d.ts >= (f.ts ?? 0)) {
     f.lat = d.lat;
@@ -150,7 +155,8 @@ export function fleetSaw(d) {
 export function fleetPresence(id, online, name) {
   const f = fleetEntry(id);
   f.online = online;
-  if (typeof name === 'string' && name) {
+  if (typeof name === 'string' && name && name !== f.name) {
+    roster.version += 1;
     f.name = name;
     f.search = `${name} ${id}`.toLowerCase();
   }
@@ -169,8 +175,17 @@ export function allDrivers() {
 
 /** Counts for the whole org (or the client's scope), whatever the map shows. */
 export function fleetSummary(now = Date.now()) {
-  const drivers = allDrivers();
-  const online = drivers.reduce((n, d) => n + (d.online ? 1 : 0), 0);
+  let count = 0;
+  let online = 0;
+  for (const d of state.drivers.values()) {
+    count += 1;
+    if (d.online) online += 1;
+  }
+  for (const f of state.fleet.values()) {
+    if (state.drivers.has(f.id)) continue;
+    count += 1;
+    if (f.online) online += 1;
+  }
   const carriers = new Set();
   for (const id of state.heldBy.keys()) carriers.add(id);
   for (const p of state.packageInfo.values()) if (p.state === 'picked_up' && p.driver != null) carriers.add(String(p.driver));
@@ -185,5 +200,5 @@ export function fleetSummary(now = Date.now()) {
   }
   let alerts = 0;
   for (const a of state.alerts.values()) if (a.state !== 'resolved') alerts += 1;
-  return { drivers: drivers.length, online, offline: drivers.length - online, carrying: carriers.size, late, alerts };
+  return { drivers: count, online, offline: count - online, carrying: carriers.size, late, alerts };
 }

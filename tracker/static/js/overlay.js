@@ -235,7 +235,7 @@ function blitMarkers(ctx) {
   const h = ctx.canvas.height;
   if (!markerLayer.image || markerLayer.image.width !== w || markerLayer.image.height !== h) {
     markerLayer.image = ctx.createImageData(w, h);
-    markerLayer.pixels = new Uint32Array(markerLayer.image.data.buffer);
+    markerLayer.pixels = new Int32Array(markerLayer.image.data.buffer);
   }
   const sprites = spritesFor(view.dpr);
   const buf = markerLayer.pixels;

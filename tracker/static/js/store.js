@@ -29,6 +29,9 @@ export const state = {
   selectedPackage: null, // the package whose details are open (package-view.js)
 };
 
+/** Bumped when a driver record is created, removed or renamed (the name order may change). */
+export const roster = { version: 0 };
+
 export function driverRecord(id) {
   let d = state.drivers.get(id);
   if (!d) {
@@ -52,6 +55,7 @@ export function driverRecord(id) {
       stale: false, // its newest fix is older than STALE_AFTER_MS: drawn faded
     };
     state.drivers.set(id, d);
+    roster.version += 1;
   }
   return d;
 }
@@ -61,6 +65,7 @@ export function setName(d, name) {
   d.name = name;
   d.search = `${name} ${d.id}`.toLowerCase();
   state.names.set(d.id, name);
+  roster.version += 1;
 }
 
 export const displayName = (id) => state.drivers.get(id)?.name || state.names.get(id) || id;
@@ -89,7 +94,7 @@ export function setPosition(d, lat, lon, ts) {
 
 // The details panel of a removed, selected driver stays open and says it is out of view.
 export function removeDriver(id) {
-  state.drivers.delete(id);
+  if (state.drivers.delete(id)) roster.version += 1;
 }
 
 export function packageRecord(id) {

@@ -44,6 +44,9 @@ from .transport.endpoints import driver_endpoint, live_endpoint
 from .transport.exports import driver_trail_file
 from .transport.keepalive import Keepalive
 from .transport.upload import driver_events
+from .webhooks import http as webhooks_http
+from .webhooks.service import Webhooks
+from .webhooks.store import migrations as webhook_migrations
 
 log = logging.getLogger("tracker")
 
@@ -136,8 +139,8 @@ async def _reset(conn: asyncpg.Connection) -> None:
 
 
 async def migrate(pool: asyncpg.Pool) -> int:
-    """The core's schema and the custody extension's, in version order (tracker migrate, startup)."""
-    return await store.migrate(pool, [*migrations(), *share_migrations()])
+    """The core's schema and the extensions' (custody, share, webhooks), in version order."""
+    return await store.migrate(pool, [*migrations(), *share_migrations(), *webhook_migrations()])
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -164,14 +167,17 @@ def create_app(settings: Settings) -> Starlette:
                     queue_max=settings.dashboard_queue_max,
                 )
                 node = Node(settings, pool, broker, hub)
-                custody = CustodyExtension(node, custody_key(settings))
+                webhooks = Webhooks(pool, settings)
+                custody = CustodyExtension(node, custody_key(settings), outbox=webhooks.outbox)
                 node.register(custody)
                 node.start()
+                webhooks.start()
                 loop_lag = LoopLag(node).start()
                 app.state.node = node
                 app.state.custody = custody.layer
                 app.state.eta = EtaService(pool, settings)
                 app.state.share = ShareService(pool, broker, custody.layer.stamps, app.state.eta, settings)
+                app.state.webhooks = webhooks
                 log.info(
                     "tracker ready: instance %s, PostgreSQL %s, Redis %s",
                     broker.instance_id,
@@ -184,6 +190,7 @@ def create_app(settings: Settings) -> Starlette:
                     if not node.draining:
                         await node.drain()
                     await loop_lag.stop()
+                    await webhooks.close()
                     await node.close()
             finally:
                 await pool.close()
@@ -204,6 +211,7 @@ def create_app(settings: Settings) -> Starlette:
         *custody_http.routes(),
         *thresholds.routes(),
         *alerts_http.routes(),
+        *webhooks_http.routes(),
         Route("/v1/driver/events", driver_events, methods=["POST"]),
         WebSocketRoute("/v1/driver", driver_endpoint),
         WebSocketRoute("/v1/live", live_endpoint),

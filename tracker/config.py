@@ -105,6 +105,18 @@ class Settings:
     watch_interval_s: float = 30.0  # how often one instance checks them
     watch_lookback_s: float = 86_400.0  # packages finished this recently, fixes this old, are still looked at
 
+    # Webhooks (tracker/webhooks/, docs/PROTOCOL.md "Webhooks")
+    webhook_allow: tuple[str, ...] = ()  # IPs, CIDRs or host names a webhook may reach though not public
+    webhook_concurrency: int = 32  # deliveries in flight per instance; 0: this instance delivers none
+    webhook_endpoint_concurrency: int = 4  # ...of them to one endpoint (a slow one never takes them all)
+    webhook_connect_timeout_s: float = 5.0  # resolving and connecting
+    webhook_timeout_s: float = 10.0  # from the request sent to the response's status line
+    webhook_backoff_base_s: float = 5.0  # the first retry after ~this; doubling, with jitter
+    webhook_backoff_max_s: float = 6 * 3_600.0  # the longest wait between two attempts
+    webhook_retry_window_s: float = 3 * 86_400.0  # retried this long after the event, then dead-lettered
+    webhook_rotate_grace_s: float = 86_400.0  # after a rotation, the old secret signs too for this long
+    webhook_poll_s: float = 1.0  # how often a worker looks for due deliveries when not woken
+
     # Abuse limits (SECURITY.md). Counts are per instance.
     jwt_max_ttl_s: float = 86_400.0  # a token whose exp - iat is longer is refused; 0: no cap
     handshake_timeout_s: float = 10.0  # a TCP connection must send its HTTP request head within this
@@ -189,6 +201,10 @@ class Settings:
             raise ConfigError("TRACKER_RETENTION_DAYS must be >= 0 (0 keeps every position)")
         if self.custody_checkpoint_s <= 0:
             raise ConfigError("TRACKER_CUSTODY_CHECKPOINT_S must be > 0")
+        if min(self.webhook_connect_timeout_s, self.webhook_timeout_s, self.webhook_backoff_base_s, self.webhook_poll_s) <= 0:
+            raise ConfigError("TRACKER_WEBHOOK_*_TIMEOUT_S, _BACKOFF_BASE_S and _POLL_S must be > 0")
+        if self.webhook_concurrency < 0 or self.webhook_endpoint_concurrency < 1:
+            raise ConfigError("TRACKER_WEBHOOK_CONCURRENCY must be >= 0, _ENDPOINT_CONCURRENCY >= 1")
         if self.jwt_max_ttl_s < 0 or self.handshake_timeout_s <= 0 or self.subscribe_rate_per_s <= 0:
             raise ConfigError("TRACKER_JWT_MAX_TTL_S must be >= 0; handshake timeout and subscribe rate > 0")
         if (

@@ -7,7 +7,8 @@ behaves as a plain tracker: scans are fanned out at receipt and a client admin s
 
 from __future__ import annotations
 
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -90,6 +91,35 @@ class Extension(Protocol):
 
     async def trail_windows(self, principal: Principal, driver: str) -> list[tuple[int, int]]:
         """The [from, to) spans of a driver's trail that `principal` may read."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    """A fact to tell the org's integrations (webhooks), written with the fact itself."""
+
+    org: str
+    type: str  # package.state_changed, alert.opened, custody.checkpoint, ... (docs/PROTOCOL.md)
+    key: str  # ordering key (the package): one endpoint receives one key's events in the order written
+    ts: int  # when the fact happened (ms since the Unix epoch)
+    data: dict[str, Any]
+
+
+class Outbox(Protocol):
+    """Where a domain layer writes the events its facts raise (tracker/webhooks/ implements it)."""
+
+    async def write(self, conn: asyncpg.Connection, events: Sequence[OutboxEvent]) -> None:
+        """Inside the caller's open transaction, before it commits: the events are committed or
+        rolled back with the facts they report. Nothing is sent before the commit."""
+
+
+class NoOutbox:
+    """No integrations: events are dropped."""
+
+    async def write(self, conn: asyncpg.Connection, events: Sequence[OutboxEvent]) -> None:
+        pass
+
+
+NO_OUTBOX: Outbox = NoOutbox()
 
 
 class NoExtension:

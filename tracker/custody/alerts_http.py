@@ -28,7 +28,7 @@ from ..transport.http import ApiError, OrjsonResponse, api, principal_of
 from . import alerts_store as als
 from . import store as ps
 from .live import PackageLayer
-from .process import alert_frame, alert_stamp, stamp_of
+from .process import alert_frame, alert_stamp, event_of, stamp_of
 
 BODY_MAX: Final = 4_096
 TEXT_MAX: Final = 1_000
@@ -167,11 +167,18 @@ async def _change(request: Request, p: Principal, action: str, text: str | None)
                 await als.resolve(conn, p.org, alert, by=p.sub, at=now, reason=text)
             row = _in_scope(await als.get_alert(conn, p.org, alert), p)
             out = await _detail(conn, p.org, row)
+            kind = "alert.acknowledged" if action == "ack" else "alert.resolved"
+            await layer.outbox.write(conn, [event_of(p.org, kind, _frame(row, now))])
     layer.core.publish(p.org, _live_item(row, now))
     return OrjsonResponse(out)
 
 
 def _live_item(row: asyncpg.Record, now: int) -> tuple[str, str, int, bytes, bytes]:
+    stamp = stamp_of(row["client"] if row["consigned_at"] is not None else None)
+    return ("a", row["driver_id"] or "", now, alert_stamp(row["kind"], stamp), frames.encode(_frame(row, now)))
+
+
+def _frame(row: asyncpg.Record, now: int) -> dict[str, Any]:
     acked = (row["acknowledged_by"], row["acknowledged_at"]) if row["acknowledged_at"] is not None else None
     frame = alert_frame(
         row["id"],
@@ -186,8 +193,7 @@ def _live_item(row: asyncpg.Record, now: int) -> tuple[str, str, int, bytes, byt
     )
     if row["details"] is not None:
         frame["details"] = orjson.loads(row["details"])
-    stamp = stamp_of(row["client"] if row["consigned_at"] is not None else None)
-    return ("a", row["driver_id"] or "", now, alert_stamp(row["kind"], stamp), frames.encode(frame))
+    return frame
 
 
 @api

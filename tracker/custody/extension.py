@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ..auth import Principal, new_secret
 from ..config import Settings
+from ..extension import NO_OUTBOX, Outbox
 from ..store import Migration, Pending, load_migrations
 from . import chain
 from .live import PackageLayer
@@ -54,8 +55,8 @@ class CustodyExtension:
     control_kind = CTL_KIND
     fans_out_scans = True
 
-    def __init__(self, core: Core, key: bytes) -> None:
-        self.layer = PackageLayer(core, key)
+    def __init__(self, core: Core, key: bytes, outbox: Outbox = NO_OUTBOX) -> None:
+        self.layer = PackageLayer(core, key, outbox)
 
     def tasks(self) -> list[Coroutine[Any, Any, None]]:
         return self.layer.tasks()

@@ -184,7 +184,9 @@ async def consign_package(request: Request) -> Response:
             if chain.Consignment(**{**_fields(terms), "consigned_at": same.consigned_at}) != same:
                 raise ApiError(409, "conflict", "this package is already consigned, with other terms")
             return OrjsonResponse(package_json(existing, p), status_code=200)
-        out = await process(conn, layer.key, [], max_delivery_m=layer.max_delivery_m, announce=[(p.org, package)])
+        out = await process(
+            conn, layer.key, [], max_delivery_m=layer.max_delivery_m, announce=[(p.org, package)], outbox=layer.outbox
+        )
         row = await ps.get_package(conn, p.org, package)
     await layer.publish(out, [])
     if terms.client is not None:

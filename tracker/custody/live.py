@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ..clock import now_ms
+from ..extension import NO_OUTBOX, Outbox
 from ..store import Pending
 from ..writer import DATA_ERRORS
 from . import state as custody
@@ -42,9 +43,10 @@ FOREVER = 2**62
 
 
 class PackageLayer:
-    def __init__(self, core: Core, key: bytes) -> None:
+    def __init__(self, core: Core, key: bytes, outbox: Outbox = NO_OUTBOX) -> None:
         self.core = core
         self.key = key
+        self.outbox = outbox  # webhook events, written in the transactions of their facts
         self.max_delivery_m = core.settings.delivery_max_m
         self.batch_max = core.settings.custody_batch_max
         self.stamps = Stamps(core)
@@ -96,7 +98,7 @@ class PackageLayer:
         """Chain one batch and publish; False if PostgreSQL is unavailable (retry later)."""
         try:
             async with self.core.pool.acquire() as conn:
-                out = await process(conn, self.key, batch, max_delivery_m=self.max_delivery_m)
+                out = await process(conn, self.key, batch, max_delivery_m=self.max_delivery_m, outbox=self.outbox)
         except DATA_ERRORS as exc:
             if len(batch) == 1:
                 log.error("cannot chain scan %s: %s (left to the sweep)", batch[0], exc)

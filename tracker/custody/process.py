@@ -19,6 +19,7 @@ import orjson
 
 from ..broker import LiveItem
 from ..clock import now_ms
+from ..extension import NO_OUTBOX, Outbox, OutboxEvent
 from ..protocol import frames
 from . import alerts_store as als
 from . import chain, rules
@@ -113,6 +114,19 @@ def alert_frame(
     return frame
 
 
+def event_of(org: str, type_: str, frame: dict[str, Any]) -> OutboxEvent:
+    """A webhook event from a live frame (package, alert): the frame's fields but `type`."""
+    data = {k: v for k, v in frame.items() if k != "type"}
+    return OutboxEvent(org, type_, data.get("package") or "", data["ts"], data)
+
+
+def checkpoint_event(org: str, index: int, row: asyncpg.Record, chained_at: int, recovered: bool) -> OutboxEvent:
+    """A scan appended to its package's chain of custody (record `index`)."""
+    data = {"package": row["package"], "index": index, "chained_at": chained_at, "recovered": recovered}
+    data.update({k: v for k, v in scan_frame(row).items() if k != "type"})
+    return OutboxEvent(org, "custody.checkpoint", row["package"], row["ts"], data)
+
+
 def alert_stamp(kind: str, stamp: bytes) -> bytes:
     """Scan anomalies are operations (who scanned what, wrongly), and suspected tampering is for
     those who can act on it: for the org's dispatchers only. Other kinds go to the package's client."""
@@ -145,10 +159,18 @@ def fact(row: asyncpg.Record) -> custody.Fact:
 
 
 async def process(
-    conn: ps.Tx, key: bytes, items: Sequence[Item], *, max_delivery_m: float, announce: Sequence[ps.Key] = ()
+    conn: ps.Tx,
+    key: bytes,
+    items: Sequence[Item],
+    *,
+    max_delivery_m: float,
+    announce: Sequence[ps.Key] = (),
+    outbox: Outbox = NO_OUTBOX,
 ) -> Outcome:
     """Chain `items` and update their packages (and those of `announce`, whose package frame is
-    published even when unchanged: a new consignment). Idempotent: scans chained before are skipped."""
+    published even when unchanged: a new consignment). Idempotent: scans chained before are skipped.
+    The events of what changed (checkpoints, package states, alerts) go to `outbox` in the same
+    transaction."""
     unique: dict[tuple[str, str, int], Item] = {}
     for it in items:  # a resend, or a scan both swept and handed over live: once, live if it was
         if (it.org, it.driver, it.seq) not in unique or not it.recovered:
@@ -190,6 +212,7 @@ async def process(
         await ps.upsert_alerts(conn, batch.alert_rows, batch.now)
         await als.add_events(conn, batch.event_rows)
         await ps.update_packages(conn, batch.package_rows)
+        await outbox.write(conn, batch.events)
     return batch.out
 
 
@@ -204,6 +227,7 @@ class _Batch:
         self.alert_rows: list[tuple[Any, ...]] = []
         self.event_rows: list[tuple[str, str, str, str | None, int, str | None]] = []  # the alerts' history
         self.package_rows: list[tuple[Any, ...]] = []
+        self.events: list[OutboxEvent] = []  # for webhooks, per package in the order they happened
 
     def chain(
         self, locked: dict[ps.Key, asyncpg.Record], recovered: dict[tuple[str, str, int], bool]
@@ -218,6 +242,7 @@ class _Batch:
             links = chain.extend(self.key, org, package, pkg["chain_len"], head, contents, self.now, flags)
             for row, flag, (index, mac) in zip(scans, flags, links, strict=True):
                 rows.append((org, package, index, row["driver_id"], row["seq"], self.now, flag, mac))
+                self.events.append(checkpoint_event(org, index, row, self.now, flag))
             self.heads[(org, package)] = links[-1]
         self.out.chained = len(rows)
         self.out.heads = dict(self.heads)
@@ -258,6 +283,7 @@ class _Batch:
             out.changed.add(k)
             frame = package_frame(package, result.state, result.holder, client, ts)
             out.live.append((org, ("a", result.holder or "", ts, stamp, frames.encode(frame))))
+            self.events.append(event_of(org, "package.state_changed", frame))
         if was != held or announce or pkg["live_view"] != result.live:
             out.holders.update((org, d) for d in (was, held) if d is not None)
         # A person's resolution is final: the same anomaly is neither reopened nor resolved again by a replay.
@@ -298,3 +324,4 @@ class _Batch:
         self.event_rows.append((org, id_, event, None, self.now, note))
         frame = alert_frame(id_, kind, state, self.now, driver, package, message, acked=acked, resolved=(None, note))
         self.out.live.append((org, ("a", driver, self.now, alert_stamp(kind, stamp), frames.encode(frame))))
+        self.events.append(event_of(org, "alert.resolved" if state == "resolved" else "alert.opened", frame))

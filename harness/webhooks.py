@@ -42,6 +42,7 @@ class Receiver:
     got: list[Received] = field(default_factory=list)
     _server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    _handlers: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @property
     def url(self) -> str:
@@ -57,6 +58,8 @@ class Receiver:
             self._server.close()
             for w in list(self._writers):
                 w.transport.abort()
+            for task in list(self._handlers):
+                task.cancel()  # a handler still sleeping (the slow receiver) ends now
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
             self._server = None
@@ -66,6 +69,9 @@ class Receiver:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             lines = head.decode("latin-1").split("\r\n")
@@ -81,10 +87,13 @@ class Receiver:
             pass
         finally:
             self._writers.discard(writer)
+            self._handlers.discard(task)
             writer.close()
 
 
-def verify(secret: str, headers: dict[str, str], body: bytes, *, now: float | None = None, tolerance_s: int = 300) -> bool:
+def verify(
+    secret: str, headers: dict[str, str], body: bytes, *, now: float | None = None, tolerance_s: int = 300
+) -> bool:
     """Standard Webhooks verification: the key is base64 after `whsec_`; the signed content is
     `{webhook-id}.{webhook-timestamp}.{body}`; one of the space-separated `v1,<base64>` in
     webhook-signature must equal base64(HMAC-SHA256); the timestamp within `tolerance_s`."""

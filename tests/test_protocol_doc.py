@@ -148,11 +148,13 @@ def schema_files() -> set[str]:
 
 
 def http_body_schemas() -> set[str]:
-    """Schemas of HTTP bodies (no `type` property): linked from "## HTTP API", not frame sections."""
+    """Schemas of HTTP bodies (no `type` property, or a webhook's: `webhook-*.json`, whose event body
+    has a `type` but is no frame): linked from "## HTTP API", not frame sections."""
     return {
         name
         for name in schema_files()
-        if "type" not in json.loads((SCHEMAS / name).read_text(encoding="utf-8")).get("properties", {})
+        if name.startswith("webhook")
+        or "type" not in json.loads((SCHEMAS / name).read_text(encoding="utf-8")).get("properties", {})
     }
 
 

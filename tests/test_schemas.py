@@ -39,6 +39,8 @@ EXPECTED = {
     "live-welcome", "snapshot", "live-pos", "live-scan", "package", "presence", "alert", "status", "live-batch",
     # HTTP bodies: POST /v1/driver/events and its answer
     "upload", "upload-answer",
+    # Webhooks: the event a delivery posts, an endpoint, the delivery log
+    "webhook-event", "webhook", "webhook-deliveries",
 }  # fmt: skip
 
 EXAMPLES = [(name, i) for name, schema in sorted(schemas().items()) for i in range(len(schema.get("examples", [])))]

@@ -201,7 +201,12 @@ class Settings:
             raise ConfigError("TRACKER_RETENTION_DAYS must be >= 0 (0 keeps every position)")
         if self.custody_checkpoint_s <= 0:
             raise ConfigError("TRACKER_CUSTODY_CHECKPOINT_S must be > 0")
-        if min(self.webhook_connect_timeout_s, self.webhook_timeout_s, self.webhook_backoff_base_s, self.webhook_poll_s) <= 0:
+        if (
+            min(
+                self.webhook_connect_timeout_s, self.webhook_timeout_s, self.webhook_backoff_base_s, self.webhook_poll_s
+            )
+            <= 0
+        ):
             raise ConfigError("TRACKER_WEBHOOK_*_TIMEOUT_S, _BACKOFF_BASE_S and _POLL_S must be > 0")
         if self.webhook_concurrency < 0 or self.webhook_endpoint_concurrency < 1:
             raise ConfigError("TRACKER_WEBHOOK_CONCURRENCY must be >= 0, _ENDPOINT_CONCURRENCY >= 1")

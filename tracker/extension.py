@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 if TYPE_CHECKING:
     import asyncpg
+    from asyncpg.pool import PoolConnectionProxy
 
     from .auth import Principal
     from .broker import Broker, LiveItem
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from .hub import Dashboard
     from .protocol.events import Scan
     from .store import Pending
+
+Tx: TypeAlias = "asyncpg.Connection | PoolConnectionProxy"  # a connection, in a transaction where it says so
 
 # What a snapshot may show a dashboard: the drivers it may see (None: all), packages, open alerts.
 Scope = tuple[set[str] | None, list[Any], list[Any]]
@@ -107,7 +110,7 @@ class OutboxEvent:
 class Outbox(Protocol):
     """Where a domain layer writes the events its facts raise (tracker/webhooks/ implements it)."""
 
-    async def write(self, conn: asyncpg.Connection, events: Sequence[OutboxEvent]) -> None:
+    async def write(self, conn: Tx, events: Sequence[OutboxEvent]) -> None:
         """Inside the caller's open transaction, before it commits: the events are committed or
         rolled back with the facts they report. Nothing is sent before the commit."""
 
@@ -115,7 +118,7 @@ class Outbox(Protocol):
 class NoOutbox:
     """No integrations: events are dropped."""
 
-    async def write(self, conn: asyncpg.Connection, events: Sequence[OutboxEvent]) -> None:
+    async def write(self, conn: Tx, events: Sequence[OutboxEvent]) -> None:
         pass
 
 

@@ -61,10 +61,11 @@ class Client:
         writer: asyncio.StreamWriter | None = None
         try:
             tls = self._tls if target.scheme == "https" else None
-            reader, writer = await asyncio.wait_for(
+            reader, stream = await asyncio.wait_for(
                 asyncio.open_connection(address, target.port, ssl=tls, server_hostname=target.host if tls else None),
                 self.connect_s,
             )
+            writer = stream
             head = [
                 f"POST {target.path} HTTP/1.1",
                 f"Host: {target.host_header}",
@@ -74,9 +75,9 @@ class Client:
                 "Connection: close",
                 *(f"{k}: {v}" for k, v in headers.items()),
             ]
-            writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+            stream.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
             async with asyncio.timeout(self.response_s):
-                await writer.drain()
+                await stream.drain()
                 status, prefix = await _read_answer(reader)
             return answer(status, None if 200 <= status < 300 else f"HTTP {status}", prefix)
         except TimeoutError:

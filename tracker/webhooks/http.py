@@ -1,12 +1,12 @@
 """The webhooks' HTTP routes (a dispatcher of the org; another org's endpoint is "not found").
 
-    POST   /v1/webhooks                        register {url, events} -> {id, secret, ...}
-    GET    /v1/webhooks                        list
-    GET    /v1/webhooks/{id}                   one
-    DELETE /v1/webhooks/{id}                   delete (its pending deliveries with it)
-    POST   /v1/webhooks/{id}/rotate            a new secret; the old one signs too for a grace period
-    POST   /v1/webhooks/{id}/replay?since=     deliver again the events since (ms), same webhook-id
-    GET    /v1/webhooks/{id}/deliveries        the delivery log (?state=&after=&limit=)
+POST   /v1/webhooks                        register {url, events} -> {id, secret, ...}
+GET    /v1/webhooks                        list
+GET    /v1/webhooks/{id}                   one
+DELETE /v1/webhooks/{id}                   delete (its pending deliveries with it)
+POST   /v1/webhooks/{id}/rotate            a new secret; the old one signs too for a grace period
+POST   /v1/webhooks/{id}/replay?since=     deliver again the events since (ms), same webhook-id
+GET    /v1/webhooks/{id}/deliveries        the delivery log (?state=&after=&limit=)
 """
 
 from __future__ import annotations

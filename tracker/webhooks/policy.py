@@ -3,8 +3,9 @@
 Addresses: a delivery goes only to public unicast addresses (`ipaddress`'s `is_global`), never to
 loopback, private, shared (CGNAT), link-local (cloud metadata at 169.254.169.254), multicast,
 reserved or unspecified ones, nor to those hidden inside IPv4-mapped or NAT64 IPv6 addresses, nor
-to the known metadata addresses that are public (Azure's 168.63.129.16), unless the operator's
-allow-list (`TRACKER_WEBHOOK_ALLOW`: IPs, CIDR networks or host names) names them.
+to the metadata addresses some tables call public (Azure's 168.63.129.16, Oracle's 192.0.0.192),
+unless the operator's allow-list (`TRACKER_WEBHOOK_ALLOW`: IPs, CIDR networks or host names) names
+them.
 
 Retries: attempt n (1, 2, ...) failed -> the next in min(cap, base * 2**(n-1)) scaled by a random
 factor in [0.5, 1) ("equal jitter": never two endpoints' retries in lockstep, never sooner than
@@ -23,7 +24,9 @@ from urllib.parse import urlsplit
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 URL_MAX: Final = 2_048
-METADATA: Final = frozenset(ipaddress.ip_address(a) for a in ("168.63.129.16", "169.254.169.254", "fd00:ec2::254"))
+METADATA: Final = frozenset(
+    ipaddress.ip_address(a) for a in ("168.63.129.16", "169.254.169.254", "192.0.0.192", "fd00:ec2::254")
+)
 NAT64: Final = ipaddress.ip_network("64:ff9b::/96")
 
 
@@ -124,7 +127,9 @@ def check(host: str, addresses: Iterable[str], allow: AllowList) -> list[str]:
     return out
 
 
-def next_attempt(attempts: int, now: int, created: int, *, base_s: float, cap_s: float, window_s: float, u: float) -> int | None:
+def next_attempt(
+    attempts: int, now: int, created: int, *, base_s: float, cap_s: float, window_s: float, u: float
+) -> int | None:
     """When to try again after `attempts` failed ones (ms), or None: the retry window is over
     (dead-letter). `u` is uniform in [0, 1) (the jitter; a parameter so that this stays pure)."""
     deadline = created + int(window_s * 1000)

@@ -17,12 +17,13 @@ from typing import Any, Final
 
 import asyncpg
 import orjson
+from asyncpg.pool import PoolConnectionProxy
 
-from ..extension import OutboxEvent
+from ..extension import OutboxEvent, Tx
 from ..store import Migration, load_migrations
 from .sign import new_secret
 
-Conn = asyncpg.Connection | asyncpg.Pool
+Conn = asyncpg.Connection | PoolConnectionProxy | asyncpg.Pool
 SQL_DIR: Final = Path(__file__).parent / "sql"
 
 
@@ -63,7 +64,7 @@ class Outbox:
     def __init__(self, clock: Any) -> None:
         self.clock = clock  # () -> ms
 
-    async def write(self, conn: asyncpg.Connection, events: Sequence[OutboxEvent]) -> None:
+    async def write(self, conn: Tx, events: Sequence[OutboxEvent]) -> None:
         if not events:
             return
         cols: tuple[list[Any], ...] = ([], [], [], [], [], [])
@@ -79,10 +80,12 @@ def new_id() -> str:
 
 # -- endpoints ---------------------------------------------------------------------------------
 
-ENDPOINT_COLS: Final = "id, url, events, enabled, disabled_reason, created_at, created_by, old_until"
+ENDPOINT: Final = "SELECT id, url, events, enabled, disabled_reason, created_at, created_by, old_until FROM webhooks"
 
 
-async def create(conn: Conn, org: str, url: str, events: list[str], by: str, now: int, limit: int) -> tuple[str, str] | None:
+async def create(
+    conn: Conn, org: str, url: str, events: list[str], by: str, now: int, limit: int
+) -> tuple[str, str] | None:
     """A new endpoint: (id, secret), or None if the org has `limit` endpoints already."""
     id_, secret = "wh_" + new_id()[:24], new_secret()
     row = await conn.fetchval(
@@ -102,11 +105,11 @@ async def create(conn: Conn, org: str, url: str, events: list[str], by: str, now
 
 
 async def list_endpoints(conn: Conn, org: str) -> list[asyncpg.Record]:
-    return await conn.fetch(f"SELECT {ENDPOINT_COLS} FROM webhooks WHERE org = $1 ORDER BY id", org)
+    return await conn.fetch(ENDPOINT + " WHERE org = $1 ORDER BY id", org)
 
 
 async def get_endpoint(conn: Conn, org: str, id_: str) -> asyncpg.Record | None:
-    return await conn.fetchrow(f"SELECT {ENDPOINT_COLS} FROM webhooks WHERE org = $1 AND id = $2", org, id_)
+    return await conn.fetchrow(ENDPOINT + " WHERE org = $1 AND id = $2", org, id_)
 
 
 async def delete(conn: Conn, org: str, id_: str) -> bool:
@@ -226,5 +229,7 @@ ORDER BY d.n LIMIT $5
 """
 
 
-async def deliveries(conn: Conn, org: str, id_: str, *, state: str | None, after: int, limit: int) -> list[asyncpg.Record]:
+async def deliveries(
+    conn: Conn, org: str, id_: str, *, state: str | None, after: int, limit: int
+) -> list[asyncpg.Record]:
     return await conn.fetch(LOG, org, id_, after, state, limit)

@@ -32,6 +32,7 @@ class Deliverer:
     def __init__(self, pool: asyncpg.Pool, settings: Settings, client: Client) -> None:
         self.pool, self.s, self.client = pool, settings, client
         self.inflight: dict[str, int] = {}  # endpoint -> deliveries in flight on this instance
+        self.attempts = 0  # attempts made by this instance (tests, /metrics later)
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         # A claim outlives the longest attempt (connect, then response) by a wide margin.
@@ -98,6 +99,7 @@ class Deliverer:
             body = bytes(row["body"])
             headers = sign.headers(secrets, row["msg_id"], now // 1000, body)
             answer = await self.client.post(row["url"], body, headers)
+            self.attempts += 1
             await self._record(row, answer)
         except Exception:
             log.exception("webhook delivery %s failed unexpectedly (its lease will expire and it is retried)", row["n"])
@@ -123,7 +125,7 @@ class Deliverer:
                 base_s=s.webhook_backoff_base_s,
                 cap_s=s.webhook_backoff_max_s,
                 window_s=s.webhook_retry_window_s,
-                u=random.random(),  # noqa: S311 (jitter, not a secret)
+                u=random.random(),
             )
             state, next_at = ("dead", now) if due is None else ("pending", due)
         error = answer.error[:ERROR_MAX] if answer.error else None
@@ -131,7 +133,9 @@ class Deliverer:
             try:
                 async with self.pool.acquire() as conn, conn.transaction():
                     if status == 410:
-                        await store.disable(conn, row["endpoint_id"], f"the endpoint answered 410 Gone at {store.iso(now)}")
+                        await store.disable(
+                            conn, row["endpoint_id"], f"the endpoint answered 410 Gone at {store.iso(now)}"
+                        )
                         log.warning("webhook endpoint %s answered 410: disabled", row["endpoint_id"])
                     await store.finish(
                         conn,

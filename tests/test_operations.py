@@ -33,8 +33,7 @@ from harness.servers import PgCluster, RedisServer
 from harness.tokens import token
 from harness.wait import eventually
 from tracker import store
-from tracker.custody.extension import migrations
-from tracker.share.store import migrations as share_migrations
+from tracker.app import extension_migrations
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -384,7 +383,7 @@ async def test_tracker_migrate_upgrades_a_database_of_the_first_schema(first_sch
     finally:
         await conn.close()
 
-    every = sorted(v for v, _ in [*store.MIGRATIONS, *migrations(), *share_migrations()])
+    every = sorted(v for v, _ in [*store.MIGRATIONS, *extension_migrations()])
     assert len(every) > 1, "nothing to upgrade: the first schema is the only one"
     run = await _migrate_cli(first_schema_db, tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -138,9 +138,14 @@ async def _reset(conn: asyncpg.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
+def extension_migrations() -> list[store.Migration]:
+    """The migrations beside the core's: the custody extension's, the share room's, the webhooks'."""
+    return [*migrations(), *share_migrations(), *webhook_migrations()]
+
+
 async def migrate(pool: asyncpg.Pool) -> int:
-    """The core's schema and the extensions' (custody, share, webhooks), in version order."""
-    return await store.migrate(pool, [*migrations(), *share_migrations(), *webhook_migrations()])
+    """The core's schema and the extensions', in version order (tracker migrate, startup)."""
+    return await store.migrate(pool, extension_migrations())
 
 
 def create_app(settings: Settings) -> Starlette:

@@ -42,13 +42,14 @@ class Receiver:
     got: list[Received] = field(default_factory=list)
     _server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
-    _handlers: set[asyncio.Task[Any]] = field(default_factory=set)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/hook"
 
     async def start(self) -> Receiver:
+        self._stopping.clear()
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
         return self
 
@@ -58,8 +59,7 @@ class Receiver:
             self._server.close()
             for w in list(self._writers):
                 w.transport.abort()
-            for task in list(self._handlers):
-                task.cancel()  # a handler still sleeping (the slow receiver) ends now
+            self._stopping.set()  # a handler still delaying its answer (the slow receiver) ends now
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
             self._server = None
@@ -69,17 +69,15 @@ class Receiver:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             lines = head.decode("latin-1").split("\r\n")
             headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:] if ":" in ln)}
             body = await reader.readexactly(int(headers.get("content-length", "0")))
             self.got.append(Received(headers, body, time.monotonic()))
-            if self.delay_s:
-                await asyncio.sleep(self.delay_s)  # the slow receiver under test
+            if self.delay_s:  # the slow receiver under test
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.delay_s)
             reply = f"HTTP/1.1 {self.status} X\r\nContent-Length: {len(self.answer)}\r\nConnection: close\r\n\r\n"
             writer.write(reply.encode() + self.answer)
             await writer.drain()
@@ -87,7 +85,6 @@ class Receiver:
             pass
         finally:
             self._writers.discard(writer)
-            self._handlers.discard(task)
             writer.close()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import Counter
 from typing import Any, Final
 
 import asyncpg
@@ -32,7 +33,7 @@ class Deliverer:
     def __init__(self, pool: asyncpg.Pool, settings: Settings, client: Client) -> None:
         self.pool, self.s, self.client = pool, settings, client
         self.inflight: dict[str, int] = {}  # endpoint -> deliveries in flight on this instance
-        self.attempts = 0  # attempts made by this instance (tests, /metrics later)
+        self.attempts: Counter[str] = Counter()  # endpoint -> attempts made by this instance (tests, /metrics later)
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         # A claim outlives the longest attempt (connect, then response) by a wide margin.
@@ -99,7 +100,7 @@ class Deliverer:
             body = bytes(row["body"])
             headers = sign.headers(secrets, row["msg_id"], now // 1000, body)
             answer = await self.client.post(row["url"], body, headers)
-            self.attempts += 1
+            self.attempts[endpoint] += 1
             await self._record(row, answer)
         except Exception:
             log.exception("webhook delivery %s failed unexpectedly (its lease will expire and it is retried)", row["n"])

@@ -8,6 +8,7 @@ revoked or expired; who may make links; rate limits; the page's strict CSP.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -173,3 +174,19 @@ async def test_the_page_has_its_own_strict_csp(instance: Instance) -> None:
 async def test_a_view_needs_a_link_token(instance: Instance, header: str) -> None:
     status, _, _ = await request(instance, "GET", "/v1/share", headers={"Authorization": header} if header else None)
     assert status == 401
+
+
+async def test_live_feeds_end_when_the_instance_drains(start_instance: Any, org: str) -> None:
+    """A rolling deploy is not held up by recipients' open feeds: they end once draining starts
+    (the page falls back to polling, then follows another instance)."""
+    inst = await start_instance(share_live_s=0.1, shutdown_grace_s=10)
+    await consign(inst, org, "P-1", "c1", destination=DEST)
+    _, made = await share(inst, org, "P-1")
+    feed = await EventStream.open(inst.port, "/v1/share/events", link_token(made["url"]))
+    assert (await feed.next())[0] == "view"  # type: ignore[index]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await inst.stop()
+    assert loop.time() - started < 5, "the instance waited for the feed to end (uvicorn's graceful timeout)"
+    assert await feed.next() is None
+    await feed.close()

@@ -181,7 +181,9 @@ def create_app(settings: Settings) -> Starlette:
                 app.state.node = node
                 app.state.custody = custody.layer
                 app.state.eta = EtaService(pool, settings)
-                app.state.share = ShareService(pool, broker, custody.layer.stamps, app.state.eta, settings)
+                app.state.share = ShareService(
+                    pool, broker, custody.layer.stamps, app.state.eta, settings, draining=lambda: node.draining
+                )
                 app.state.webhooks = webhooks
                 log.info(
                     "tracker ready: instance %s, PostgreSQL %s, Redis %s",

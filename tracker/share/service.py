@@ -14,7 +14,7 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final, Protocol
 
 import asyncpg
@@ -53,8 +53,18 @@ def digest(token: str) -> bytes:
 
 
 class ShareService:
-    def __init__(self, pool: asyncpg.Pool, broker: Broker, marks: Marks, eta: EtaService, settings: Settings) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        broker: Broker,
+        marks: Marks,
+        eta: EtaService,
+        settings: Settings,
+        *,
+        draining: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.pool, self.broker, self.marks, self.eta = pool, broker, marks, eta
+        self.draining = draining  # the instance is shutting down: live feeds end (a deploy never waits for them)
         self.grace_ms = int(settings.share_grace_s * 1000)
         self.max_ms = int(settings.share_max_s * 1000)
         self.live_s = settings.share_live_s
@@ -141,11 +151,12 @@ class ShareService:
 
     async def stream(self, token_sha256: bytes) -> AsyncIterator[bytes]:
         """Server-sent events: `view` whenever the view changes (looked at every `live_s`), a
-        comment every 15 s of silence, and `gone` (then the end) once the link no longer works."""
+        comment every 15 s of silence, and `gone` (then the end) once the link no longer works.
+        Ends without a word when the instance drains (the page polls, then follows another)."""
         last, quiet = b"", 0.0
         self.streams[token_sha256] += 1
         try:
-            while True:
+            while not self.draining():
                 try:
                     view = await self._recent_view(token_sha256)
                 except PG_ERRORS as exc:

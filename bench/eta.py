@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     onboard: list[set[str]] = [set() for _ in drivers]
     fixes: list[list[Fix]] = [[] for _ in drivers]
     seconds = int(args.hours * 3600)
+    cpu, estimates = 0.0, 0  # CPU seconds spent estimating (time.process_time: this process, from the kernel)
     for t in range(1, seconds + 1):
         now = t * 1000
         for i, model in enumerate(drivers):
@@ -95,9 +96,14 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             last = fixes[i][-1]
             stops = tuple(Stop(p, *dest[p]) for p in sorted(onboard[i]))
             for v, preds in zip(vs, predictions, strict=True):
+                started = time.process_time()
                 speed = v.fixed_mps if v.fixed_mps is not None else moving_speed(fixes[i], v.params)
                 query = Query("bench", now, last.ts, (last.lat, last.lon), speed, stops, v.params)
-                for est in straight_line(query):
+                ests = straight_line(query)
+                if v is vs[0]:
+                    cpu += time.process_time() - started
+                    estimates += 1
+                for est in ests:
                     preds[est.package].append((band_of(est.distance_m), est.ts, now))
         if t % 3600 == 0:
             log(f"simulated {t // 3600} h of {args.hours:g}; {len(arrivals)} arrivals")
@@ -125,7 +131,13 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             }
             for (lo, hi), e, s, r in zip(BANDS, errors, signed, remaining, strict=True)
         ]
-    return {"arrivals": len(arrivals), "drivers": len(drivers), "variants": out}
+    per_driver_us = round(cpu / max(estimates, 1) * 1e6, 1)
+    return {
+        "arrivals": len(arrivals),
+        "drivers": len(drivers),
+        "variants": out,
+        "cpu_us_per_driver_estimate": per_driver_us,
+    }
 
 
 def main() -> None:
@@ -144,6 +156,8 @@ def main() -> None:
     path = save("eta", result)
     drivers, arrivals = result["drivers"], result["arrivals"]
     print(f"{drivers} drivers on {len(ROUTES)} routes, {args.hours:g} h simulated, {arrivals} arrivals")
+    print(f"CPU per estimate of one driver's load (speed from up to {FIXES_KEPT} fixes + every package on board):")
+    print(f"{result['cpu_us_per_driver_estimate']} us (time.process_time)")
     print()
     print("| estimate | band | ETAs | MAE (min) | median abs (min) | bias (min) | mean time to arrival (min) |")
     print("|---|---|---|---|---|---|---|")

@@ -33,6 +33,7 @@ PG_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceErro
 STREAMS_PER_LINK: Final = 8  # open live feeds of one link on one instance
 KEEPALIVE_S: Final = 15.0
 TOKEN_MAX: Final = 100
+ETA_STEP_MS: Final = 30_000
 
 View = dict[str, Any] | str | None  # the view; why the link is gone; None: no such link
 
@@ -134,7 +135,8 @@ class ShareService:
                     driver["name"] = await store.driver_name(self.pool, link.org, link.holder)
                 rows = [{"package_id": link.package, "state": link.state, "holder": link.holder}]
                 eta = (await self.eta.for_rows(link.org, rows)).get(link.package)
-                eta_ts = eta["ts"] if eta is not None else None
+                # Rounded to 30 s: a recipient reads minutes, and the live feed sends only changes.
+                eta_ts = round(eta["ts"] / ETA_STEP_MS) * ETA_STEP_MS if eta is not None else None
         return render(link, self.grace_ms, driver=driver, eta_ts=eta_ts)
 
     async def _recent_view(self, token_sha256: bytes) -> View:

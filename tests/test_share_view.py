@@ -10,7 +10,9 @@ from tracker.share.limits import MAX_KEYS, Buckets, Limits
 from tracker.share.view import Link, expiry, gone, in_window, position, render
 
 NEEDLE = orjson.dumps("\x01P-1")
-LINK = Link("acme", "P-1", 10_000_000, None, "picked_up", "d-1", 1_000, True, {"name": "C", "lat": 1.0, "lon": 2.0}, None)
+LINK = Link(
+    "acme", "P-1", 10_000_000, None, "picked_up", "d-1", 1_000, True, {"name": "C", "lat": 1.0, "lon": 2.0}, None
+)
 
 
 def test_the_window_needs_custody_an_open_view_and_the_mark_in_the_stamp() -> None:

@@ -24,7 +24,8 @@ class BrokerUnavailable(ConnectionError):
 # One live frame queued for publishing: (kind, driver, live ts, stamp, frame).
 # kind 'p': a position, published only if it becomes the driver's newest (by live ts) and then kept
 # as the driver's latest; 'a': always published (scans, presence, package changes, alerts).
-# stamp: b"" or a JSON array of the client ids entitled to the frame.
+# stamp: b"" or a JSON array of the client ids entitled to the frame (and, custody/stamps.py, the
+# marks of the tracking links that may show it).
 LiveItem = tuple[str, str, int, bytes, bytes]
 # Presence: (org, driver, conn id, name, presence line) going online; (org, driver, conn id, line)
 # going offline; (org, driver, conn id, stamp) kept online. A line is b"<stamp>\t<frame>".

@@ -1,5 +1,7 @@
 """Who may see a driver live: the stamp on its positions and presence (`DriverConn.stamp`), the
-JSON list of the clients whose packages it holds (PROTOCOL.md, "Who sees what").
+JSON list of the clients whose packages it holds (PROTOCOL.md, "Who sees what"), and a mark
+(`SHARE_MARK` + package id) for each of those packages that has a tracking link (tracker/share):
+only shared packages, so a stamp stays as small as its clients otherwise.
 
 The stamp is recomputed from PostgreSQL after every change, here or on another instance (which
 says so with a `stamp` control message), by one task whose queries run one after the other, so a

@@ -190,3 +190,15 @@ async def test_live_feeds_end_when_the_instance_drains(start_instance: Any, org:
     assert loop.time() - started < 5, "the instance waited for the feed to end (uvicorn's graceful timeout)"
     assert await feed.next() is None
     await feed.close()
+
+
+async def test_the_driver_name_only_where_the_org_allows_it(start_instance: Any, org: str) -> None:
+    inst = await start_instance(share_driver_name_orgs=(org,))
+    await consign(inst, org, "P-1", "c1", destination=DEST)
+    _, made = await share(inst, org, "P-1")
+    phone = await Phone.connect(inst.url, token("driver", "d-1", org, name="Amina Otieno"))
+    await phone.send(scan(1, "P-1"))
+    await phone.send(pos(2, lat=-1.34, lon=36.8, spd=9.0))
+    await acked(phone, 1, 2)
+    _, v = await eventually(lambda: view(inst, link_token(made["url"])), lambda r: r[1]["driver"] is not None)
+    assert v["driver"]["name"] == "Amina Otieno" and "d-1" not in orjson.dumps(v).decode()

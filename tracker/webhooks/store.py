@@ -80,7 +80,10 @@ def new_id() -> str:
 
 # -- endpoints ---------------------------------------------------------------------------------
 
-ENDPOINT: Final = "SELECT id, url, events, enabled, disabled_reason, created_at, created_by, old_until FROM webhooks"
+LIST: Final = """SELECT id, url, events, enabled, disabled_reason, created_at, created_by, old_until
+FROM webhooks WHERE org = $1 ORDER BY id"""
+GET: Final = """SELECT id, url, events, enabled, disabled_reason, created_at, created_by, old_until
+FROM webhooks WHERE org = $1 AND id = $2"""
 
 
 async def create(
@@ -105,11 +108,11 @@ async def create(
 
 
 async def list_endpoints(conn: Conn, org: str) -> list[asyncpg.Record]:
-    return await conn.fetch(ENDPOINT + " WHERE org = $1 ORDER BY id", org)
+    return await conn.fetch(LIST, org)
 
 
 async def get_endpoint(conn: Conn, org: str, id_: str) -> asyncpg.Record | None:
-    return await conn.fetchrow(ENDPOINT + " WHERE org = $1 AND id = $2", org, id_)
+    return await conn.fetchrow(GET, org, id_)
 
 
 async def delete(conn: Conn, org: str, id_: str) -> bool:

@@ -241,3 +241,27 @@ async def test_two_instances_open_each_alert_once(start_instance: Any, org: str)
     status, detail = await http(b, "GET", f"/v1/alerts/{opened['id']}", _disp(org))
     assert status == 200 and [h["event"] for h in detail["history"]] == ["opened", "resolved"]
     assert len(frames_of(got, "alert", id=opened["id"], state="open")) == 1
+
+
+async def test_an_ongoing_excursion_is_updated_when_it_ends(start_instance: Any, org: str) -> None:
+    inst = await start_instance(**FAST)
+    await _limits(inst, org, temp_consecutive_s=1, temp_cumulative_s=3600)
+    await consign(inst, org, "PKG-1", "st-marys")  # 2..8 °C
+    client = await Dash.connect(inst.url, token("client", "c", org, client="st-marys"), subscribe={})
+    got: list[dict[str, Any]] = []
+    d1 = await Phone.connect(inst.url, token("driver", "d-1", org))
+    d2 = await Phone.connect(inst.url, token("driver", "d-2", org))
+    t = now_ms()
+    await d1.send(scan(1, "PKG-1", "pickup", ts=t - 2000, temp_c=9.5))
+    await acked(d1, 1)
+    opened = await until_frame(client, got, "alert", kind="temperature_consecutive", state="open")
+    assert opened["details"]["ongoing"] is True and opened["details"]["start"] == t - 2000
+    await d2.send(scan(1, "PKG-1", "handover", ts=t - 500, temp_c=5.0))  # back within the range
+    await acked(d2, 1)
+    ended = await until_frame(client, got, "alert", id=opened["id"], details=_ended(t))
+    assert ended["state"] == "open"  # it happened: a person resolves it
+    assert_frame_valid(ended, "alert")
+
+
+def _ended(t: int) -> dict[str, Any]:
+    return {"start": t - 2000, "duration_ms": 1500, "min_c": 9.5, "max_c": 9.5, "ongoing": False}

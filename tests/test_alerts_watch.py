@@ -63,8 +63,8 @@ async def test_data_gap_opens_then_data_returns(start_instance: Any, org: str) -
     got: list[dict[str, Any]] = []
     phone = await Phone.connect(inst.url, token("driver", "d-1", org))
     t0 = now_ms()
-    await phone.send(scan(1, "PKG-1", "pickup", ts=t0 - 500))
-    await phone.send(pos(2, ts=t0))
+    # One batch: one commit, so the fix is stored by the time the pickup makes the driver a carrier.
+    await phone.send({"type": "batch", "items": [scan(1, "PKG-1", "pickup", ts=t0 - 500), pos(2, ts=t0)]})
     await acked(phone, 1, 2)
     opened = await until_frame(disp, got, "alert", kind="data_gap", state="open")
     assert_frame_valid(opened, "alert")
@@ -93,8 +93,8 @@ async def test_backlog_upload_resolves_as_data_recovered(start_instance: Any, or
     got: list[dict[str, Any]] = []
     phone = await Phone.connect(inst.url, token("driver", "d-1", org))
     t0 = now_ms()
-    await phone.send(scan(1, "PKG-1", "pickup", ts=t0 - 500))
-    await phone.send(pos(2, ts=t0))
+    # One batch: one commit, so the fix is stored by the time the pickup makes the driver a carrier.
+    await phone.send({"type": "batch", "items": [scan(1, "PKG-1", "pickup", ts=t0 - 500), pos(2, ts=t0)]})
     await acked(phone, 1, 2)
     opened = await until_frame(disp, got, "alert", kind="data_gap", state="open")
     # The phone was recording all along (a tunnel, no signal): its backlog fills the gap.
@@ -113,12 +113,16 @@ async def test_delivery_window_missed_and_a_late_upload_that_explains_it(start_i
     t0 = now_ms()
     await consign(inst, org, "PKG-1", "st-marys", window={"from": t0 - 60_000, "to": t0 + 1000})
     await consign(inst, org, "PKG-2", "st-marys", window={"from": t0 - 60_000, "to": t0 + 1000})
+    await consign(inst, org, "PKG-3", "st-marys", window={"from": t0 - 60_000, "to": t0 - 30_000})
     client = await Dash.connect(inst.url, token("client", "c", org, client="st-marys"), subscribe={})
     got: list[dict[str, Any]] = []
+    late = await until_frame(client, got, "alert", kind="delivery_window_missed", package="PKG-3")
+    assert late["driver"] is None  # nobody had picked it up
     phone = await Phone.connect(inst.url, token("driver", "d-1", org))
     await phone.send(scan(1, "PKG-1", "pickup", ts=t0 - 5000))
     await phone.send(scan(2, "PKG-2", "pickup", ts=t0 - 5000))
-    await acked(phone, 1, 2)
+    await phone.send(scan(5, "PKG-3", "pickup", ts=now_ms()))  # a holder now: still the same missed window
+    await acked(phone, 1, 2, 5)
     first = await until_frame(client, got, "alert", kind="delivery_window_missed", package="PKG-1")
     await until_frame(client, got, "alert", kind="delivery_window_missed", package="PKG-2")
     assert_frame_valid(first, "alert")
@@ -129,11 +133,12 @@ async def test_delivery_window_missed_and_a_late_upload_that_explains_it(start_i
     # PKG-2, delivered after its window: the alert stays open.
     await phone.send(scan(4, "PKG-2", "deliver", ts=now_ms(), lat=DEST["lat"], lon=DEST["lon"]))
     await until_frame(client, got, "package", package="PKG-2", state="delivered")
-    await eventually(lambda: _alerts(inst, _disp(org), kind="delivery_window_missed"), lambda a: len(a) == 2)
+    await eventually(lambda: _alerts(inst, _disp(org), kind="delivery_window_missed"), lambda a: len(a) == 3)
     states = {a["package"]: a["state"] for a in await _alerts(inst, _disp(org), kind="delivery_window_missed")}
-    assert states == {"PKG-1": "resolved", "PKG-2": "open"}
+    assert states == {"PKG-1": "resolved", "PKG-2": "open", "PKG-3": "open"}
+    assert not frames_of(got, "alert", id=late["id"], state="resolved")
     mine = await _alerts(inst, token("client", "c", org, client="st-marys"), kind="delivery_window_missed")
-    assert len(mine) == 2  # client admins see them
+    assert len(mine) == 3  # client admins see them
 
 
 async def test_temperature_duration_rules(start_instance: Any, org: str) -> None:

@@ -146,10 +146,9 @@ class Watch:
     def _find(r: Round, p: asyncpg.Record, finding: rules.Finding | None) -> None:
         if finding is not None:
             org, package = p["org"], p["package_id"]
-            r.found[(org, alert_id(org, package, (finding.kind, "", finding.driver or "", finding.n)))] = (
-                package,
-                finding,
-            )
+            # A missed window is the package's, whoever holds it (the alert names the holder it found).
+            who = "" if finding.kind == rules.WINDOW_MISSED else finding.driver or ""
+            r.found[(org, alert_id(org, package, (finding.kind, "", who, finding.n)))] = (package, finding)
 
     def _arrival(self, r: Round, p: asyncpg.Record, fixes: list[rules.Fix], t: rules.Thresholds) -> None:
         if p["arrived_at"] is not None:

@@ -37,45 +37,20 @@ T0 = 1_764_000_000_000
 
 
 async def store_points(dsn: str, n: int) -> None:
+    """COPY straight into the partitioned table (tracker/sql/0008), as a bulk import would."""
     conn = await asyncpg.connect(dsn)
     try:
+        await conn.execute("INSERT INTO drivers (org, driver_id) VALUES ($1, $2) ON CONFLICT DO NOTHING", ORG, DRIVER)
+        did = await conn.fetchval("SELECT id FROM drivers WHERE org = $1 AND driver_id = $2", ORG, DRIVER)
         step = 200_000
         for lo in range(0, n, step):
             rows = [
-                (
-                    ORG,
-                    DRIVER,
-                    i + 1,
-                    T0 + i * 1000,
-                    T0 + i * 1000,
-                    -1.3 + (i % 5000) * 1e-5,
-                    36.8 + (i % 7000) * 1e-5,
-                    5.0,
-                    11.2,
-                    90.0,
-                    1650.0,
-                    0.8,
-                )
+                (did, i + 1, T0 + i * 1000, T0 + i * 1000, -1.3 + (i % 5000) * 1e-5, 36.8 + (i % 7000) * 1e-5)
+                + (5.0, 11.2, 90.0, 1650.0, 0.8)
                 for i in range(lo, min(n, lo + step))
             ]
-            await conn.copy_records_to_table(
-                "positions",
-                records=rows,
-                columns=[
-                    "org",
-                    "driver_id",
-                    "seq",
-                    "ts",
-                    "received_at",
-                    "lat",
-                    "lon",
-                    "acc",
-                    "spd",
-                    "hdg",
-                    "alt",
-                    "bat",
-                ],
-            )
+            columns = ["driver", "seq", "ts", "received_at", "lat", "lon", "acc", "spd", "hdg", "alt", "bat"]
+            await conn.copy_records_to_table("position_rows", records=rows, columns=columns)
     finally:
         await conn.close()
 

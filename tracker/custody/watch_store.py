@@ -38,8 +38,9 @@ JOIN alerts a ON a.org = k.org AND a.id = k.id
 """
 FIXES: Final = """
 SELECT k.org, k.d, f.ts, f.lat, f.lon FROM unnest($1::text[], $2::text[]) AS k(org, d)
-CROSS JOIN LATERAL (SELECT ts, lat, lon FROM positions
-                    WHERE org = k.org AND driver_id = k.d AND ts >= $3 AND ts <= $4 ORDER BY ts DESC LIMIT $5) f
+CROSS JOIN LATERAL (SELECT ts, lat, lon FROM position_rows
+                    WHERE driver = (SELECT id FROM drivers WHERE org = k.org AND driver_id = k.d)
+                      AND ts >= $3 AND ts <= $4 ORDER BY ts DESC LIMIT $5) f
 """
 LOCK_ALERTS: Final = """
 SELECT a.org, a.id, a.state, a.resolved_by FROM unnest($1::text[], $2::text[]) AS k(org, id)

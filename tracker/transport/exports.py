@@ -33,8 +33,9 @@ EXPORTS_MAX: Final = 2  # concurrent exports per instance: each holds a pooled c
 PREFETCH: Final = 2_000
 CHUNK: Final = 65_536
 ROWS: Final = """
-SELECT seq, ts, lat, lon, acc, spd, hdg, alt, bat FROM positions
-WHERE org = $1 AND driver_id = $2 AND ts >= $3 AND ts < $4 ORDER BY ts, seq
+SELECT seq, ts, lat, lon, acc, spd, hdg, alt, bat FROM position_rows
+WHERE driver = (SELECT id FROM drivers WHERE org = $1 AND driver_id = $2) AND ts >= $3 AND ts < $4
+ORDER BY ts, seq
 """
 MEDIA: Final = {
     "geojson": "application/geo+json",

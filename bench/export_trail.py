@@ -34,6 +34,7 @@ from harness.tokens import SECRET, token
 
 ORG, DRIVER = "bench-export", "d-1"
 T0 = 1_764_000_000_000
+EXTRA = (5.0, 11.2, 90.0, 1650.0, 0.8)  # acc, spd, hdg, alt, bat
 
 
 async def store_points(dsn: str, n: int) -> None:
@@ -45,8 +46,7 @@ async def store_points(dsn: str, n: int) -> None:
         step = 200_000
         for lo in range(0, n, step):
             rows = [
-                (did, i + 1, T0 + i * 1000, T0 + i * 1000, -1.3 + (i % 5000) * 1e-5, 36.8 + (i % 7000) * 1e-5)
-                + (5.0, 11.2, 90.0, 1650.0, 0.8)
+                (did, i + 1, T0 + i * 1000, T0 + i * 1000, -1.3 + (i % 5000) * 1e-5, 36.8 + (i % 7000) * 1e-5, *EXTRA)
                 for i in range(lo, min(n, lo + step))
             ]
             columns = ["driver", "seq", "ts", "received_at", "lat", "lon", "acc", "spd", "hdg", "alt", "bat"]

@@ -9,7 +9,7 @@ import { authHeaders, session } from './session.js';
 import { roster, setName, state } from './store.js';
 import { fitBounds, markData, restored, view } from './map.js';
 
-const timers = { fleet: 0 };
+const timers = { fleet: 0, generation: 0 }; // a refresh in flight when the fleet stops must not restart it
 const UNFINISHED = ['created', 'picked_up', 'failed'];
 
 /** A fleet entry shaped like a driver record (store.js), so the lists can show either. */
@@ -28,14 +28,16 @@ function fleetEntry(id) {
 /** Start (or restart, after a reconnect) the periodic fleet refresh. */
 export function startFleet() {
   clearTimeout(timers.fleet);
+  const generation = ++timers.generation;
   const tick = async () => {
     await Promise.all([loadDrivers(), loadPackageInfo()]);
-    timers.fleet = setTimeout(tick, FLEET_REFRESH_MS);
+    if (generation === timers.generation) timers.fleet = setTimeout(tick, FLEET_REFRESH_MS);
   };
   tick();
 }
 
 export function stopFleet() {
+  timers.generation += 1;
   clearTimeout(timers.fleet);
   state.fleet.clear();
   state.packageInfo.clear();

@@ -12,12 +12,13 @@ On a fresh database (created and dropped by this script):
 3. **month**: step 1 again, on top of the month.
 4. **trail**: one driver's day (`store.trail`, as `GET /v1/drivers/{id}/trail` runs it) for
    --trails drivers on a middle day: median and max ms.
-5. **drop**: while positions keep flowing at --rate, the oldest day is expired the way the service
-   does it (`partitions.drop`: floor, DETACH CONCURRENTLY, DROP): its wall time, and the ack
-   latency p99 in the seconds around it against step 3's.
+5. **drop**: while positions keep flowing at --rate, the --drops (3) oldest days are expired one
+   after another, the way the service does it (`partitions.drop`: floor, DETACH CONCURRENTLY,
+   DROP): each one's wall time, and the ack latency p99 within 1 s of a drop against the p99 of
+   the rest of the same flow.
 
     .venv/bin/python bench/storage_month.py [--days 30] [--per-day 1000000] [--drivers 10000]
-        [--rate 2000] [--seconds 20] [--database bench_storage] [--keep]
+        [--rate 2000] [--seconds 20] [--drops 3] [--database bench_storage] [--keep]
 """
 
 from __future__ import annotations
@@ -197,26 +198,33 @@ async def trails(conn: asyncpg.Connection, args: argparse.Namespace, day: int) -
 
 
 async def drop_phase(pool: asyncpg.Pool, database: str, args: argparse.Namespace, seq: int) -> dict[str, Any]:
-    """Positions flow for --seconds; the oldest day is dropped in the middle."""
+    """Positions flow for --seconds; the --drops oldest days are dropped one after another, spread
+    over the flow. Ack latencies within 1 s of a drop are compared with the others of the same flow."""
     async with pool.acquire() as conn:
-        oldest = next(p for p in await partitions.partitions(conn) if p.start is not None)
+        oldest = [p for p in await partitions.partitions(conn) if p.start is not None][: args.drops]
     flow_task = asyncio.create_task(ingest_phase(pool, database, args, seq))
-    await asyncio.sleep(args.seconds / 2)
-    async with pool.acquire() as conn:
-        t0 = time.perf_counter()
-        t_start = t0
-        await partitions.drop(conn, oldest)
-        took = time.perf_counter() - t0
+    windows = []
+    for part in oldest:
+        await asyncio.sleep(args.seconds / (len(oldest) + 1))
+        async with pool.acquire() as conn:
+            t0 = time.perf_counter()
+            await partitions.drop(conn, part)
+            windows.append((t0, time.perf_counter() - t0))
     result = await flow_task
     flow: Flow = result.pop("flow")
-    around = [x for at, x in flow.latencies if t_start - 1 <= at <= t_start + took + 1]
+
+    def near(at: float) -> bool:
+        return any(t0 - 1 <= at <= t0 + took + 1 for t0, took in windows)
+
+    around = [x for at, x in flow.latencies if near(at)]
+    elsewhere = [x for at, x in flow.latencies if not near(at)]
     return {
-        "dropped": oldest.name,
-        "drop_s": round(took, 3),
-        "ack_p99_ms_whole": result["ack_p99_ms"],
+        "dropped": [p.name for p in oldest],
+        "drop_s": [round(took, 3) for _, took in windows],
         "ack_p50_ms_whole": result["ack_p50_ms"],
-        "ack_p99_ms_around_drop": round(pct(around, 0.99) * 1000, 1),
-        "ack_max_ms_around_drop": round(max(around) * 1000, 1) if around else None,
+        "ack_p99_ms_around_drops": round(pct(around, 0.99) * 1000, 1),
+        "ack_p99_ms_elsewhere": round(pct(elsewhere, 0.99) * 1000, 1),
+        "ack_max_ms_around_drops": round(max(around) * 1000, 1) if around else None,
         "rows": result["rows"],
         "refused": result["refused"],
     }
@@ -282,6 +290,7 @@ def main() -> int:
     p.add_argument("--rate", type=int, default=2_000, help="positions per second in the ingest phases")
     p.add_argument("--seconds", type=float, default=20.0, help="length of each ingest phase")
     p.add_argument("--trails", type=int, default=50)
+    p.add_argument("--drops", type=int, default=3, help="days dropped, one after another, during the last phase")
     p.add_argument("--database", default="bench_storage", help="created afresh, dropped at the end")
     p.add_argument("--keep", action="store_true", help="keep the database")
     args = p.parse_args()

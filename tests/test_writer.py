@@ -172,3 +172,32 @@ async def test_what_waits_past_the_deadline_is_answered_unavailable(org: str) ->
     finally:
         await writer.close()
         await pool.close()
+
+
+async def test_a_large_batch_goes_through_copy_with_the_same_answers(
+    pool: asyncpg.Pool, org: str, db: asyncpg.Connection
+) -> None:
+    """A flush of eventstore.COPY_MIN positions or more is staged by COPY: resends are acked and not
+    stored twice, a different event under a taken seq is a conflict, the rest is stored."""
+    from tracker.eventstore import COPY_MIN
+
+    answers = Answers()
+    writer = Writer(pool, answers, flush_interval_ms=50, flush_max_events=COPY_MIN + 600)
+    writer.start()
+    try:
+        writer.submit([item(org, s, driver=f"d-{s % 7}") for s in range(1, 11)])
+        await answers.until(10)
+        again = [item(org, s, driver=f"d-{s % 7}") for s in range(1, 10)]  # resends
+        other = [item(org, 10, ts=1, driver="d-3")]  # seq 10 of d-3 is taken by another event
+        new = [item(org, s, driver=f"d-{s % 7}") for s in range(11, COPY_MIN + 500)]
+        assert writer.submit(again + other + new) == []
+        await answers.until(10 + len(again) + 1 + len(new), timeout=30)
+        assert answers.codes() == {10: "conflict"}
+        assert len(answers.stored) == 10 + len(again) + len(new)
+        stored = await db.fetchval("SELECT count(*) FROM positions WHERE org = $1", org)
+        assert stored == 10 + len(new)
+        # It was staged: a pooled connection of the writer holds the stage (a temporary table).
+        staged = "SELECT count(*) FROM pg_class WHERE relname = 'tracker_stage' AND relpersistence = 't'"
+        assert await db.fetchval(staged) >= 1
+    finally:
+        await writer.close()

@@ -50,7 +50,7 @@ BROKER_LIVE = Gauge("tracker_broker_live", "1 when the Redis subscriber is prove
 # Day-two operations (docs/OPERATIONS.md; deploy/prometheus/alerts.yml alerts on these).
 LOOP_LAG = Histogram(
     "tracker_loop_lag_seconds",
-    "How late the event loop ran a timer due every 0.5 s (tracker/looplag.py)",
+    "How late the event loop ran a timer due every 50 ms (tracker/looplag.py)",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 WRITER_BUFFER_MAX = Gauge("tracker_writer_buffer_max_events", "Capacity of the writer's buffer (then: unavailable)")

@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import threading
-import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -17,7 +16,6 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 
-from . import metrics
 from .config import Settings
 
 HEAD_MAX = 65_536  # bytes of request line and headers
@@ -53,23 +51,13 @@ def tune_gc() -> None:
     thresholds the cyclic collector still runs every 700 allocations and, with tens of thousands
     of connections' objects alive, a full collection costs milliseconds. Objects alive after
     start-up are frozen out of collection altogether."""
+    from .looplag import gc_callback
+
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
-    if _gc_timer not in gc.callbacks:
-        gc.callbacks.append(_gc_timer)
-
-
-_gc_started = 0.0
-
-
-def _gc_timer(phase: str, info: dict[str, int]) -> None:
-    """Every collection's pause, as a metric: a latency spike shows up here if GC is the cause."""
-    global _gc_started
-    if phase == "start":
-        _gc_started = time.perf_counter()
-    else:
-        metrics.GC_PAUSE.labels(str(info["generation"])).observe(time.perf_counter() - _gc_started)
+    if gc_callback not in gc.callbacks:
+        gc.callbacks.append(gc_callback)  # every pause as a metric; a long one named in the stall's log line
 
 
 def head_deadline_protocol(settings: Settings) -> type[asyncio.Protocol]:

@@ -1,0 +1,50 @@
+"""A stalled event loop is named in the log: one warning line per stall over 100 ms, with the stack
+that held the loop (tracker/looplag.py); a pause under 100 ms is only in `tracker_loop_lag_seconds`."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+from prometheus_client import REGISTRY
+
+from harness.instances import Instance
+from harness.wait import wait_until
+
+
+def hold_the_loop_for(seconds: float) -> None:
+    """A blocking call in the event loop's thread, as a CPU-bound handler would be."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def stall_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "tracker.looplag" and "held" in r.getMessage()]
+
+
+def lag_observations() -> float:
+    return REGISTRY.get_sample_value("tracker_loop_lag_seconds_count") or 0.0
+
+
+async def test_stall_is_logged_once_with_the_stack_that_held_the_loop(
+    instance: Instance, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="tracker.looplag")
+    caplog.clear()
+    # Short pauses first: each observed (the timer ran after it), none logged.
+    for _ in range(3):
+        seen = lag_observations()
+        hold_the_loop_for(0.04)
+        await wait_until(lambda seen=seen: lag_observations() > seen, 5, "the loop-lag timer", interval=0.005)
+    # Then a stall.
+    hold_the_loop_for(0.4)
+    await wait_until(lambda: stall_lines(caplog), 5, "the stall's log line")
+    lines = stall_lines(caplog)
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert "\n" not in line
+    held_ms = int(line.split("event loop held ")[1].split(" ms")[0])
+    assert 300 <= held_ms <= 2000, line  # the stall, not one of the short pauses
+    assert "test_looplag.py" in line and "hold_the_loop_for" in line, line

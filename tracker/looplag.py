@@ -63,10 +63,11 @@ def gc_callback(phase: str, info: dict[str, int]) -> None:
     pause = now - _GcWatch.started
     metrics.GC_PAUSE.labels(str(info["generation"])).observe(pause)
     if pause >= _GcWatch.LONG_GC_S:
+        here = sys._getframe()
         _GcWatch.long_at = time.monotonic()
         _GcWatch.long_note = (
             f"a generation-{info['generation']} garbage collection of {pause * 1000:.0f} ms "
-            f"({info.get('collected', 0)} collected), triggered at: {stack_line(sys._getframe(1))}"
+            f"({info.get('collected', 0)} collected), triggered at: {stack_line(here.f_back or here)}"
         )
 
 

@@ -24,6 +24,10 @@ def stall_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "tracker.looplag" and "held" in r.getMessage()]
 
 
+def held_ms(line: str) -> int:
+    return int(line.split("event loop held ")[1].split(" ms")[0])
+
+
 def lag_observations() -> float:
     return REGISTRY.get_sample_value("tracker_loop_lag_seconds_count") or 0.0
 
@@ -40,11 +44,13 @@ async def test_stall_is_logged_once_with_the_stack_that_held_the_loop(
         await wait_until(lambda seen=seen: lag_observations() > seen, 5, "the loop-lag timer", interval=0.005)
     # Then a stall.
     hold_the_loop_for(0.4)
-    await wait_until(lambda: stall_lines(caplog), 5, "the stall's log line")
-    lines = stall_lines(caplog)
-    assert len(lines) == 1, lines
-    line = lines[0]
+
+    def ours() -> list[str]:  # a loaded machine may add stalls of its own, and stretch a short pause
+        return [line for line in stall_lines(caplog) if held_ms(line) >= 300]
+
+    await wait_until(ours, 5, "the stall's log line")
+    assert len(ours()) == 1, stall_lines(caplog)  # one line per stall
+    line = ours()[0]
     assert "\n" not in line
-    held_ms = int(line.split("event loop held ")[1].split(" ms")[0])
-    assert 300 <= held_ms <= 2000, line  # the stall, not one of the short pauses
+    assert held_ms(line) <= 2000, line
     assert "test_looplag.py" in line and "hold_the_loop_for" in line, line

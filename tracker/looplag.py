@@ -151,7 +151,7 @@ class LoopLag:
         elif held is not None and held[0] >= held_since:
             what = f"held at: {held[1]}"
         else:
-            what = "no stack caught (the loop thread held the GIL throughout: a C call or extension)"
+            what = "no stack caught (no thread of the process ran: a C call held the GIL, or no CPU for it)"
         log.warning("event loop held %.0f ms: %s", lag * 1000, what)
 
     async def probe(self) -> bool:

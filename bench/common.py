@@ -255,7 +255,9 @@ def start_server(
 ) -> Iterator[Server]:
     """Start tracker (one process, one worker) or a Socket.IO peer on a free port, with a fresh
     database of its own; stop it on exit."""
-    database = f"bench_{kind}"
+    # One database per checkout: two engineers' runs on one cluster must not drop each other's
+    # (a run's `fresh_database` dropped another's bench_tracker mid-run: "relation drivers does not exist").
+    database = f"bench_{kind}_{ROOT.name}".replace("-", "_")
     dsn = fresh_database(database)
     port = free_port()
     base = {**os.environ, **(env or {})}

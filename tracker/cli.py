@@ -32,11 +32,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings.check()  # a deployment's shared keys: serve signs and verifies (migrate does not)
     configure_logging(settings.log_level, args.log_format)
     embedded = not (settings.database_url and settings.redis_url)
+    if args.workers != 1:
+        return _serve_workers(settings, args, embedded)
     if embedded:
         lock_data_dir(settings.data_dir)  # DataDirBusy: main() prints it
     try:
         try:
-            sock = listen(settings.host, settings.port)
+            sock = listen(settings.host, settings.port, reuse_port=args.reuse_port)
         except OSError as exc:
             return _fail(
                 "serve",
@@ -57,6 +59,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         if embedded:
             unlock_data_dir(settings.data_dir)
+
+
+def _serve_workers(settings: Settings, args: argparse.Namespace, embedded: bool) -> int:
+    from .workers import Supervisor
+
+    if args.workers < 1:
+        return _fail("serve", f"--workers must be at least 1, not {args.workers}", 2)
+    if embedded:
+        return _fail(
+            "serve", "--workers above 1 needs DATABASE_URL and REDIS_URL (the embedded servers serve one process)", 2
+        )
+    try:
+        return Supervisor(settings, args.workers, log_format=args.log_format).run()
+    except OSError as exc:
+        return _fail(
+            "serve", f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc} (pick another --port)"
+        )
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -228,6 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     listen(serve)
     data_dir(serve)
     log_format(serve)
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N processes sharing the port (SO_REUSEPORT), each an instance of its own; one per core. Needs "
+        "DATABASE_URL and REDIS_URL (default: 1)",
+    )
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # a worker of --workers N
     serve.set_defaults(func=cmd_serve)
 
     token = sub.add_parser(

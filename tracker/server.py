@@ -116,13 +116,17 @@ def head_deadline_protocol(settings: Settings) -> type[asyncio.Protocol]:
     return HeadDeadline
 
 
-def listen(host: str, port: int) -> socket.socket:
+def listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """The listening socket, bound before anything else starts: a busy port is an OSError here, at
-    once, never after the embedded servers started."""
+    once, never after the embedded servers started. With `reuse_port`, the other workers of
+    `serve --workers N` (tracker/workers.py) listen on the same port and the kernel spreads
+    connections over them."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(4096)
     except OSError:

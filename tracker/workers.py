@@ -67,6 +67,7 @@ class Supervisor:
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * workers
         self.started = [0.0] * workers
         self.stopping = 0  # stop signals received
+        self.sig = 0  # the last one
         self.port = settings.port
 
     def _command(self) -> list[str]:
@@ -107,6 +108,7 @@ class Supervisor:
 
     def _signal(self, sig: int, frame: FrameType | None) -> None:
         self.stopping += 1
+        self.sig = sig
         for proc in self.procs:
             if proc is not None and proc.poll() is None:
                 proc.send_signal(sig)
@@ -145,5 +147,7 @@ class Supervisor:
                     if not self.stopping:
                         self.procs[i] = self._spawn(i)
             if self.stopping and all(p is None for p in self.procs):
-                return next((c for c in codes.values() if c), 0)
+                # A worker stopped by the signal passed on is a clean stop (uvicorn re-raises it on exit).
+                clean = (0, -self.sig, 128 + self.sig)
+                return next((c if c > 0 else 1 for c in codes.values() if c not in clean), 0)
             time.sleep(0.1)

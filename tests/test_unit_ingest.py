@@ -89,6 +89,9 @@ class Instance:
     async def connect(self, org: str, sub: str, *, name: str | None = None, welcome: bool = True) -> DriverConn:
         """What the driver endpoint does: register, then welcome (`welcomed_with` the last seq)."""
         conn = DriverConn(Principal("driver", sub, org, exp=2**40, name=name), FakeChannel())
+        # The tests read the org's live feed here, as a dashboard on this instance would: an instance
+        # receives only the orgs it follows (issue 17).
+        await self.broker.follow(org)
         self.welcomed_with[conn.conn_id] = conn.seq_high = await self.drivers.connected(conn)
         conn.welcomed = welcome
         return conn

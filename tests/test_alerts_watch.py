@@ -110,12 +110,13 @@ async def test_backlog_upload_resolves_as_data_recovered(start_instance: Any, or
 
 async def test_delivery_window_missed_and_a_late_upload_that_explains_it(start_instance: Any, org: str) -> None:
     inst = await start_instance(**FAST)
+    # Subscribed first: every alert reaches it live (one opened before a subscription is in its snapshot).
+    client = await Dash.connect(inst.url, token("client", "c", org, client="st-marys"), subscribe={})
+    got: list[dict[str, Any]] = []
     t0 = now_ms()
     await consign(inst, org, "PKG-1", "st-marys", window={"from": t0 - 60_000, "to": t0 + 1000})
     await consign(inst, org, "PKG-2", "st-marys", window={"from": t0 - 60_000, "to": t0 + 1000})
     await consign(inst, org, "PKG-3", "st-marys", window={"from": t0 - 60_000, "to": t0 - 30_000})
-    client = await Dash.connect(inst.url, token("client", "c", org, client="st-marys"), subscribe={})
-    got: list[dict[str, Any]] = []
     late = await until_frame(client, got, "alert", kind="delivery_window_missed", package="PKG-3")
     assert late["driver"] is None  # nobody had picked it up
     phone = await Phone.connect(inst.url, token("driver", "d-1", org))

@@ -128,7 +128,7 @@ def test_contiguous_seqs_are_one_through_and_nothing_else() -> None:
     ledger = CumulativeAcks(1041, 1000)
     assert frame(ledger) is None  # nothing stored: no frame
     for seq in range(1042, 1062):
-        ledger.stored(seq, 0)
+        ledger.stored(seq)
     assert frame(ledger) == {"type": "ack", "through": 1061}
     assert frame(ledger) is None
 
@@ -136,38 +136,38 @@ def test_contiguous_seqs_are_one_through_and_nothing_else() -> None:
 def test_a_gap_holds_through_and_what_lies_beyond_goes_as_ranges() -> None:
     ledger = CumulativeAcks(0, 1000)
     for seq in (1, 2, 4, 5, 9):
-        ledger.stored(seq, 0)
+        ledger.stored(seq)
     assert frame(ledger) == {"type": "ack", "through": 2, "ranges": [[4, 5], [9, 9]]}
-    ledger.stored(3, 0)  # the gap fills: through jumps over what was acked by ranges
+    ledger.stored(3)  # the gap fills: through jumps over what was acked by ranges
     assert frame(ledger) == {"type": "ack", "through": 5}
     ledger.refused(6)  # a final refusal (its error was written before) lets through pass it
     ledger.refused(8)
-    ledger.stored(7, 0)
+    ledger.stored(7)
     assert frame(ledger) == {"type": "ack", "through": 9}
 
 
 def test_seqs_at_or_below_the_welcomes_last_seq_go_as_ranges() -> None:
     ledger = CumulativeAcks(100, 1000)
     for seq in (7, 8, 101):
-        ledger.stored(seq, 0)
+        ledger.stored(seq)
     assert frame(ledger) == {"type": "ack", "through": 101, "ranges": [[7, 8]]}
-    ledger.stored(50, 0)
+    ledger.stored(50)
     assert frame(ledger) == {"type": "ack", "through": 101, "ranges": [[50, 50]]}
 
 
 def test_unavailable_or_rate_limited_seqs_are_never_passed() -> None:
     ledger = CumulativeAcks(0, 1000)
-    ledger.stored(1, 0)
-    ledger.stored(3, 0)  # 2 was refused unavailable: never marked until stored
+    ledger.stored(1)
+    ledger.stored(3)  # 2 was refused unavailable: never marked until stored
     assert frame(ledger) == {"type": "ack", "through": 1, "ranges": [[3, 3]]}
-    ledger.stored(2, 0)
+    ledger.stored(2)
     assert frame(ledger) == {"type": "ack", "through": 3}
 
 
 def test_the_ledger_is_bounded_whatever_the_numbering() -> None:
     ledger = CumulativeAcks(0, 1000)
     for seq in range(2, 2 + 4 * MAX_SPANS, 2):  # every other seq: a span each
-        ledger.stored(seq, 0)
+        ledger.stored(seq)
     assert len(ledger.spans) == MAX_SPANS
     got = frame(ledger)
     assert got is not None and "through" not in got and len(got["ranges"]) == 2 * MAX_SPANS  # every one acked
@@ -176,11 +176,11 @@ def test_the_ledger_is_bounded_whatever_the_numbering() -> None:
 def test_compact_acks_stand_for_the_json_ones() -> None:
     ledger = CumulativeAcks(1041, 1000, binary=True)
     for seq in (7, 8, *range(1042, 1062), 1064, 1065):
-        ledger.stored(seq, 0)
+        ledger.stored(seq)
     data = ledger.frame()
     assert data is not None and data.hex(" ") == "a1 14 02 07 01 a0 08 01"  # through 1061 (+20), [7, 8], [1064, 1065]
     assert decode_binary(data, 1041) == {"type": "ack", "through": 1061, "ranges": [[7, 8], [1064, 1065]]}
-    ledger.stored(1062, 0)
+    ledger.stored(1062)
     data = ledger.frame()
     assert data == b"\xa1\x15\x00" and decode_binary(data, 1041) == {"type": "ack", "through": 1062}
 

@@ -25,7 +25,7 @@ class CumulativeAcks:
     """One driver connection's ack ledger. `stored` and `refused` mark seqs; `frame()` gives the
     next `ack` frame (None when nothing was stored since the last one)."""
 
-    __slots__ = ("base", "binary", "delay_ms", "oldest", "pending", "spans", "through")
+    __slots__ = ("base", "binary", "delay_ms", "pending", "spans", "through")
 
     def __init__(self, base: int, delay_ms: int, *, binary: bool = False) -> None:
         self.binary = binary  # compact acks: `frame()` gives binary frames (PROTOCOL.md, "Compact acks")
@@ -34,12 +34,9 @@ class CumulativeAcks:
         self.through = base
         self.spans: list[list[int]] = []  # answered seqs above through + 1: sorted, disjoint, not adjacent
         self.pending: list[int] = []  # stored since the last frame
-        self.oldest = 0  # receipt (ms) of the oldest pending event, for the ack latency metric
 
-    def stored(self, seq: int, received: int) -> None:
+    def stored(self, seq: int) -> None:
         """`seq` is committed (after the commit, never before)."""
-        if not self.pending or received < self.oldest:
-            self.oldest = received
         self.pending.append(seq)
         self._mark(seq)
 

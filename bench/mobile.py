@@ -261,6 +261,15 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with private_redis() as (redis_url, _):
         for name in args.forms.split(","):
+            if name == "idle":  # what the server costs with no phone at all, to subtract
+                with tracker(redis_url) as (port, pid):
+                    meter = CpuMeter({"tracker": lambda: [pid]})
+                    meter.start()
+                    time.sleep(args.duration)
+                    cpu = meter.stop()
+                    rows.append({"form": "idle", "server_cpu_s_per_s": round(cpu["tracker"] / meter.wall_s, 4)})
+                    log(json.dumps(rows[-1]))
+                continue
             if name == "deflate":
                 for compression, env in (("deflate", {"TRACKER_WS_DEFLATE": "true"}), (None, {})):
                     with tracker(redis_url, env) as (port, pid):
@@ -278,6 +287,9 @@ def main() -> None:
     print("| form | positions | up B/pos | down B/pos | total B/pos | server CPU us/pos |")
     print("|---|---|---|---|---|---|")
     for r in rows:
+        if r["form"] == "idle":
+            print(f"| idle (no phone) | | | | | {r['server_cpu_s_per_s'] * 1e6:.0f} us per second |")
+            continue
         print(
             f"| {r['form']} | {r['positions']} | {r['proxy_up_per_position']} | {r['proxy_down_per_position']} | "
             f"{r['proxy_total_per_position']} | {r['server_cpu_us_per_position']} |"

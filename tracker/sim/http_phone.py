@@ -65,10 +65,14 @@ class HttpSimPhone:
         if self.fleet.batch_window and now - self.last_poll < self.fleet.batch_window and generate:
             return n
         self.last_poll = now
-        upload = self.phone.upload(now)
-        if upload is not None:
-            self.posting = asyncio.get_running_loop().create_task(self._post(*upload))
+        uploads = self.phone.uploads(now)
+        if uploads:
+            self.posting = asyncio.get_running_loop().create_task(self._post_all(uploads))
         return n
+
+    async def _post_all(self, uploads: list[tuple[bytes, str]]) -> None:
+        for body, content_type in uploads:  # one after the other, as one wake of the app
+            await self._post(body, content_type)
 
     async def life(self) -> None:
         """No connection to hold: the phone starts at once (its numbering from 0, as a new app)."""

@@ -214,27 +214,28 @@ class Phone:
                 rec.sent(e.seq, now)
         return frames
 
-    def upload(self, now: float) -> tuple[bytes, str] | None:
-        """The body of ``POST /v1/driver/events`` for what is due (at most ``max_batch`` events, the
-        rest stays due) and its content type: compact-1 when every event is a position and the
-        phone speaks it, else JSON. None when nothing is due."""
+    def uploads(self, now: float) -> list[tuple[bytes, str]]:
+        """The bodies of ``POST /v1/driver/events`` for what is due (at most ``max_batch`` events
+        each; the rest stays due) with their content types: a compact phone's positions in a
+        compact-1 body and its scans in a JSON one after it, else one JSON body."""
         if not self.online:
-            return None
+            return []
         self.poll_due(now)
-        if not self.due:
-            return None
         out = self.outbox
-        entries = [out[s] for s in list(self.due)[: min(self.max_batch, self.split)] if s in out]
+        entries = [out[s] for s in list(self.due) if s in out][: min(self.max_batch, self.split)]
         for e in entries:
             self.due.pop(e.seq, None)
             e.sent_at, e.batched = now, len(entries) > 1
             if self.records is not None:
                 self.records.sent(e.seq, now)
         if not entries:
-            return None
-        if self.encoding == "compact" and all(e.body["type"] == "pos" for e in entries):
-            return compact.encode([e.body for e in entries]), compact.CONTENT_TYPE
-        return b'{"events":[' + b",".join([e.data for e in entries]) + b"]}", "application/json"
+            return []
+        if self.encoding != "compact":
+            return [(_events_body(entries), "application/json")]
+        positions = [e for e in entries if e.body["type"] == "pos"]
+        scans = [e for e in entries if e.body["type"] != "pos"]
+        bodies = [(compact.encode([e.body for e in positions]), compact.CONTENT_TYPE)] if positions else []
+        return bodies + ([(_events_body(scans), "application/json")] if scans else [])
 
     def answered(self, answer: dict[str, Any], now: float) -> None:
         """The answer to an upload: ``ranges`` stored, ``errors`` per event, ``last_seq``."""
@@ -360,6 +361,10 @@ class Phone:
             if e.sent_at and e.sent_at <= cutoff and s not in self.held:
                 self.due[s] = None
         self.next_sweep = now + min(self.resend_after / 4, 5000.0)
+
+
+def _events_body(entries: list[Entry]) -> bytes:
+    return b'{"events":[' + b",".join([e.data for e in entries]) + b"]}"
 
 
 def _by_seq(e: Entry) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -94,3 +95,103 @@ class SentinelSet:
         self.replica.close()
         self.master.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisClusterSet:
+    """A Redis Cluster of `n` masters (no replicas) on spare ports, made by `redis-cli --cluster
+    create`. A node killed and started again keeps its identity and slots (its nodes.conf stays in
+    its folder); the others go on serving theirs meanwhile (full coverage is not required)."""
+
+    def __init__(self, n: int = 3) -> None:
+        opts = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000")
+        self.nodes = [
+            RedisServer(_cluster_port(), args=(*opts, "--cluster-require-full-coverage", "no")) for _ in range(n)
+        ]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+
+    async def start(self) -> RedisClusterSet:
+        for node in self.nodes:
+            await node.start()
+        create = await asyncio.create_subprocess_exec(
+            "redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+            "--cluster-replicas", "0", "--cluster-yes",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        assert await create.wait() == 0, "redis-cli --cluster create failed"
+        await wait_until(self.healthy, 20, "every node to say cluster_state:ok")
+        return self
+
+    async def healthy(self) -> bool:
+        replies = [await _ask(node.port, "CLUSTER", "INFO") for node in self.nodes]
+        return all(b"cluster_state:ok" in r for r in replies)
+
+    async def node_id(self, i: int) -> str:
+        return (await _ask(self.nodes[i].port, "CLUSTER", "MYID")).split(b"\r\n")[1].decode()
+
+    async def slot(self, key: str) -> int:
+        return int((await _ask(self.nodes[0].port, "CLUSTER", "KEYSLOT", key)).strip()[1:])
+
+    async def owner(self, slot: int) -> int:
+        """The index of the node that serves `slot`."""
+        for i, node in enumerate(self.nodes):
+            if (await _ask(node.port, "CLUSTER", "COUNTKEYSINSLOT", str(slot))).startswith(b":"):
+                probe = await _ask(node.port, "CLUSTER", "NODES")
+                for line in probe.decode().splitlines():
+                    fields = line.split()
+                    if len(fields) > 8 and "myself" in fields[2] and _serves(fields[8:], slot):
+                        return i
+        raise AssertionError(f"no node serves slot {slot}")
+
+    async def restart(self, i: int) -> None:
+        self.nodes[i].kill()
+        await self.nodes[i].start()
+        await wait_until(self.healthy, 20, "the cluster to be whole again")
+
+    async def migrate(self, slot: int, to: int) -> None:
+        """Move `slot`, with its keys, to node `to` (CLUSTER SETSLOT IMPORTING/MIGRATING, MIGRATE,
+        SETSLOT NODE on every node), as `redis-cli --cluster reshard` does."""
+        src = await self.owner(slot)
+        src_id, dst_id = await self.node_id(src), await self.node_id(to)
+        sport, dport = self.nodes[src].port, self.nodes[to].port
+        await _ask(dport, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", src_id)
+        await _ask(sport, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", dst_id)
+        while True:
+            reply = await _ask(sport, "CLUSTER", "GETKEYSINSLOT", str(slot), "100")
+            keys = [k for k in reply.decode().split("\r\n") if k and k[0] not in "*$"]
+            if not keys:
+                break
+            await _ask(sport, "MIGRATE", "127.0.0.1", str(dport), '""', "0", "5000", "KEYS", *keys)
+        for node in self.nodes:
+            await _ask(node.port, "CLUSTER", "SETSLOT", str(slot), "NODE", dst_id)
+        await wait_until(self.healthy, 20, "the cluster to be whole after the move")
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (+10,000) is free too (so at most 55,535)."""
+    while True:
+        port = free_port()
+        if port > 55_535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10_000))
+            except OSError:
+                continue
+        return port
+
+
+def _serves(ranges: list[str], slot: int) -> bool:
+    for r in ranges:
+        if r.startswith("["):
+            continue
+        lo, _, hi = r.partition("-")
+        if int(lo) <= slot <= int(hi or lo):
+            return True
+    return False

@@ -87,7 +87,8 @@ class RedisServer:
                 "--loglevel",
                 "warning",
                 *self.args,
-            ]
+            ],
+            log=Path(self.dir) / "redis.log",
         )
         await wait_until(self._pong, 10, "redis-server to answer PING")
         return self
@@ -95,7 +96,8 @@ class RedisServer:
     async def _pong(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
-            raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+            said = (Path(self.dir) / "redis.log").read_text(errors="replace")[-500:]
+            raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {said}")
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         except OSError:

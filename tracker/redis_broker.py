@@ -20,6 +20,7 @@ fresh connection, so the first tick after a partition heals is not lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -78,6 +79,7 @@ class RedisBroker:
         # dead is sent once more at once, on a new one), a factory of subscriber clients, and the
         # names: all from what the URL names (one Redis, or a master found through Sentinel).
         self.redis, self._sub_client, self.naming = clients(url)
+        self._pool = getattr(self.redis, "connection_pool", None)  # a cluster has one per node
         self._pending: dict[str, list[LiveItem]] = {}
         self._pending_count = 0
         self._send_wake = asyncio.Event()
@@ -100,11 +102,16 @@ class RedisBroker:
             set_live=self._set_live,
         )
 
-    async def _run(self, script: Lua, calls: list[Call], *, also: Callable[[Any], None] | None = None) -> list[Any]:
+    async def _run(self, script: Lua, calls: list[Call], *, also: Callable[[Any], Any] | None = None) -> list[Any]:
         """Every call of `script` in one round trip (with `also`'s commands first, in the same
         pipeline); the script is loaded only if Redis does not have it yet."""
         for attempt in (0, 1):
             try:
+                if self.naming.cluster:  # no EVALSHA in a cluster pipeline: each to its node, all at once
+                    extra = [also(self.redis)] if also is not None else []
+                    run = (self.redis.evalsha(script.sha, len(k), *k, *a) for k, a in calls)
+                    done: list[Any] = await asyncio.gather(*extra, *run)
+                    return done[len(extra) :]
                 if len(calls) == 1 and also is None:
                     keys, args = calls[0]
                     return [await self.redis.evalsha(script.sha, len(keys), *keys, *args)]  # type: ignore[misc]
@@ -113,7 +120,7 @@ class RedisBroker:
                         also(pipe)
                     for keys, args in calls:
                         pipe.evalsha(script.sha, len(keys), *keys, *args)
-                    out = await pipe.execute()
+                    out: list[Any] = await pipe.execute()
                 return out[len(out) - len(calls) :]
             except NoScriptError:
                 if attempt:
@@ -156,7 +163,8 @@ class RedisBroker:
             except RedisConnectionError as exc:
                 if attempt == 0:  # a dead pooled connection: the others died with it; once more
                     log.debug("live publish met a dead connection (%s): sending again", exc)
-                    await self.redis.connection_pool.disconnect(inuse_connections=False)
+                    if self._pool is not None:
+                        await self._pool.disconnect(inuse_connections=False)
                     continue
                 error: Exception = exc
             except (RedisError, OSError) as exc:
@@ -169,7 +177,7 @@ class RedisBroker:
 
     # -- presence -----------------------------------------------------------------------------
 
-    def _add_orgs(self, orgs: list[str]) -> Callable[[Any], None]:
+    def _add_orgs(self, orgs: list[str]) -> Callable[[Any], Any]:
         return lambda pipe: pipe.sadd(ORGS_KEY, *orgs)
 
     @unavailable
@@ -271,13 +279,19 @@ class RedisBroker:
         lts, stamp, frame = value.split(b"\t", 2)
         return int(lts), stamp, frame
 
+    # On a cluster the mark is a key in the org's slot: a restarted node loses it with the positions.
     @unavailable
     async def is_synced(self, org: str) -> bool:
+        if self.naming.cluster:
+            return bool(await self.redis.exists(self.naming.key("pgsynced", org)))
         return bool(await self.redis.hexists(SYNCED_KEY, org))  # type: ignore[misc]
 
     @unavailable
     async def mark_synced(self, org: str) -> None:
-        await self.redis.hset(SYNCED_KEY, org, 1)  # type: ignore[misc]
+        if self.naming.cluster:
+            await self.redis.set(self.naming.key("pgsynced", org), 1)
+        else:
+            await self.redis.hset(SYNCED_KEY, org, 1)  # type: ignore[misc]
 
     @unavailable
     async def publish_control(self, kind: str, payload: bytes) -> None:
@@ -314,8 +328,10 @@ class RedisBroker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.redis.aclose()
-        await self.redis.connection_pool.disconnect()  # a pool we made is not closed by the client
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await asyncio.wait_for(self.redis.aclose(), 3)
+        if self._pool is not None:
+            await self._pool.disconnect()  # a pool we made is not closed by the client
 
     _was_live = False  # the first "live" is the start, not a restoration
     _closing = False

@@ -21,9 +21,12 @@ from urllib.parse import unquote, urlsplit
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+
+from .redis_cluster import ClusterSubscribing
 
 CTL_CHANNEL: Final = "trk:ctl"
 # A hash org -> 1, set once PostgreSQL's newest positions of an org were merged into Redis. A
@@ -123,7 +126,7 @@ class FastUnixConnection(FastPacking, aioredis.UnixDomainSocketConnection):
     pass
 
 
-def clients(url: str) -> tuple[aioredis.Redis, Callable[[], aioredis.Redis], Naming]:
+def clients(url: str) -> tuple[Any, Callable[[], Any], Naming]:
     """What `RedisBroker` talks to for the Redis `url` names: the command client, a factory of
     clients for the subscriber (one per subscription: it is made again after a loss), the names."""
     target = parse_url(url)
@@ -149,7 +152,18 @@ def clients(url: str) -> tuple[aioredis.Redis, Callable[[], aioredis.Redis], Nam
             Naming(cluster=False),
         )
     if target.mode == "cluster":
-        raise ValueError("REDIS_URL redis+cluster:// is not supported yet (issue 17, item 4)")
+        auth = {"password": target.password, "username": target.username}
+        if target.tls:
+            auth["ssl"] = True
+        nodes = list(target.nodes)
+        cluster = RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in nodes],
+            max_connections=32,
+            socket_timeout=3,
+            socket_connect_timeout=2,
+            **auth,
+        )
+        return cluster, lambda: ClusterSubscribing(nodes, auth), Naming(cluster=True)
     # A bounded pool: callers queue for a connection instead of opening thousands.
     pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=32, timeout=5, **kw)
     unix = issubclass(pool.connection_class, aioredis.UnixDomainSocketConnection)

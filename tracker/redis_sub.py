@@ -152,9 +152,10 @@ class Subscriber:
                     sync.cancel()
                     with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
                         await sync
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()
-                    await client.aclose()
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    async with asyncio.timeout(2):  # closing a connection to a node gone must not hang
+                        await pubsub.aclose()
+                        await client.aclose()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 

@@ -23,6 +23,7 @@ from .live import PackageLayer
 
 BODY_MAX: Final = 4_096
 GET: Final = "SELECT thresholds::text AS t FROM alert_thresholds WHERE org = $1"
+GET_FOR_UPDATE: Final = "SELECT thresholds::text AS t FROM alert_thresholds WHERE org = $1 FOR UPDATE"
 PUT: Final = """
 INSERT INTO alert_thresholds (org, thresholds, updated_by, updated_at) VALUES ($1, $2::jsonb, $3, $4)
 ON CONFLICT (org) DO UPDATE SET thresholds = EXCLUDED.thresholds, updated_by = EXCLUDED.updated_by,
@@ -73,7 +74,7 @@ async def put_thresholds(request: Request) -> Response:
         if value is not None and not ok:
             raise ApiError(400, "invalid", f"{name}: a number from {lo:g} to {hi:g}, or null for the default")
     async with layer.core.pool.acquire() as conn, conn.transaction():
-        raw = await conn.fetchval(GET + " FOR UPDATE", p.org)
+        raw = await conn.fetchval(GET_FOR_UPDATE, p.org)
         current: dict[str, Any] = orjson.loads(raw) if raw else {}
         for name, value in changes.items():
             if value is None:

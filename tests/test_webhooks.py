@@ -405,3 +405,25 @@ def test_the_worked_example_in_the_protocol_doc_verifies() -> None:
     )
     assert not verify(secret, headers, body.replace(b"9.5", b"9.6"), now=int(headers["webhook-timestamp"]))
     assert not verify(secret, headers, body, now=int(headers["webhook-timestamp"]) + 301)  # too old: a replay
+
+
+async def test_time_based_alerts_are_delivered_with_their_commit(start_instance: Any, org: str) -> None:
+    """The periodic check (custody/watch.py) writes its alerts' events in its own transaction."""
+    receiver = await Receiver().start()
+    try:
+        inst = await start_instance(webhook_allow=LOOPBACK, webhook_poll_s=0.05, watch_interval_s=0.2)
+        hook = await _register(inst, org, receiver.url, ["alert.opened", "alert.resolved"])
+        t0 = now_ms()
+        await consign(inst, org, "PKG-1", "st-marys", window={"from": t0 - 60_000, "to": t0 + 500})
+
+        def missed() -> list[dict[str, Any]]:
+            return [r.json for r in receiver.got if r.json["data"]["kind"] == "delivery_window_missed"]
+
+        await wait_until(missed, 15, "the delivery_window_missed alert's webhook")
+        [event] = missed()
+        assert event["type"] == "alert.opened" and event["data"]["package"] == "PKG-1"
+        assert event["data"]["details"] == {"window_to": t0 + 500}
+        assert_frame_valid(event, "webhook-event")
+        assert all(verify(hook["secret"], r.headers, r.body) for r in receiver.got)
+    finally:
+        await receiver.stop()

@@ -56,7 +56,7 @@ class PackageLayer:
         s = core.settings
         folder = s.custody_checkpoint_dir or s.data_dir.expanduser() / "checkpoints"
         self.checkpoints = Checkpoints(folder, key, core.broker.instance_id)
-        self.watch = Watch(core)
+        self.watch = Watch(core, outbox)
 
     def tasks(self) -> list[Coroutine[Any, Any, None]]:
         tasks = [self._processor(), self.stamps.run(), self._checkpointer(), self.stamps.notifier.listen()]

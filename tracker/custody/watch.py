@@ -22,11 +22,12 @@ import orjson
 
 from ..broker import LiveItem
 from ..clock import now_ms
+from ..extension import NO_OUTBOX, Outbox, OutboxEvent
 from ..protocol import frames
 from . import rules
 from . import store as ps
 from . import watch_store as ws
-from .process import alert_frame, alert_id, alert_stamp, fact, package_frame, stamp_of
+from .process import alert_frame, alert_id, alert_stamp, event_of, fact, package_frame, stamp_of
 from .stamps import PG_ERRORS
 
 if TYPE_CHECKING:
@@ -46,12 +47,14 @@ class Round:
     changes: list[ws.Change] = field(default_factory=list)
     arrivals: list[tuple[str, str, int | None, int | None]] = field(default_factory=list)
     live: list[tuple[str, LiveItem]] = field(default_factory=list)
+    events: list[tuple[Key, OutboxEvent]] = field(default_factory=list)  # webhooks: (org, alert id) -> event
     found: dict[Key, tuple[str | None, rules.Finding]] = field(default_factory=dict)  # (org, id) -> (package, finding)
 
 
 class Watch:
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, outbox: Outbox = NO_OUTBOX) -> None:
         self.core = core
+        self.outbox = outbox
         self.defaults = rules.Thresholds(
             data_gap_s=core.settings.alert_data_gap_s,
             arrival_radius_m=core.settings.alert_arrival_radius_m,
@@ -85,7 +88,8 @@ class Watch:
             keys = sorted({(c.org, c.package) for c in r.changes if c.package} | {(a[0], a[1]) for a in r.arrivals})
             if keys:
                 await ps.lock_packages(conn, keys)  # the order custody/process.py and the alert workflow lock in
-            await ws.commit_alerts(conn, r.changes, now)
+            done = set(await ws.commit_alerts(conn, r.changes, now))
+            await self.outbox.write(conn, [e for k, e in r.events if k in done])
             await ws.record_arrivals(conn, r.arrivals)
         for org, item in r.live:
             self.core.publish(org, item)
@@ -262,6 +266,10 @@ class Watch:
             frame["details"] = shown
         stamp = alert_stamp(f.kind, stamp_of(client)) if package is not None else b""  # package-less: dispatchers
         r.live.append((org, ("a", f.driver or "", r.now, stamp, frames.encode(frame))))
+        if event != "updated":  # opened, reopened, resolved: what webhooks report
+            r.events.append(
+                ((org, id_), event_of(org, "alert.resolved" if state == "resolved" else "alert.opened", frame))
+            )
 
 
 def _client(row: asyncpg.Record) -> str | None:

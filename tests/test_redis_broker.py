@@ -75,3 +75,34 @@ async def _follow(broker: RedisBroker, org: str) -> None:
     follow = getattr(broker, "follow", None)  # before issue 17, every instance received every org
     if follow is not None:
         await follow(org)
+
+
+async def test_two_databases_on_one_server_do_not_hear_each_other(private_redis: RedisServer, org: str) -> None:
+    """Keys belong to a database, pub/sub channels to the whole server: two deployments on one
+    Redis with different /<db> numbers (or a test suite beside a running service) must not receive
+    each other's live frames or control messages. Each database's own instances still do."""
+    base = f"redis://127.0.0.1:{private_redis.port}"
+    brokers = {
+        name: RedisBroker(f"{base}/{db}", instance_id=f"{name}-{uuid.uuid4().hex[:6]}")
+        for name, db in (("a1", 0), ("a2", 0), ("b", 3))
+    }
+    live: dict[str, list[bytes]] = {name: [] for name in brokers}
+    ctl: dict[str, list[list[str]]] = {name: [] for name in brokers}
+    for name, b in brokers.items():
+        b.on_live = lambda o, msg, name=name: live[name].append(msg) if o == org else None
+        b.on_ctl = lambda parts, name=name: ctl[name].append(parts) if parts[-1] == org else None
+        b.start()
+    try:
+        await wait_until(lambda: all(b.receiving for b in brokers.values()), 10, "every broker to receive")
+        for b in brokers.values():
+            await _follow(b, org)
+        brokers["a1"].publish(org, [_pos("d-1", 1_000)])
+        await brokers["a1"].publish_control("kick", f"x\t{org}".encode())
+        await wait_until(lambda: live["a2"] and ctl["a2"], 5, "database 0's other instance to hear both")
+        brokers["b"].publish(org, [_pos("d-2", 2_000)])
+        await wait_until(lambda: any(b'"ts":2000' in m for m in live["b"]), 5, "database 3's own frame")
+        await asyncio.sleep(0.3)  # room for a stray message to arrive
+        assert not any(b'"ts":1000' in m for m in live["b"]) and ctl["b"] == [], "database 3 heard database 0"
+        assert not any(b'"ts":2000' in m for m in live["a2"]), "database 0 heard database 3"
+    finally:
+        await asyncio.gather(*(b.close() for b in brokers.values()))

@@ -32,7 +32,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from . import metrics
 from .broker import BrokerUnavailable, Held, LiveItem, LiveState, Offline, Online, Registered
-from .redis_keys import CTL_CHANNEL, ORGS_KEY, SYNCED_KEY, clients
+from .redis_keys import ORGS_KEY, SYNCED_KEY, clients
 from .redis_lua import LIVE_LUA, PRESENCE_OFF_LUA, PRESENCE_ON_LUA, REFRESH_LUA, SWEEP_LUA, Call, Lua, live_calls
 from .redis_sub import Subscriber
 
@@ -189,7 +189,7 @@ class RedisBroker:
         groups = _by_org(conns)
         calls: list[Call] = []
         for org, idx in groups.items():
-            args: list[Any] = [exp, naming.publish_command, naming.live_channel(org), CTL_CHANNEL, org]
+            args: list[Any] = [exp, naming.publish_command, naming.live_channel(org), naming.ctl_channel, org]
             for i in idx:
                 _, driver, conn, name, line = conns[i]
                 args += (driver, conn, name or "", line)
@@ -295,7 +295,7 @@ class RedisBroker:
 
     @unavailable
     async def publish_control(self, kind: str, payload: bytes) -> None:
-        await self.redis.publish(CTL_CHANNEL, kind.encode() + b"\t" + payload)
+        await self.redis.publish(self.naming.ctl_channel, kind.encode() + b"\t" + payload)
 
     @unavailable
     async def restore_positions(self, org: str, items: list[tuple[str, int, bytes]]) -> None:

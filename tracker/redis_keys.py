@@ -4,6 +4,8 @@ Three deployments, told apart by the URL's scheme (docs/OPERATIONS.md, "Redis"):
 
 - `redis://`, `rediss://`, `unix://`: one Redis. Keys and channels keep the names of earlier
   releases (`trk:lastpos:<org>`, `trk:live:<org>`), so a rolling upgrade keeps the live state.
+  Channels are server-wide, so on a database other than 0 they carry its number
+  (`trk:<db>:live:<org>`, `trk:<db>:ctl`): deployments on one server do not hear each other.
 - `redis+cluster://host:port[,host:port...]` (`rediss+cluster://` with TLS): a Redis Cluster. Every
   key of an org carries the org as a hash tag (`trk:lastpos:{<org>}`), so that each Lua script
   touches one slot, and live traffic goes by sharded pub/sub (SPUBLISH / SSUBSCRIBE on
@@ -28,7 +30,6 @@ from redis.backoff import NoBackoff
 
 from .redis_cluster import ClusterSubscribing
 
-CTL_CHANNEL: Final = "trk:ctl"
 # A hash org -> 1, set once PostgreSQL's newest positions of an org were merged into Redis. A
 # restarted Redis has lost it along with the positions, so the next snapshot merges again.
 SYNCED_KEY: Final = "trk:pgsynced"
@@ -83,11 +84,19 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 class Naming:
-    """Key and channel names; on a cluster each org's are in the org's slot (hash tag)."""
+    """Key and channel names; on a cluster each org's are in the org's slot (hash tag).
 
-    def __init__(self, *, cluster: bool) -> None:
+    Keys live in the URL's database, but pub/sub channels are server-wide: two deployments on one
+    Redis with different `/<db>` numbers would receive each other's live traffic and control
+    messages. So on a database other than 0 the channels carry its number (`trk:<db>:live:<org>`,
+    `trk:<db>:ctl`); database 0 keeps the names of earlier releases (a rolling upgrade keeps live)."""
+
+    def __init__(self, *, cluster: bool, db: int = 0) -> None:
         self.cluster = cluster
         self.publish_command = "SPUBLISH" if cluster else "PUBLISH"
+        self.channels = "trk:" if db == 0 else f"trk:{db}:"
+        self.ctl_channel = self.channels + "ctl"
+        self._live = self.channels + "live:"
 
     def tag(self, org: str) -> str:
         return "{" + org + "}" if self.cluster else org
@@ -101,10 +110,10 @@ class Naming:
         return [self.key(k, org) for k in ("pconn", "pgen", "pstamp", "presence", "names", "lastpos")]
 
     def live_channel(self, org: str) -> str:
-        return "trk:live:" + self.tag(org)
+        return self._live + self.tag(org)
 
     def org_of(self, channel: bytes) -> str:
-        name = channel.decode()[len("trk:live:") :]
+        name = channel.decode()[len(self._live) :]
         return name[1:-1] if self.cluster else name
 
 
@@ -149,7 +158,7 @@ def clients(url: str) -> tuple[Any, Callable[[], Any], Naming]:
         return (
             command,
             lambda: sentinel.master_for(target.service, socket_connect_timeout=2, **auth),
-            Naming(cluster=False),
+            Naming(cluster=False, db=target.db),
         )
     if target.mode == "cluster":
         auth = {"password": target.password, "username": target.username}
@@ -171,5 +180,5 @@ def clients(url: str) -> tuple[Any, Callable[[], Any], Naming]:
     return (
         aioredis.Redis(connection_pool=pool),
         lambda: aioredis.Redis.from_url(url, socket_connect_timeout=2),
-        Naming(cluster=False),
+        Naming(cluster=False, db=int(pool.connection_kwargs.get("db") or 0)),
     )

@@ -23,7 +23,7 @@ from typing import Any, Final
 from redis.exceptions import RedisError
 
 from . import metrics
-from .redis_keys import CTL_CHANNEL, Naming
+from .redis_keys import Naming
 
 log = logging.getLogger("tracker.broker")
 
@@ -129,7 +129,7 @@ class Subscriber:
             pubsub = client.pubsub()
             sync: asyncio.Task[None] | None = None
             try:
-                await pubsub.subscribe(CTL_CHANNEL, self.probe_channel)
+                await pubsub.subscribe(self.naming.ctl_channel, self.probe_channel)
                 self._sent, self._inflight, self.confirmed = set(), {}, set()
                 self._pubsub = pubsub
                 self.subscribed = True
@@ -161,7 +161,7 @@ class Subscriber:
 
     async def _listen(self, pubsub: Any, sync: asyncio.Task[None]) -> None:
         probe = self.probe_channel.encode()
-        ctl = CTL_CHANNEL.encode()
+        ctl = self.naming.ctl_channel.encode()
         org_of = self.naming.org_of
         while True:
             if sync.done():

@@ -271,3 +271,19 @@ async def test_an_ongoing_excursion_is_updated_when_it_ends(start_instance: Any,
 
 def _ended(t: int) -> dict[str, Any]:
     return {"start": t - 2000, "duration_ms": 1500, "min_c": 9.5, "max_c": 9.5, "ongoing": False}
+
+
+async def test_bad_bodies_get_clear_answers_and_change_nothing(instance: Instance, org: str) -> None:
+    """The JSON-object bodies (thresholds, webhooks): not JSON or not an object is a 400 naming
+    it, above the size limit a 413; the org's thresholds are as before."""
+    _, before = await http(instance, "GET", "/v1/alerts/thresholds", _disp(org))
+    for method, path in (("PUT", "/v1/alerts/thresholds"), ("POST", "/v1/webhooks")):
+        for body, status, says in (
+            (b"{not json", 400, "the body is not JSON"),
+            (b"[1, 2]", 400, "the body must be a JSON object"),
+            (b'{"x": "' + b"y" * 20_000 + b'"}', 413, "the body is limited to"),
+        ):
+            got, out = await http(instance, method, path, _disp(org), body)
+            assert got == status and says in out["error"]["message"], (path, body[:20], got, out)
+    _, after = await http(instance, "GET", "/v1/alerts/thresholds", _disp(org))
+    assert after == before

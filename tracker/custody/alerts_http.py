@@ -24,7 +24,7 @@ from starlette.routing import BaseRoute, Route
 from ..auth import Principal
 from ..clock import now_ms
 from ..protocol import frames
-from ..transport.http import ApiError, OrjsonResponse, api, principal_of
+from ..transport.http import ApiError, OrjsonResponse, api, json_object, principal_of
 from . import alerts_store as als
 from . import store as ps
 from .live import PackageLayer
@@ -121,18 +121,7 @@ async def get_alert(request: Request) -> Response:
 
 
 async def _body_text(request: Request, key: str, *, required: bool) -> str | None:
-    body = await request.body()
-    if len(body) > BODY_MAX:
-        raise ApiError(413, "too_large", f"the body is limited to {BODY_MAX} bytes")
-    if not body.strip():
-        obj: Any = {}
-    else:
-        try:
-            obj = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise ApiError(400, "invalid", "the body is not JSON") from None
-    if type(obj) is not dict:
-        raise ApiError(400, "invalid", "the body must be a JSON object")
+    obj = await json_object(request, BODY_MAX, empty_ok=True)
     value = obj.get(key)
     if value is None and not required:
         return None

@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from ..clock import now_ms
-from ..transport.http import ApiError, OrjsonResponse, api, principal_of
+from ..transport.http import ApiError, OrjsonResponse, api, json_object, principal_of
 from . import rules
 from .live import PackageLayer
 
@@ -57,15 +57,7 @@ async def get_thresholds(request: Request) -> Response:
 async def put_thresholds(request: Request) -> Response:
     p = principal_of(request, "dispatcher")
     layer: PackageLayer = request.app.state.custody
-    body = await request.body()
-    if len(body) > BODY_MAX:
-        raise ApiError(413, "too_large", f"the body is limited to {BODY_MAX} bytes")
-    try:
-        changes = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise ApiError(400, "invalid", "the body is not JSON") from None
-    if type(changes) is not dict:
-        raise ApiError(400, "invalid", "the body must be a JSON object")
+    changes = await json_object(request, BODY_MAX)
     for name, value in changes.items():
         if name not in rules.LIMITS:
             raise ApiError(400, "invalid", f"{name}: unknown; known: {', '.join(sorted(rules.LIMITS))}")

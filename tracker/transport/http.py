@@ -43,6 +43,23 @@ class OrjsonResponse(JSONResponse):
         return orjson.dumps(content)
 
 
+async def json_object(request: Request, limit: int, *, empty_ok: bool = False) -> dict[str, Any]:
+    """The request's body as a JSON object: 413 above `limit` bytes, 400 if it is not JSON or not
+    an object (an empty body is `{}` when `empty_ok`)."""
+    body = await request.body()
+    if len(body) > limit:
+        raise ApiError(413, "too_large", f"the body is limited to {limit} bytes")
+    if empty_ok and not body.strip():
+        return {}
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "invalid", "the body is not JSON") from None
+    if type(obj) is not dict:
+        raise ApiError(400, "invalid", "the body must be a JSON object")
+    return obj
+
+
 def error_response(status: int, code: str, message: str) -> Response:
     return OrjsonResponse({"error": {"code": code, "message": message}}, status_code=status)
 

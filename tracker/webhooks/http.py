@@ -14,13 +14,12 @@ from __future__ import annotations
 from typing import Any, Final
 
 import asyncpg
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from ..clock import now_ms
-from ..transport.http import ApiError, OrjsonResponse, api, principal_of
+from ..transport.http import ApiError, OrjsonResponse, api, json_object, principal_of
 from . import policy, store
 from .service import Webhooks
 
@@ -63,16 +62,7 @@ def endpoint_json(row: asyncpg.Record) -> dict[str, Any]:
 
 
 async def _body(request: Request) -> dict[str, Any]:
-    body = await request.body()
-    if len(body) > BODY_MAX:
-        raise ApiError(413, "too_large", f"the body is limited to {BODY_MAX} bytes")
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise ApiError(400, "invalid", "the body is not JSON") from None
-    if type(obj) is not dict:
-        raise ApiError(400, "invalid", "the body must be a JSON object")
-    return obj
+    return await json_object(request, BODY_MAX)
 
 
 @api

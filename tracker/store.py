@@ -45,14 +45,15 @@ async def migrate(pool: asyncpg.Pool, extra: Sequence[Migration] = ()) -> int:
             "CREATE TABLE IF NOT EXISTS tracker_schema (version int PRIMARY KEY, applied_at timestamptz DEFAULT now())"
         )
         done = {row["version"] for row in await conn.fetch("SELECT version FROM tracker_schema")}
-        applied = 0
+        applied: list[int] = []
         for version, sql in sorted([*MIGRATIONS, *extra]):
             if version in done:
                 continue
             await conn.execute(sql)
             await conn.execute("INSERT INTO tracker_schema (version) VALUES ($1)", version)
-            applied += 1
-            log.info("applied migration %d", version)
+            applied.append(version)
+        if applied:  # one line, however many: a new database's start stays a short banner
+            log.info("applied migration%s %s", "s" if len(applied) > 1 else "", ", ".join(map(str, applied)))
         if await conn.fetchval("SELECT to_regprocedure('tracker_position_days(integer)') IS NOT NULL"):
             # Day partitions of positions up to PARTITION_AHEAD_DAYS from now (tracker/partitions.py
             # keeps them ahead while the service runs): a database migrated days ago stays writable.
@@ -60,7 +61,7 @@ async def migrate(pool: asyncpg.Pool, extra: Sequence[Migration] = ()) -> int:
                 "SELECT tracker_position_days((extract(epoch FROM now())::bigint / 86400)::integer + $1)",
                 PARTITION_AHEAD_DAYS,
             )
-        return applied
+        return len(applied)
 
 
 @dataclass(slots=True)

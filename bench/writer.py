@@ -5,8 +5,8 @@ Ways to store a batch of positions idempotently, on one connection, batch after 
 - ``statement``: the current path, ``tracker.eventstore.insert_events``: for new positions one
   INSERT ... SELECT FROM unnest(arrays) statement with CTEs (``eventstore.FAST``: positions and
   driver_seqs), one round trip, no BEGIN/COMMIT (sql/0008's day partitions, integer driver keys);
-- ``copy``: asyncpg ``copy_records_to_table`` into a temporary staging table, then the
-  statement of ``eventstore.FAST`` reading (and emptying) the stage: two round trips, no BEGIN/COMMIT.
+- ``copy``: ``eventstore.store_staged`` at every batch size (the service takes it from
+  ``COPY_MIN`` rows): COPY into a temporary stage, then ``eventstore.FAST_STAGED`` from it.
 
 For each method and batch size the table is emptied, then --rows rows (default 200,000: 1,000
 drivers) are written; reported: rows/s (wall), the PostgreSQL backend's CPU per row and this
@@ -35,31 +35,10 @@ import common
 from common import log
 
 from tracker import store
-from tracker.eventstore import DriverKeys, insert_events
+from tracker.eventstore import DriverKeys, insert_events, store_staged
 from tracker.protocol.events import Position
 from tracker.store import Pending
 
-STAGE = """
-CREATE TEMP TABLE IF NOT EXISTS stage_positions (seq int8, ts int8, received_at int8, lat float8, lon float8,
-    driver int4, acc float4, spd float4, hdg float4, alt float4, bat float4)
-"""
-STAGE_COLUMNS = ("seq", "ts", "received_at", "lat", "lon", "driver", "acc", "spd", "hdg", "alt", "bat")
-# eventstore.FAST, reading the stage (emptied by the same statement).
-FROM_STAGE = """
-WITH t AS (DELETE FROM stage_positions RETURNING *), p AS (
-    INSERT INTO position_rows (seq, ts, received_at, lat, lon, driver, acc, spd, hdg, alt, bat)
-    SELECT t.seq, t.ts, t.received_at, t.lat, t.lon, t.driver, t.acc, t.spd, t.hdg, t.alt, t.bat
-    FROM t LEFT JOIN driver_seqs w ON w.driver = t.driver
-    WHERE t.seq > coalesce(w.hi, 0) AND t.ts >= (SELECT floor_ts FROM position_floor)
-    ON CONFLICT DO NOTHING
-    RETURNING driver, seq
-), hi AS (
-    INSERT INTO driver_seqs AS w (driver, hi)
-    SELECT driver, max(seq) FROM p GROUP BY driver ORDER BY driver
-    ON CONFLICT (driver) DO UPDATE SET hi = EXCLUDED.hi WHERE w.hi < EXCLUDED.hi
-)
-SELECT count(*) FROM p
-"""
 KEYS = DriverKeys()
 
 
@@ -92,13 +71,8 @@ async def by_statement(conn: asyncpg.Connection, batch: list[Pending]) -> None:
 
 async def by_copy(conn: asyncpg.Connection, batch: list[Pending]) -> None:
     ids = await KEYS.ids(conn, [(it.org, it.driver) for it in batch])
-    records = [
-        (e.seq, e.ts, it.received_at, e.lat, e.lon, d, e.acc, e.spd, e.hdg, e.alt, e.bat)
-        for it, d in zip(batch, ids, strict=True)
-        for e in (it.event,)
-    ]
-    await conn.copy_records_to_table("stage_positions", records=records, columns=STAGE_COLUMNS)
-    assert await conn.fetchval(FROM_STAGE) == len(batch)
+    row = await store_staged(conn, batch, ids)  # the service's own COPY path, at any batch size
+    assert row is not None
 
 
 METHODS = {"statement": by_statement, "copy": by_copy}
@@ -108,7 +82,6 @@ async def one(dsn: str, database: str, method: str, size: int, rows: int) -> dic
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute("TRUNCATE position_rows, scans, driver_seqs")
-        await conn.execute(STAGE)
         await conn.execute("CHECKPOINT")
         backend = await conn.fetchval("SELECT pg_backend_pid()")
         batches = make_batches(rows, size)

@@ -22,7 +22,7 @@ that.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import asyncpg
 
@@ -67,6 +67,21 @@ FAST_STAGED: Final = FAST.replace(
         WITH ORDINALITY AS t(driver, seq, ts, received_at, lat, lon, acc, spd, hdg, alt, bat, i)""",
     "    SELECT * FROM tracker_stage",
 )
+
+
+async def store_staged(conn: asyncpg.Connection, items: Sequence[Pending], drivers: Sequence[int]) -> Any:
+    """FAST_STAGED for positions (all new-looking): COPY into the stage, one statement from it, in
+    one transaction; the row FAST returns."""
+    records = [
+        (e.seq, e.ts, it.received_at, e.lat, e.lon, d, e.acc, e.spd, e.hdg, e.alt, e.bat, k)
+        for k, (it, d) in enumerate(zip(items, drivers, strict=True), 1)
+        for e in (cast(Position, it.event),)
+    ]
+    async with conn.transaction():
+        await conn.execute(STAGE)
+        await conn.copy_records_to_table("tracker_stage", records=records, columns=STAGE_COLUMNS)
+        return await conn.fetchrow(FAST_STAGED)
+
 
 # Any batch: positions and scans, each probed for its seq in every partition and in scans when
 # at or below its driver's highest stored seq.
@@ -207,14 +222,7 @@ async def store_events(conn: asyncpg.Connection, items: Sequence[Pending], drive
         # One round trip for the common case; the rest (resends, backlogs, conflicts) below.
         ev: list[Any] = [it.event for it in items]
         if len(items) >= COPY_MIN:
-            records = [
-                (e.seq, e.ts, it.received_at, e.lat, e.lon, d, e.acc, e.spd, e.hdg, e.alt, e.bat, k)
-                for k, (it, e, d) in enumerate(zip(items, ev, drivers, strict=True), 1)
-            ]
-            async with conn.transaction():
-                await conn.execute(STAGE)
-                await conn.copy_records_to_table("tracker_stage", records=records, columns=STAGE_COLUMNS)
-                row = await conn.fetchrow(FAST_STAGED)
+            row = await store_staged(conn, items, drivers)
         else:
             row = await conn.fetchrow(
                 FAST,

@@ -95,15 +95,17 @@ class Harness:
         raise NotImplementedError
 
     async def peer(self, *, ttl_s: float = 30.0, follow: bool = True) -> Peer:
-        """A started broker, proven to receive, following the test's org and `<org>-other` (as
-        an instance with dashboards of both does) unless `follow` is False."""
+        """A started broker, proven to receive, following the live and control messages of the
+        test's org and `<org>-other` (as an instance with dashboards and drivers of both does)
+        unless `follow` is False."""
         peer = Peer(self.make(ttl_s))
         self.peers.append(peer)
         peer.broker.start()
         await until(lambda: peer.broker.receiving, f"{self.name} broker to receive")
         if follow:
-            await peer.broker.follow(self.org)
-            await peer.broker.follow(self.org + "-other")
+            for org in (self.org, self.org + "-other"):
+                await peer.broker.follow(org)
+                await peer.broker.follow_control(org)
         return peer
 
     async def peers2(self, *, ttl_s: float = 30.0) -> tuple[Peer, Peer]:
@@ -318,15 +320,12 @@ async def test_always_items_published_whatever_their_ts(impl: Harness) -> None:
 
 async def test_only_followed_orgs_are_received(impl: Harness) -> None:
     """Issue 17: an instance receives the live messages of the orgs it follows (those with a
-    dashboard there), and nothing of the others; control messages reach every instance."""
+    dashboard there), and nothing of the others."""
     a = await impl.peer()
     b = await impl.peer(follow=False)
     org, other = impl.org, impl.org + "-other"
     await publish_and_wait((a,), a, org, [p_item("d-1", 1_000)])
     await publish_and_wait((a,), a, other, [p_item("d-2", 1_000)])
-    await a.broker.publish_control("mark", b"")
-    for p in (a, b):
-        await until(lambda p=p: ["mark", ""] in p.ctl, "the control marker on every instance")
     assert b.live == [], "an instance that follows no org received live messages"
     # Following takes effect when `follow` returns: the next message arrives, nothing before it.
     await b.broker.follow(other)
@@ -438,11 +437,39 @@ async def test_kick_reaches_the_replaced_connections_instance(impl: Harness) -> 
     [c2] = await b.broker.drivers_online([(org, "d-1", "c2", None, online_line("d-1"))])  # a newer one
     kick = ["kick", org, "d-1", "c2", str(c2.gen)]
     await until(lambda: kick in a.ctl, "kick on the replaced connection's instance")
-    await until(lambda: kick in b.ctl, "kick on every instance")
-    await a.broker.publish_control("mark", b"")
+    await until(lambda: kick in b.ctl, "kick on every instance holding drivers of the org")
+    await a.broker.publish_control(org, "mark", b"")
     for p in (a, b):
         await until(lambda p=p: ["mark", ""] in p.ctl, "the marker control message")
         assert p.ctl == [kick, ["mark", ""]], "no kick for a first connection or the same connection"
+
+
+async def test_kick_reaches_no_instance_without_drivers_of_the_org(impl: Harness) -> None:
+    """Issue 17: an org's kicks go to the instances following its control messages (those holding
+    its drivers), not to every instance; one that starts following hears the next kick."""
+    a = await impl.peer()
+    c = await impl.peer(follow=False)
+    await c.broker.follow_control(impl.org + "-other")  # drivers of another org only
+    org = impl.org
+    await a.broker.drivers_online([(org, "d-1", "c1", None, online_line("d-1"))])
+    [c2] = await c.broker.drivers_online([(org, "d-1", "c2", None, online_line("d-1"))])
+    kick = ["kick", org, "d-1", "c2", str(c2.gen)]
+    await until(lambda: kick in a.ctl, "kick on the replaced connection's instance")
+    await a.broker.publish_control(impl.org + "-other", "mark", b"")
+    await until(lambda: ["mark", ""] in c.ctl, "the other org's marker, published after the kick")
+    assert c.ctl == [["mark", ""]], "an instance without drivers of the org heard its kick"
+    await c.broker.follow_control(org)  # takes effect when it returns
+    [c3] = await a.broker.drivers_online([(org, "d-1", "c3", None, online_line("d-1"))])
+    kick3 = ["kick", org, "d-1", "c3", str(c3.gen)]
+    for p in (a, c):
+        await until(lambda p=p: kick3 in p.ctl, "the next kick, on both")
+    c.broker.unfollow_control(org)
+    await c.broker.follow_control(org + "-third")  # in order after the unfollow, on the same subscription
+    await a.broker.publish_control(org, "gone", b"")
+    await a.broker.publish_control(impl.org + "-other", "mark2", b"")
+    await until(lambda: ["mark2", ""] in c.ctl, "the other org's second marker")
+    await until(lambda: ["gone", ""] in a.ctl, "the org's message on a")
+    assert ["gone", ""] not in c.ctl, "an org's control message after unfollow_control"
 
 
 async def test_online_orders_connections_by_registration(impl: Harness) -> None:
@@ -591,13 +618,19 @@ async def test_synced_flag_per_org_until_the_store_loses_its_state(impl: Harness
     assert await a.broker.is_synced(org) is False
 
 
-async def test_control_messages_reach_every_instance_including_the_sender(impl: Harness) -> None:
+async def test_control_messages_reach_every_instance_following_the_org_including_the_sender(
+    impl: Harness,
+) -> None:
     a, b = await impl.peers2()
-    await a.broker.publish_control("custody", b"a\tb")
-    await b.broker.publish_control("custody", b"")
+    c = await impl.peer(follow=False)
+    await c.broker.follow_control(impl.org + "-other")
+    await a.broker.publish_control(impl.org, "custody", b"a\tb")
+    await b.broker.publish_control(impl.org, "custody", b"")
+    await c.broker.publish_control(impl.org + "-other", "mark", b"")  # sent by one that does not follow it
     for p in (a, b):
-        await until(lambda p=p: len(p.ctl) == 2, "both control messages")
-        assert p.ctl == [["custody", "a", "b"], ["custody", ""]]
+        await until(lambda p=p: len(p.ctl) == 3, "three control messages")
+        assert p.ctl == [["custody", "a", "b"], ["custody", ""], ["mark", ""]]
+    await until(lambda: c.ctl == [["mark", ""]], "only its org's control message on c")
 
 
 async def test_a_closed_instance_receives_nothing(impl: Harness) -> None:
@@ -605,7 +638,7 @@ async def test_a_closed_instance_receives_nothing(impl: Harness) -> None:
     org = impl.org
     await b.broker.close()
     await publish_and_wait((a,), a, org, [p_item("d-1", 1)])
-    await a.broker.publish_control("mark", b"")
+    await a.broker.publish_control(org, "mark", b"")
     await until(lambda: ["mark", ""] in a.ctl, "the marker")
     assert b.live == [] and b.ctl == []
 
@@ -623,7 +656,7 @@ def every_coroutine_method(broker: Broker, org: str) -> dict[str, Callable[[], A
         "restore_positions": lambda: broker.restore_positions(org, [("d-1", 1, pos("d-1", 1))]),
         "is_synced": lambda: broker.is_synced(org),
         "mark_synced": lambda: broker.mark_synced(org),
-        "publish_control": lambda: broker.publish_control("mark", b""),
+        "publish_control": lambda: broker.publish_control(org, "mark", b""),
     }
 
 

@@ -12,7 +12,7 @@ import orjson
 
 from harness.instances import Instance
 from harness.wait import wait_until
-from tracker.custody.notify import CHANNEL
+from tracker.custody.notify import CHANNEL, per_org
 
 
 def _stamps(inst: Instance) -> Any:
@@ -69,3 +69,30 @@ async def test_a_listener_whose_connection_is_killed_listens_again(instance: Ins
     await db.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)  # after LISTEN: heard
     await wait_until(lambda: tuple(notice) in _stamps(instance)._heard, 10, "the notice heard on the new connection")
     assert not await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", old)
+
+
+def test_a_stamp_message_goes_to_each_org_it_names() -> None:
+    """Issue 17: a stamp control message is split per org (each org's control channel reaches only
+    the instances holding its drivers), keeping each list's order and `drivers` before `chained`;
+    a resync goes to every org asked for, alone if it has nothing else."""
+    msg = {
+        "from": "i-1",
+        "closing": [["a", "p1", "d1", 3, "deliver"], ["b", "p2", "d2", 4, "deliver"], ["a", "p3", "d1", 5, "fail"]],
+        "drivers": [["b", "d2"]],
+        "chained": [["b", "p2", "d2", 4]],
+        "resync": 1,
+    }
+    parts = per_org(msg, {"a", "c"})
+    assert parts == {
+        "a": {"from": "i-1", "closing": [msg["closing"][0], msg["closing"][2]], "resync": 1},
+        "b": {
+            "from": "i-1",
+            "closing": [msg["closing"][1]],
+            "drivers": [["b", "d2"]],
+            "chained": msg["chained"],
+            "resync": 1,
+        },
+        "c": {"from": "i-1", "resync": 1},
+    }
+    assert list(parts["b"]) == ["from", "closing", "drivers", "chained", "resync"]
+    assert per_org({"from": "i-1", "shared": [["a", "p1"]]}, {"b"}) == {"a": {"from": "i-1", "shared": [["a", "p1"]]}}

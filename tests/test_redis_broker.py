@@ -96,8 +96,9 @@ async def test_two_databases_on_one_server_do_not_hear_each_other(private_redis:
         await wait_until(lambda: all(b.receiving for b in brokers.values()), 10, "every broker to receive")
         for b in brokers.values():
             await _follow(b, org)
+            await b.follow_control(org)
         brokers["a1"].publish(org, [_pos("d-1", 1_000)])
-        await brokers["a1"].publish_control("kick", f"x\t{org}".encode())
+        await brokers["a1"].publish_control(org, "kick", f"x\t{org}".encode())
         await wait_until(lambda: live["a2"] and ctl["a2"], 5, "database 0's other instance to hear both")
         brokers["b"].publish(org, [_pos("d-2", 2_000)])
         await wait_until(lambda: any(b'"ts":2000' in m for m in live["b"]), 5, "database 3's own frame")

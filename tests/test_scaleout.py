@@ -1,22 +1,30 @@
-"""Issue 17: each instance receives from Redis only what its dashboards need.
+"""Issue 17: each instance receives from Redis only what its dashboards and drivers need.
 
 Two `tracker serve` processes on one private Redis. Three orgs' fleets send through instance b;
 the only dashboard (org A) is on instance a. Each instance's `tracker_live_received_bytes_total`
 (its own /metrics) is compared with what Redis carried per org, counted by a test subscriber on
 every live channel over the same seconds.
+
+Control messages (kicks, stamps) go per org too: a driver moving between two instances is still
+replaced at once, and a third instance, holding only another org's drivers, receives none of them
+(`tracker_control_received_messages_total`), on one Redis and on a Redis Cluster.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
-from harness.clients import Dash
+from harness.clients import Dash, Phone, pos
 from harness.fleet import Fleet
 from harness.http import request
+from harness.redis_ha import RedisClusterSet
 from harness.servers import RedisServer
 from harness.tokens import SECRET, token
 from harness.wait import wait_until
@@ -24,12 +32,20 @@ from harness.wait import wait_until
 WINDOW_S = 3.0
 
 
-async def _received(port: int) -> float:
+async def _metric(port: int, name: str) -> float:
     status, _, body = await request(port, "GET", "/metrics")
     assert status == 200
-    match = re.search(rb"^tracker_live_received_bytes_total ([0-9.e+]+)$", body, re.M)
-    assert match is not None, "the metric tracker_live_received_bytes_total is missing"
+    match = re.search(rb"^" + name.encode() + rb" ([0-9.e+]+)$", body, re.M)
+    assert match is not None, f"the metric {name} is missing"
     return float(match.group(1))
+
+
+async def _received(port: int) -> float:
+    return await _metric(port, "tracker_live_received_bytes_total")
+
+
+async def _control(port: int) -> float:
+    return await _metric(port, "tracker_control_received_messages_total")
 
 
 async def _count(url: str, per_org: dict[str, int], stop: asyncio.Event) -> None:
@@ -95,3 +111,47 @@ async def test_an_instance_receives_only_its_dashboards_orgs(
 async def _numsub(client: aioredis.Redis, channel: str, want: int) -> bool:
     [(_, n)] = await client.pubsub_numsub(channel)  # type: ignore[misc]
     return int(n) == want
+
+
+@pytest.fixture(params=["redis", "cluster"])
+async def redis_url_of(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """A private Redis, or a private three-master Redis Cluster."""
+    if request.param == "redis":
+        server = await RedisServer().start()
+        yield server.url
+        server.close()
+    else:
+        cluster = await RedisClusterSet().start()
+        yield cluster.url
+        cluster.close()
+
+
+async def test_control_messages_reach_only_the_instances_holding_the_orgs_drivers(
+    spawn: Any, database_url: str, redis_url_of: str, org: str
+) -> None:
+    a = await spawn(database_url, redis_url_of)
+    b = await spawn(database_url, redis_url_of)
+    c = await spawn(database_url, redis_url_of)
+    other = f"{org}-y"
+    phones: list[Phone] = []
+    async with Fleet([c.url], SECRET, other, 3, interval=0.2) as fleet:  # c: another org's drivers only
+        await wait_until(lambda: all(fleet.acked().values()), 10, "the other org's drivers sending through c")
+        before = await asyncio.gather(*(_control(x.port) for x in (a, b, c)))
+        try:
+            phones.append(await Phone.connect(a.url, token("driver", "d-1", org)))
+            for n in range(4):  # d-1 moves a -> b -> a -> b -> a: each connection replaces the last
+                there = (b, a)[n % 2]
+                started = time.monotonic()
+                phones.append(await Phone.connect(there.url, token("driver", "d-1", org)))
+                assert await phones[-2].closed(timeout=5.0) == 4001, f"move {n}: the old connection not replaced"
+                took = time.monotonic() - started
+                assert took < 3.0, f"move {n}: replaced after {took:.1f} s"
+            await phones[-1].send(pos(1))
+            await phones[-1].until(lambda p: p.acked == {1})
+            after = await asyncio.gather(*(_control(x.port) for x in (a, b, c)))
+        finally:
+            for phone in phones:
+                await phone.close()
+    got = [y - x for x, y in zip(before, after, strict=True)]
+    assert got[0] >= 2 and got[1] >= 2, f"the kicks did not reach a and b: {got}"
+    assert got[2] == 0, f"instance c (no driver of {org}) received {got[2]:.0f} control messages of it"

@@ -314,7 +314,7 @@ async def test_a_replaced_connection_closing_leaves_the_driver_online(node: Inst
     assert old.closed and node.drivers.get((org, "d-1")) is new
     await node.drivers.disconnected(old)
     assert (await node.broker.live_state(org))[2] == {"d-1"}
-    await node.broker.publish_control("mark", b"")
+    await node.broker.publish_control(org, "mark", b"")
     await until(lambda: len(node.broker.live_frames(org)) == 2, "both presence lines")
     assert [f["online"] for f in node.broker.live_frames(org)] == [True, True]
 
@@ -420,7 +420,7 @@ async def test_a_replaced_connection_starts_from_its_welcome(bus: MemoryBus, nod
         [conflict] = await other.submit(conn, [Position(1, T0 + 900, 50.0, 50.0)])
         other.ingest.answered([], [(conflict, "conflict", "seq already names a different event")])
         await until(lambda: node.broker.live_frames(org), "presence")
-        await other.broker.publish_control("mark", b"")
+        await other.broker.publish_control(org, "mark", b"")
         await until(lambda: len([f for f in node.broker.live_frames(org) if f["type"] == "presence"]) == 2, "b's")
         assert live_positions(node, org) == [(1, 1.0)]
         assert (await node.broker.live_state(org))[0]["d-1"][0] == T0 + 100

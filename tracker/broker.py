@@ -98,15 +98,27 @@ class Broker(Protocol):
         the broker is far behind, frames are dropped (live is best effort), never buffered without
         bound."""
 
-    async def publish_control(self, kind: str, payload: bytes) -> None:
-        """Send a control message to every instance (this one included): `on_ctl([kind, ...])`."""
+    async def follow_control(self, org: str) -> None:
+        """Receive `org`'s control messages from now on (its first driver here connected): returns
+        once a control message published after the return is sure to reach `on_ctl`, so a
+        connection registered after it (`drivers_online`) will hear its replacement's kick. While
+        the feed is down it returns at once (as `follow`). Idempotent. An instance receives no
+        control message of an org it does not follow this way (issue 17)."""
+
+    def unfollow_control(self, org: str) -> None:
+        """Stop receiving `org`'s control messages (its last driver here left). Never awaits."""
+
+    async def publish_control(self, org: str, kind: str, payload: bytes) -> None:
+        """Send a control message about `org` to every instance that follows `org`'s control
+        messages (this one included, if it does): `on_ctl([kind, ...])`."""
 
     async def drivers_online(self, conns: list[Online]) -> list[Registered]:
         """Mark connections online (publishing their presence line), in order: each replaces any
-        other connection of the same driver, and every instance gets `on_ctl(["kick", org,
-        driver, conn id, gen])` naming the new one; an instance closes its connections of that
-        driver whose generation is lower. The store is the one serialisation point: the newest
-        connection is the one it registered last. Returns one `Registered` per connection."""
+        other connection of the same driver, and every instance following the org's control
+        messages gets `on_ctl(["kick", org, driver, conn id, gen])` naming the new one; an instance
+        closes its connections of that driver whose generation is lower. The store is the one
+        serialisation point: the newest connection is the one it registered last. Returns one
+        `Registered` per connection."""
 
     async def drivers_offline(self, conns: list[Offline]) -> list[bool]:
         """Offline only where that connection is still the one that set the driver online, so a

@@ -2,12 +2,16 @@
 
 A driver is `(org, sub)`. One connection per driver: the newest one, where "newest" is the order
 in which the broker registered them (`Broker.drivers_online`: one serialisation point across
-instances, told to every instance with `kick` and a generation). A connection is welcomed only if
+instances, told with `kick` and a generation). A connection is welcomed only if
 the broker registered it as current; every older one is closed 4001, also one superseded before
 its welcome (then it is never welcomed), however many hellos arrive in one tick or on how many
 instances. Presence lives in the broker with an expiry this instance refreshes, so a dead instance
 leaves no driver online past the TTL, and only the connection that set a driver online sets it
 offline. A failure during a connect undoes it all (registration, presence, the gauge).
+
+An instance listens to an org's control messages (kicks, stamps) only while it holds a connection
+of one of the org's drivers: from before that connection is registered in the broker (so the kick
+of a later connection elsewhere cannot be missed) until the org's last connection here ends.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class Drivers:
         # gone included), and the highest generation heard of (own answers and kicks).
         self._local: dict[DriverKey, list[DriverConn]] = {}
         self._newest: dict[DriverKey, int] = {}
+        self._per_org: dict[str, int] = {}  # org -> open connections here (follows its control while > 0)
         self._buckets: dict[DriverKey, TokenBucket] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._hello: TickBatcher[tuple[str, str, str | None], int] = TickBatcher(store_hello, max_batch=2000)
@@ -89,8 +94,12 @@ class Drivers:
         key = conn.key
         conn.bucket = self.bucket(key)
         self._local.setdefault(key, []).append(conn)
+        self._per_org[p.org] = self._per_org.get(p.org, 0) + 1
         metrics.CONNECTIONS.labels("driver").inc()
         try:
+            # Before the broker registers it (and before its stamp is read): a later connection of
+            # the driver on another instance is kicked on the org's control channel.
+            await self.broker.follow_control(p.org)
             # The newest hello here holds the registry (stamps apply to it) until the broker says
             # which connection is current; the older one stays open until then.
             self._switch(key, conn, self.sessions.get(key))
@@ -192,6 +201,11 @@ class Drivers:
         if not local:
             del self._local[conn.key]
             self._newest.pop(conn.key, None)
+        org = conn.key[0]
+        left = self._per_org[org] = self._per_org[org] - 1
+        if not left:
+            del self._per_org[org]
+            self.broker.unfollow_control(org)
         conn.closed = True
         if self.sessions.get(conn.key) is conn:
             self._fall_back(conn)

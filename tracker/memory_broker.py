@@ -9,8 +9,8 @@ It keeps the Redis one's contract, step for step (tracker/lua/*.lua): positions 
 live ts, a message is lines `<stamp>\\t<frame>` joined by `\\n` and led by `#<ms>` for a tick's
 publish, presence goes offline only from the connection that set it online, and an expiry is
 published once however many instances sweep. Every state change is atomic (it never awaits), and
-messages reach every started broker of the bus that follows their org (control messages: every
-one) in publish order, from the event loop, never from
+messages reach every started broker of the bus that follows their org (control messages: that
+follows the org's control messages) in publish order, from the event loop, never from
 inside the publisher's call. `MemoryBus.down()` / `up()` simulate an outage: awaited calls raise
 `BrokerUnavailable` (the Broker contract), live frames are dropped, and every broker reports
 `on_status(False)`, then `on_status(True)`; `MemoryBus.wipe()` is a restarted store.
@@ -88,10 +88,11 @@ class MemoryBus:
             if org in broker.following:  # as a Redis subscription: decided when published
                 broker._schedule(broker._deliver_live, org, message)
 
-    def publish_control(self, message: str) -> None:
+    def publish_control(self, org: str, message: str) -> None:
         parts = message.split("\t")
         for broker in self.brokers:
-            broker._schedule(broker._deliver_ctl, parts)
+            if org in broker.controlling:  # as a Redis subscription: decided when published
+                broker._schedule(broker._deliver_ctl, parts)
 
     def apply_live(self, org: str, items: list[LiveItem]) -> int:
         """Keep each driver's newest position and publish, in one step, the positions that became
@@ -130,6 +131,7 @@ class MemoryBroker:
         self._flush_handle: asyncio.Handle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.following: set[str] = set()
+        self.controlling: set[str] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -208,6 +210,14 @@ class MemoryBroker:
     def unfollow(self, org: str) -> None:
         self.following.discard(org)
 
+    async def follow_control(self, org: str) -> None:
+        """Receive `org`'s control messages published from now on."""
+        self.controlling.add(org)
+        await asyncio.sleep(0)
+
+    def unfollow_control(self, org: str) -> None:
+        self.controlling.discard(org)
+
     # -- publishing -----------------------------------------------------------------------------
 
     def publish(self, org: str, items: list[LiveItem]) -> None:
@@ -230,9 +240,9 @@ class MemoryBroker:
             self.bus.apply_live(org, items)
         metrics.LIVE_PUBLISHED.inc(n)
 
-    async def publish_control(self, kind: str, payload: bytes) -> None:
+    async def publish_control(self, org: str, kind: str, payload: bytes) -> None:
         await self._round_trip()
-        self.bus.publish_control(kind + "\t" + payload.decode())
+        self.bus.publish_control(org, kind + "\t" + payload.decode())
 
     # -- presence -------------------------------------------------------------------------------
 
@@ -254,7 +264,7 @@ class MemoryBroker:
                 state.names[driver] = name
             bus.publish_live(org, line)
             if prev is not None and prev != conn:
-                bus.publish_control(f"kick\t{org}\t{driver}\t{conn}\t{gen}")
+                bus.publish_control(org, f"kick\t{org}\t{driver}\t{conn}\t{gen}")
             last = state.lastpos.get(driver)
             out.append((last[0] if last is not None else 0, gen))
         return [

@@ -45,6 +45,10 @@ LIVE_RECEIVED_BYTES = Counter(
     "tracker_live_received_bytes_total", "Live bytes received from the broker (only orgs with a dashboard here)"
 )
 LIVE_RECEIVED_MESSAGES = Counter("tracker_live_received_messages_total", "Live messages received from the broker")
+CONTROL_RECEIVED_MESSAGES = Counter(
+    "tracker_control_received_messages_total",
+    "Control messages received from the broker (kicks, stamps: only orgs with a driver here)",
+)
 BROKER_LIVE = Gauge("tracker_broker_live", "1 when the Redis subscriber is proven to receive")
 
 # Day-two operations (docs/OPERATIONS.md; deploy/prometheus/alerts.yml alerts on these).

@@ -10,8 +10,9 @@ first frame after a quiet spell goes out at once; under load a window's frames s
 `<stamp>\\t<frame>` joined by `\\n` (orjson never emits a raw tab or newline), where `<stamp>` is empty
 or a JSON array of the client ids entitled to the frame.
 
-Each instance subscribes only to the orgs that have dashboards here (tracker/redis_sub.py), plus
-the control channel and its own loop-back probe. Live delivery is best effort: when Redis is down,
+Each instance subscribes only to the live channels of the orgs that have dashboards here and to the
+control channels (`trk:ctl:<org>`: kicks, stamps) of the orgs that have drivers here
+(tracker/redis_sub.py), plus its own loop-back probe. Live delivery is best effort: when Redis is down,
 ingest and acks go on (PostgreSQL does not depend on Redis) and dashboards are told with `status`
 frames. A window that meets a connection the network left dead is kept and sent once more on a
 fresh connection, so the first tick after a partition heals is not lost.
@@ -189,7 +190,7 @@ class RedisBroker:
         groups = _by_org(conns)
         calls: list[Call] = []
         for org, idx in groups.items():
-            args: list[Any] = [exp, naming.publish_command, naming.live_channel(org), naming.ctl_channel, org]
+            args: list[Any] = [exp, naming.publish_command, naming.live_channel(org), naming.control_channel(org), org]
             for i in idx:
                 _, driver, conn, name, line = conns[i]
                 args += (driver, conn, name or "", line)
@@ -294,8 +295,13 @@ class RedisBroker:
             await self.redis.hset(SYNCED_KEY, org, 1)  # type: ignore[misc]
 
     @unavailable
-    async def publish_control(self, kind: str, payload: bytes) -> None:
-        await self.redis.publish(self.naming.ctl_channel, kind.encode() + b"\t" + payload)
+    async def publish_control(self, org: str, kind: str, payload: bytes) -> None:
+        """To the instances holding drivers of `org` (on a cluster: the org's node only)."""
+        channel, message = self.naming.control_channel(org), kind.encode() + b"\t" + payload
+        if self.naming.cluster:
+            await self.redis.spublish(channel, message)
+        else:
+            await self.redis.publish(channel, message)
 
     @unavailable
     async def restore_positions(self, org: str, items: list[tuple[str, int, bytes]]) -> None:
@@ -308,11 +314,19 @@ class RedisBroker:
 
     async def follow(self, org: str) -> None:
         """Receive `org`'s live messages from now on; returns once Redis confirmed the subscription."""
-        await self.sub.follow(org)
+        await self.sub.follow(self.naming.live_channel(org))
 
     def unfollow(self, org: str) -> None:
         """Stop receiving `org`'s live messages. Never awaits."""
-        self.sub.unfollow(org)
+        self.sub.unfollow(self.naming.live_channel(org))
+
+    async def follow_control(self, org: str) -> None:
+        """Receive `org`'s control messages from now on; returns once Redis confirmed it."""
+        await self.sub.follow(self.naming.control_channel(org))
+
+    def unfollow_control(self, org: str) -> None:
+        """Stop receiving `org`'s control messages. Never awaits."""
+        self.sub.unfollow(self.naming.control_channel(org))
 
     # -- lifecycle, status and probe ----------------------------------------------------------
 

@@ -1,9 +1,10 @@
 """The subscriber's view of a Redis Cluster: what redis-py's `PubSub` offers the subscriber
 (tracker/redis_sub.py), over sharded pub/sub.
 
-Classic channels (control, probe) are subscribed on one node: a classic PUBLISH reaches every
-node. Each org's live channel (`trk:live:{<org>}`) is SSUBSCRIBEd on the node that owns its slot,
-so a message crosses no cluster bus and reaches only the instances that follow the org. Every
+Classic channels (the probe, the previous release's `trk:ctl`) are subscribed on one node: a
+classic PUBLISH reaches every node. Each org's live and control channels (`trk:live:{<org>}`,
+`trk:ctl:{<org>}`: hash-tagged) are SSUBSCRIBEd on the node that owns the org's slot, so a message
+crosses no cluster bus and reaches only the instances that follow the org. Every
 node's connection is read by a task of its own into one queue (no node waits behind another's
 read timeout). Any failure (a node down, a slot moved away: Redis then unsubscribes its channels
 itself) ends this view: the subscriber reconnects, with the cluster's slot map read again, and
@@ -23,7 +24,10 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-LIVE_PREFIX = b"trk:live:"
+
+def sharded(channel: bytes) -> bool:
+    """An org's channel (live or control): hash-tagged, in the org's slot."""
+    return channel.endswith(b"}") and b"{" in channel
 
 
 class ClusterSubscribing:
@@ -50,8 +54,8 @@ class ShardedPubSub:
         self._pubsubs: dict[str, Any] = {}  # node name ("" for the classic channels) -> PubSub
         self._clients: list[aioredis.Redis] = []
         self._readers: list[asyncio.Task[None]] = []
-        self._where: dict[bytes, str] = {}  # live channel -> the node it is subscribed on
-        self._leaving: set[bytes] = set()  # live channels we unsubscribed (their reply is ours)
+        self._where: dict[bytes, str] = {}  # org channel -> the node it is subscribed on
+        self._leaving: set[bytes] = set()  # org channels we unsubscribed (their reply is ours)
         self._ready = False
 
     async def _pubsub(self, name: str, host: str, port: Any) -> Any:
@@ -73,7 +77,7 @@ class ShardedPubSub:
             self._ready = True
         for channel in channels:
             raw = channel.encode()
-            if not raw.startswith(LIVE_PREFIX):
+            if not sharded(raw):
                 node = self.cluster.get_default_node() or self.cluster.get_random_node()
                 new = "" not in self._pubsubs
                 pubsub = await self._pubsub("", node.host, node.port)

@@ -8,8 +8,9 @@ Three deployments, told apart by the URL's scheme (docs/OPERATIONS.md, "Redis"):
   (`trk:<db>:live:<org>`, `trk:<db>:ctl`): deployments on one server do not hear each other.
 - `redis+cluster://host:port[,host:port...]` (`rediss+cluster://` with TLS): a Redis Cluster. Every
   key of an org carries the org as a hash tag (`trk:lastpos:{<org>}`), so that each Lua script
-  touches one slot, and live traffic goes by sharded pub/sub (SPUBLISH / SSUBSCRIBE on
-  `trk:live:{<org>}`, the org's slot): a message travels only to the node that owns the org.
+  touches one slot, and live and control traffic goes by sharded pub/sub (SPUBLISH / SSUBSCRIBE on
+  `trk:live:{<org>}` and `trk:ctl:{<org>}`, the org's slot): a message travels only to the node
+  that owns the org.
 - `redis+sentinel://host:port[,host:port...]/<service>[/<db>]`: a master found through Sentinel;
   after a failover, connections go to the new master.
 """
@@ -89,7 +90,12 @@ class Naming:
     Keys live in the URL's database, but pub/sub channels are server-wide: two deployments on one
     Redis with different `/<db>` numbers would receive each other's live traffic and control
     messages. So on a database other than 0 the channels carry its number (`trk:<db>:live:<org>`,
-    `trk:<db>:ctl`); database 0 keeps the names of earlier releases (a rolling upgrade keeps live)."""
+    `trk:<db>:ctl:<org>`); database 0 keeps the names of earlier releases (a rolling upgrade keeps live).
+
+    Control messages (kicks, custody stamps) go per org, on `trk:ctl:<org>`: an instance listens
+    to an org's control channel only while it holds drivers of that org. `ctl_channel` (`trk:ctl`)
+    is where the previous release sent every control message; it is still listened to, so that
+    an old instance's kicks are heard during a rolling upgrade."""
 
     def __init__(self, *, cluster: bool, db: int = 0) -> None:
         self.cluster = cluster
@@ -97,6 +103,8 @@ class Naming:
         self.channels = "trk:" if db == 0 else f"trk:{db}:"
         self.ctl_channel = self.channels + "ctl"
         self._live = self.channels + "live:"
+        self._ctl = self.channels + "ctl:"
+        self._ctl_raw, self._ctl_all_raw = self._ctl.encode(), self.ctl_channel.encode()
 
     def tag(self, org: str) -> str:
         return "{" + org + "}" if self.cluster else org
@@ -112,9 +120,18 @@ class Naming:
     def live_channel(self, org: str) -> str:
         return self._live + self.tag(org)
 
+    def control_channel(self, org: str) -> str:
+        """The org's control channel: kicks and custody stamps of its drivers."""
+        return self._ctl + self.tag(org)
+
     def org_of(self, channel: bytes) -> str:
+        """The org of a live channel."""
         name = channel.decode()[len(self._live) :]
         return name[1:-1] if self.cluster else name
+
+    def is_control(self, channel: bytes) -> bool:
+        """A control channel: the org's (`trk:ctl:<org>`), or the previous release's `trk:ctl`."""
+        return channel.startswith(self._ctl_raw) or channel == self._ctl_all_raw
 
 
 class FastPacking:

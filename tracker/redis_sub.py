@@ -1,14 +1,18 @@
 """RedisBroker's subscriber: one connection that receives what this instance needs, and proves it.
 
-It is subscribed to the control channel, to its own probe channel and to `trk:live:<org>` for each
-org that has a dashboard here (`follow` / `unfollow`), never to every org: an instance without
-dashboards receives no live traffic, one with one org's dashboards receives about that org's share
-(issue 17). Subscription changes are sent on the listening connection and confirmed by Redis's
-replies, in order; `follow` returns only once its subscription is confirmed, so a message published
-after it returns is received (a dashboard's snapshot is read after that: nothing lost between).
+It is subscribed to its own probe channel, to `trk:live:<org>` for each org that has a dashboard
+here and to `trk:ctl:<org>` for each org that has a driver here (`follow` / `unfollow` of a
+channel), never to every org: an instance without dashboards receives no live traffic, one with
+one org's dashboards receives about that org's share, and an org's control messages (kicks,
+stamps) reach only the instances holding its drivers (issue 17). It also listens to the previous
+release's control channel `trk:ctl` (quiet once every instance runs this release). Subscription
+changes are sent on the listening connection and confirmed by Redis's replies, in order; `follow`
+returns only once its subscription is confirmed, so a message published after it returns is
+received (a dashboard's snapshot is read after that; a driver's connection is registered after
+that: nothing lost between).
 
 The subscriber proves it receives with a loop-back probe; one that is connected but deaf is torn
-down and made again, and every wanted org is subscribed again on the new connection.
+down and made again, and every wanted channel is subscribed again on the new connection.
 """
 
 from __future__ import annotations
@@ -51,9 +55,9 @@ class Subscriber:
         self.on_live = on_live
         self.on_ctl = on_ctl
         self._set_live = set_live
-        self.wanted: set[str] = set()  # orgs with a dashboard here
-        self._sent: set[str] = set()  # orgs subscribed (or being subscribed) on this connection
-        self._inflight: dict[str, int] = {}  # org -> subscribe commands sent, not confirmed yet
+        self.wanted: set[str] = set()  # channels: orgs with a dashboard (live), or a driver (ctl) here
+        self._sent: set[str] = set()  # channels subscribed (or being subscribed) on this connection
+        self._inflight: dict[str, int] = {}  # channel -> subscribe commands sent, not confirmed yet
         self.confirmed: set[str] = set()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._changed = asyncio.Event()
@@ -63,28 +67,29 @@ class Subscriber:
         self.subscribed_at = 0.0
         self.received_bytes = 0  # live bytes received (messages of followed orgs), for /metrics
         self.received_messages = 0
+        self.control_messages = 0  # control messages received (kicks, stamps), for /metrics
 
     # -- following ------------------------------------------------------------------------------
 
-    async def follow(self, org: str) -> None:
-        """Subscribe to `org`'s live channel; return once Redis confirmed it (or at once while not
-        subscribed: the feed's return resnapshots every dashboard, and subscribes every wanted org)."""
-        if org in self.confirmed:
+    async def follow(self, channel: str) -> None:
+        """Subscribe to `channel`; return once Redis confirmed it (or at once while not subscribed:
+        the feed's return resnapshots every dashboard, and subscribes every wanted channel)."""
+        if channel in self.confirmed:
             return
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(org, []).append(waiter)
-        self.wanted.add(org)
+        self._waiters.setdefault(channel, []).append(waiter)
+        self.wanted.add(channel)
         self._changed.set()
         if not self.subscribed:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(waiter), FOLLOW_TIMEOUT_S)
 
-    def unfollow(self, org: str) -> None:
-        """Stop receiving `org`'s live messages (sent in order with later subscriptions). Never awaits."""
-        self.wanted.discard(org)
-        self.confirmed.discard(org)
-        for waiter in self._waiters.pop(org, ()):
+    def unfollow(self, channel: str) -> None:
+        """Stop receiving `channel` (sent in order with later subscriptions). Never awaits."""
+        self.wanted.discard(channel)
+        self.confirmed.discard(channel)
+        for waiter in self._waiters.pop(channel, ()):
             if not waiter.done():
                 waiter.set_result(None)
         self._changed.set()
@@ -98,27 +103,27 @@ class Subscriber:
             drop = sorted(self._sent - self.wanted)
             if drop:
                 self._sent.difference_update(drop)
-                await pubsub.unsubscribe(*(self.naming.live_channel(o) for o in drop))
+                await pubsub.unsubscribe(*drop)
             if add:
                 self._sent.update(add)
-                for org in add:
-                    self._inflight[org] = self._inflight.get(org, 0) + 1
-                await pubsub.subscribe(*(self.naming.live_channel(o) for o in add))
+                for channel in add:
+                    self._inflight[channel] = self._inflight.get(channel, 0) + 1
+                await pubsub.subscribe(*add)
 
-    def _confirm(self, kind: str, org: str) -> None:
+    def _confirm(self, kind: str, channel: str) -> None:
         if kind == "subscribe":
-            left = self._inflight.get(org, 1) - 1
+            left = self._inflight.get(channel, 1) - 1
             if left > 0:
-                self._inflight[org] = left
+                self._inflight[channel] = left
                 return
-            self._inflight.pop(org, None)
-            if org in self._sent and org in self.wanted:
-                self.confirmed.add(org)
-                for waiter in self._waiters.pop(org, ()):
+            self._inflight.pop(channel, None)
+            if channel in self._sent and channel in self.wanted:
+                self.confirmed.add(channel)
+                for waiter in self._waiters.pop(channel, ()):
                     if not waiter.done():
                         waiter.set_result(None)
-        elif org not in self._sent:  # an unsubscribe reply: a later subscribe may be in flight
-            self.confirmed.discard(org)
+        elif channel not in self._sent:  # an unsubscribe reply: a later subscribe may be in flight
+            self.confirmed.discard(channel)
 
     # -- the connection ---------------------------------------------------------------------------
 
@@ -165,6 +170,7 @@ class Subscriber:
         probe = self.probe_channel.encode()
         ctl = self.naming.ctl_channel.encode()
         org_of = self.naming.org_of
+        is_control = self.naming.is_control
         while True:
             if sync.done():
                 sync.result()  # a failed subscription change: this connection is done
@@ -177,7 +183,7 @@ class Subscriber:
             channel: bytes = msg["channel"]
             kind = msg["type"]
             try:
-                if kind == "message" and channel != probe and channel != ctl:
+                if kind == "message" and channel != probe and not is_control(channel):
                     data: bytes = msg["data"]
                     self.received_bytes += len(data)
                     self.received_messages += 1
@@ -188,8 +194,10 @@ class Subscriber:
                     self.probe_seen = time.monotonic()
                     self._set_live(True)
                 elif kind == "message":
+                    self.control_messages += 1
+                    metrics.CONTROL_RECEIVED_MESSAGES.inc()
                     self.on_ctl(msg["data"].decode().split("\t"))
                 elif kind in ("subscribe", "unsubscribe") and channel not in (probe, ctl):
-                    self._confirm(kind, org_of(channel))
+                    self._confirm(kind, channel.decode())
             except Exception:  # one bad message must not kill the subscriber
                 log.exception("error while handling a message on %r", channel)

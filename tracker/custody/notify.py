@@ -65,6 +65,24 @@ def payloads(msg: dict[str, Any]) -> list[bytes]:
     return out
 
 
+# The fields of a stamp control message whose entries each start with their org.
+ORG_FIELDS = ("clients", "shared", "closing", "resent", "drivers", "chained")
+
+
+def per_org(msg: dict[str, Any], resync: set[str]) -> dict[str, dict[str, Any]]:
+    """Split a stamp control message into one per org (the org's control channel reaches only the
+    instances holding its drivers); `resync` goes, alone if need be, to each org of `resync`."""
+    parts: dict[str, dict[str, Any]] = {}
+    for name in ORG_FIELDS:
+        for entry in msg.get(name, ()):
+            part = parts.setdefault(entry[0], {"from": msg["from"]})
+            part.setdefault(name, []).append(entry)
+    if msg.get("resync"):
+        for org in resync | set(parts):
+            parts.setdefault(org, {"from": msg["from"]})["resync"] = 1
+    return parts
+
+
 class Notifier:
     """Sends stamp control messages by NOTIFY, and hands those of the other instances to `heard`."""
 

@@ -40,7 +40,7 @@ from ..clock import now_ms
 from ..protocol.events import Scan
 from . import state as custody
 from . import store as ps
-from .notify import Notifier
+from .notify import Notifier, per_org
 
 if TYPE_CHECKING:
     from ..conn import DriverConn
@@ -263,12 +263,15 @@ class Stamps:
         return True
 
     async def _tell(self, msg: dict[str, Any], *, notify: bool = False) -> None:
-        """To every instance, through the broker; also by NOTIFY (notify.py) when `notify` (closing
-        notices: always) or when publishing raised. Lost only if both fail: then the notices are
-        told again when the feed is back, and the periodic refresh catches up."""
+        """To the instances holding drivers of its orgs, through the broker (one message per org);
+        also to every instance by NOTIFY (notify.py) when `notify` (closing notices: always) or when
+        publishing raised. Lost only if both fail: then the notices are told again when the feed
+        is back, and the periodic refresh catches up. A resync asks for our drivers' orgs' notices."""
         msg["from"] = self.core.broker.instance_id
+        resync = {org for org, _ in self.core.drivers} if msg.get("resync") else set()
         try:
-            await self.core.broker.publish_control(CTL_KIND, orjson.dumps(msg))
+            for org, part in per_org(msg, resync).items():
+                await self.core.broker.publish_control(org, CTL_KIND, orjson.dumps(part))
         except OSError as exc:
             log.debug("stamp control message not published (Redis: %s); sending it by NOTIFY", exc)
             notify = True

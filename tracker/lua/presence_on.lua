@@ -4,12 +4,14 @@
 -- connection's generation, and whether it is still the driver's current connection when the
 -- script ends (a later connection of the same driver in this call supersedes it).
 -- KEYS: pconn, pgen, pstamp, presence, names, lastpos (redis_keys.Naming.presence_keys).
--- ARGV: expiry, publish command, live channel, control channel, org, then the connections.
+-- ARGV: expiry, publish command, live channel, the org's control channel, org, then the connections.
 --
 -- This script is the one serialisation point across instances: "newest" means registered last
 -- here. A generation grows per driver (and with the server's clock, so that it still grows after
 -- Redis lost its state); `kick` carries it, and an instance closes (4001) its connections of that
--- driver with a lower one. A kick that arrives late never closes a newer connection.
+-- driver with a lower one. A kick that arrives late never closes a newer connection. The kick goes
+-- on the org's control channel (in the org's slot on a cluster), which every instance holding a
+-- driver of the org listens to from before it registers that driver's connection.
 local pconn, pgen, pstamp, presence, names, lastpos = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local exp, pub, channel, ctl, org = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local find, sub = string.find, string.sub
@@ -30,7 +32,7 @@ for i = 6, #ARGV, 4 do
   if name ~= '' then redis.call('HSET', names, driver, name) end
   redis.call(pub, channel, line)
   if prev and prev ~= conn then
-    redis.call('PUBLISH', ctl, 'kick\t' .. org .. '\t' .. driver .. '\t' .. conn .. '\t' .. gens)
+    redis.call(pub, ctl, 'kick\t' .. org .. '\t' .. driver .. '\t' .. conn .. '\t' .. gens)
   end
   entries[#entries + 1] = {driver, conn}
   out[#out + 1] = redis.call('HGET', lastpos, driver)

@@ -65,11 +65,20 @@ def sockets_on(pid: int, port: int) -> int:
     )
 
 
+def listening(pid: int, port: int) -> bool:
+    return any(
+        c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN
+        for c in psutil.Process(pid).net_connections(kind="tcp")
+    )
+
+
 async def test_two_workers_share_the_port_and_meet_in_redis(two_workers: tuple[Any, int], org: str) -> None:
     proc, port = two_workers
     workers = psutil.Process(proc.pid).children()
     assert len(workers) == 2, workers
-    # Each worker must be ready itself (readiness above may have come from one of them).
+    # Each worker must be ready itself: readiness above may have come from one of them, and a worker
+    # listens only once its own start-up is done (uvicorn binds after the lifespan start).
+    await wait_until(lambda: all(listening(w.pid, port) for w in workers), 60, "both workers to listen")
     url = f"ws://127.0.0.1:{port}"
     dash = await Dash.connect(url, token("dispatcher", "u", org), subscribe={})
     phones = [await Phone.connect(url, token("driver", f"d-{i}", org)) for i in range(DRIVERS)]

@@ -367,3 +367,30 @@ def test_report_counts_unacked_and_unstored_as_lost() -> None:
     assert dash.events == 3 and dash.pos_seen == pytest.approx(3 / 5)
     assert "LOST" in report.format_table() and orjson.loads(report.to_json())["lost"] == 2
     assert not math.isnan(report.bytes_per_event)
+
+
+def test_a_compact_2_phone_sends_its_backlog_scans_included_in_one_compact_2_frame() -> None:
+    from tracker.protocol import compact2
+
+    phone = Phone("d-1", records=Records(T0), encoding="compact2", acks="compact")
+    assert phone.hello_fields() == {"encodings": ["compact-2", "compact-1", "json"], "acks": "compact"}
+    phone.connected({**WELCOME, "encoding": "compact-2", "acks": "compact"}, T0)
+    for i, body in enumerate([pos(0), scan(), pos(1), pos(2)]):
+        phone.record(body, T0 + 1000 * i)
+    [frame] = phone.poll(T0 + 4000)
+    assert frame[0] == compact2.MAGIC
+    assert [(e["type"], e["seq"]) for e in compact2.decode(frame, 300)] == [
+        ("pos", 1),
+        ("scan", 2),
+        ("pos", 3),
+        ("pos", 4),
+    ]
+    phone.record(pos(3), T0 + 5000)
+    [live] = phone.poll(T0 + 5000)
+    assert live[0] == 0xC2  # a lone fix still goes as a compact live frame
+    uploader = Phone("d-2", encoding="compact2")
+    uploader.connected(dict(WELCOME), T0)
+    uploader.record(pos(0), T0)
+    uploader.record(scan(), T0 + 10)
+    [(body, content_type)] = uploader.uploads(T0 + 20)
+    assert content_type == compact2.CONTENT_TYPE and len(compact2.decode(body, 300)) == 2

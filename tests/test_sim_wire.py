@@ -26,6 +26,8 @@ from tracker.sim.run import simulate
         ("compact", "cumulative", "ws"),
         ("json", "per-commit", "http"),
         ("compact", "per-commit", "http"),
+        ("compact2", "compact", "ws"),
+        ("compact2", "per-commit", "http"),
     ],
 )
 async def test_the_simulators_byte_counts_are_what_crossed_the_wire(

@@ -12,12 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 from ..auth import Principal, TokenVerifier
-from . import compact, compact_live, frames
+from . import compact, compact2, compact_live, frames
 from .acks import CumulativeAcks
 from .bucket import TokenBucket
 from .events import SEQ_MAX, Event, Refusal, check_event
 from .frames import ProtocolError
 from .session import Session, State
+
+ENCODINGS = (compact2.NAME, compact.NAME)  # the binary encodings a driver connection may use, preferred first
 
 
 class DriverSession(Session):
@@ -31,10 +33,10 @@ class DriverSession(Session):
         self.ack_delay_ms = ack_delay_ms
         self.bucket: TokenBucket | None = None
         self.refused: list[str] = []  # codes of refused events since the caller last cleared it
-        self.encoding = "json"  # what binary frames carry: "json" (none accepted) or compact.NAME
+        self.encoding = "json"  # what binary frames carry: "json" (none accepted), compact-1 or compact-2
         self.encodings_asked = False  # the phone's hello listed `encodings`: welcome names the choice
         self.cumulative = False  # the phone's hello asked for cumulative acks (`"acks":"cumulative"` or "compact")
-        self.binary_acks = False  # ... as compact (binary) acks: `"acks":"compact"` and compact-1
+        self.binary_acks = False  # ... as compact (binary) acks: `"acks":"compact"` and a compact encoding
         self.acks: CumulativeAcks | None = None  # their ledger, from `welcome` on
         self.live = compact_live.LiveContext()  # the connection's compact live frames so far
 
@@ -63,7 +65,7 @@ class DriverSession(Session):
         )
 
     def receive_hello(self, data: str | bytes, *, bearer: str | None = None) -> Principal | None:
-        """`hello`, plus the encoding: compact-1 when the phone lists it in `encodings`. A malformed
+        """`hello`, plus the encoding: compact-2, else compact-1, when the phone lists it in `encodings`. A malformed
         `encodings` is a `protocol` error (1008). `"acks":"cumulative"` asks for cumulative acks."""
         principal = super().receive_hello(data, bearer=bearer)
         if principal is None:
@@ -78,20 +80,20 @@ class DriverSession(Session):
             self.protocol_error(ProtocolError("hello: encodings must be an array of at most 16 strings"))
             return None
         self.encodings_asked = True
-        self.encoding = compact.NAME if compact.NAME in asked else "json"
-        self.binary_acks = hello.get("acks") == "compact" and self.encoding == compact.NAME
+        self.encoding = next((e for e in ENCODINGS if e in asked), "json")
+        self.binary_acks = hello.get("acks") == "compact" and self.encoding != "json"
         return principal
 
     def _acks_name(self) -> str:
         return "compact" if self.binary_acks else "cumulative"
 
     def receive_binary(self, data: bytes, now_ms: int, now_s: float) -> list[Event]:
-        """One binary frame after `welcome`: a compact batch or live frame where compact-1 was
-        negotiated (the events accepted for storage, in order), else close 1003. Never raises
-        ProtocolError."""
+        """One binary frame after `welcome`: a compact batch or live frame where compact-1 or
+        compact-2 was negotiated (the events accepted for storage, in order), else close 1003.
+        compact-2 includes compact-1's frames. Never raises ProtocolError."""
         if self.state is not State.OPEN:
             return []
-        if self.encoding != compact.NAME:
+        if self.encoding == "json":
             self.fail(1003, "binary frames are not accepted")
             return []
         try:
@@ -99,7 +101,10 @@ class DriverSession(Session):
                 raise ProtocolError("frame too large", close_code=1009)
             if data[:1] == b"\xc2":
                 return self._events((self.live.decode(data),), now_ms, now_s)
-            items = compact.decode(data, self.max_batch)
+            if data[:1] == b"\xc3" and self.encoding == compact2.NAME:
+                items = compact2.decode(data, self.max_batch)
+            else:
+                items = compact.decode(data, self.max_batch)
         except ProtocolError as exc:
             self.protocol_error(exc)
             return []

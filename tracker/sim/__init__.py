@@ -56,7 +56,8 @@ class SimOptions:
     drain_timeout: float = 60.0  # after the run, how long phones may take to get everything acked
     resend_after: float = 60.0  # seconds without an answer before resending on the same connection
     consign: bool = False  # a dispatcher consigns each planned package (POST /v1/packages) before its pickup
-    encoding: str = "json"  # json | compact (compact-1: live frames and compact batches, scans as JSON)
+    encoding: str = "json"  # json | compact (compact-1: live frames and compact batches, scans as JSON) | compact2
+    # (compact-2 batches: positions and scans in one frame; live frames as compact-1)
     acks: str = "per-commit"  # per-commit (v1) | cumulative | compact (hello's "acks"; compact: binary acks)
     transport: str = "ws"  # ws | http (POST /v1/driver/events, one connection per upload)
     settle: float = 3.0  # after the drain, how long dashboards wait for the last frames
@@ -67,8 +68,12 @@ class SimOptions:
         secret = self.secret or os.environ.get("TRACKER_JWT_SECRET")
         if not secret:
             raise ValueError("no JWT secret: pass --secret or set TRACKER_JWT_SECRET")
-        if self.encoding not in ("json", "compact") or self.acks not in ("per-commit", "cumulative", "compact"):
-            raise ValueError("encoding must be json or compact, acks per-commit, cumulative or compact")
+        if self.encoding not in ("json", "compact", "compact2") or self.acks not in (
+            "per-commit",
+            "cumulative",
+            "compact",
+        ):
+            raise ValueError("encoding must be json, compact or compact2, acks per-commit, cumulative or compact")
         if self.transport not in ("ws", "http"):
             raise ValueError("transport must be ws or http")
         if self.drivers < 0 or self.dashboards < 0 or self.interval <= 0 or self.duration <= 0:

@@ -45,7 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--drain-timeout", type=float, default=d.drain_timeout, help="max seconds to get everything acked")
     a("--resend-after", type=float, default=d.resend_after, help="resend unanswered events after S seconds")
     a("--consign", action="store_true", help="consign each driver's packages first (POST /v1/packages as a dispatcher)")
-    a("--encoding", choices=("json", "compact"), default=d.encoding, help="positions as JSON or compact-1 frames")
+    a(
+        "--encoding",
+        choices=("json", "compact", "compact2"),
+        default=d.encoding,
+        help="events as JSON, compact-1 frames (scans as JSON) or compact-2 batches (scans included)",
+    )
     a("--acks", choices=("per-commit", "cumulative", "compact"), default=d.acks, help="v1, cumulative, binary acks")
     a("--transport", choices=("ws", "http"), default=d.transport, help="websocket, or HTTP uploads (POST)")
     a("--no-progress", action="store_true", help="no live progress line on stderr")

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from tracker.protocol import compact
+from tracker.protocol import compact, compact2
 from tracker.protocol.acks import decode_binary
 from tracker.protocol.compact_live import LiveContext
 from tracker.sim.records import KIND_POS, KIND_SCAN, Records
@@ -80,6 +80,8 @@ class Phone:
     ``encoding="compact"`` asks for compact-1 in ``hello`` (:meth:`hello_fields`): once welcomed
     with it, a lone position goes as a compact live frame and a backlog's positions as compact
     batches (scans stay JSON); ``acks`` asks for cumulative acks (``through``), in JSON or compact.
+    ``encoding="compact2"`` asks for compact-2 first: a backlog (positions and scans) then goes in
+    compact-2 batches, oldest first, and a lone position still as a compact live frame.
     """
 
     def __init__(
@@ -95,7 +97,8 @@ class Phone:
         self.driver = driver
         self.encoding = encoding
         self.acks = acks  # per-commit (v1), cumulative (JSON `through`), compact (binary, with compact-1)
-        self.compact = False  # the welcome said compact-1
+        self.compact = False  # the welcome said compact-1 or compact-2
+        self.compact2 = False  # ... compact-2
         self.live = LiveContext()
         self.base = 0  # the welcome's last_seq: cumulative acks speak of seqs above it
         self.positions = 0
@@ -136,6 +139,8 @@ class Phone:
         fields: dict[str, Any] = {}
         if self.encoding == "compact":
             fields["encodings"] = [compact.NAME, "json"]
+        elif self.encoding == "compact2":
+            fields["encodings"] = [compact2.NAME, compact.NAME, "json"]
         if self.acks != "per-commit":
             fields["acks"] = self.acks
         return fields
@@ -156,7 +161,8 @@ class Phone:
             for s in stale:
                 self._renumber(s)
         self.online = True
-        self.compact = welcome.get("encoding") == compact.NAME
+        self.compact = welcome.get("encoding") in (compact.NAME, compact2.NAME)
+        self.compact2 = welcome.get("encoding") == compact2.NAME
         self.live = LiveContext()  # a new connection: the live context starts empty
         self.base = last_seq
         self.held.clear()
@@ -230,6 +236,8 @@ class Phone:
                 self.records.sent(e.seq, now)
         if not entries:
             return []
+        if self.encoding == "compact2":
+            return [(compact2.encode([e.body for e in entries]), compact2.CONTENT_TYPE)]
         if self.encoding != "compact":
             return [(_events_body(entries), "application/json")]
         positions = [e for e in entries if e.body["type"] == "pos"]
@@ -261,7 +269,10 @@ class Phone:
     # --- internals ----------------------------------------------------------------------
     def _compact_frames(self, entries: list[Entry]) -> list[bytes]:
         """compact-1: the newest position as a live frame, the other positions as compact batches,
-        scans as JSON."""
+        scans as JSON. compact-2: a lone position as a live frame, anything else in compact-2
+        batches in seq order (a batch is stored in one commit: no newest-first split is needed)."""
+        if self.compact2 and not (len(entries) == 1 and entries[0].body["type"] == "pos"):
+            return self._compact2_frames(entries)
         newest, rest = self._order(entries) if len(entries) > 1 else (None, entries)
         if newest is None and len(rest) == 1 and rest[0].body["type"] == "pos":
             newest, rest = rest[0], []
@@ -279,6 +290,19 @@ class Phone:
         scans = [e for e in rest if e.body["type"] != "pos"]
         if scans:
             frames.extend(pack(scans, min(self.max_batch, self.split), self.max_frame))
+        return frames
+
+    def _compact2_frames(self, entries: list[Entry]) -> list[bytes]:
+        rest = sorted(entries, key=_by_seq)
+        if self.reorder is not None:
+            self.reorder.shuffle(rest)
+        size = min(self.max_batch, self.split, max(1, self.max_frame // 64))
+        frames: list[bytes] = []
+        for i in range(0, len(rest), size):
+            group = rest[i : i + size]
+            for e in group:
+                e.batched = len(group) > 1
+            frames.append(compact2.encode([e.body for e in group]))
         return frames
 
     def _order(self, entries: list[Entry]) -> tuple[Entry | None, list[Entry]]:

@@ -26,7 +26,7 @@ from ..auth import Principal
 from ..clock import now_ms
 from ..conn import DriverConn
 from ..node import Node
-from ..protocol import compact, frames
+from ..protocol import compact, compact2, frames
 from ..protocol.driver import DriverSession
 from ..protocol.frames import ProtocolError
 from .http import ApiError, OrjsonResponse, api, error_response, principal_of
@@ -143,11 +143,14 @@ def parse_events(body: bytes, max_batch: int) -> tuple[list[Any], bool]:
     return events, from_plugin
 
 
-def compact_events(body: bytes, max_batch: int) -> list[Any]:
-    """The positions of a compact-1 body (`application/vnd.tracker.compact-1`): 400 if malformed,
-    413 over `max_batch` positions, as a JSON body."""
+COMPACT_TYPES = {compact.CONTENT_TYPE: compact.decode, compact2.CONTENT_TYPE: compact2.decode}
+
+
+def compact_events(body: bytes, max_batch: int, content_type: str = compact.CONTENT_TYPE) -> list[Any]:
+    """The events of a compact body (`application/vnd.tracker.compact-1`: positions; `...compact-2`:
+    positions and scans): 400 if malformed, 413 over `max_batch` events, as a JSON body."""
     try:
-        return compact.decode(body, max_batch)
+        return COMPACT_TYPES[content_type](body, max_batch)
     except ProtocolError as exc:
         raise ApiError(400, "invalid", "body: " + str(exc)) from None
     except compact.TooLarge:
@@ -183,8 +186,9 @@ async def driver_events(request: Request) -> Response:
     settings = node.settings
     principal: Principal = principal_of(request, "driver")
     body = await read_body(request, settings.max_frame)
-    if request.headers.get("content-type", "").partition(";")[0].strip().lower() == compact.CONTENT_TYPE:
-        items, from_plugin = compact_events(body, settings.max_batch), False
+    content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if content_type in COMPACT_TYPES:
+        items, from_plugin = compact_events(body, settings.max_batch, content_type), False
     else:
         items, from_plugin = parse_events(body, settings.max_batch)
     received = now_ms()

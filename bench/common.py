@@ -172,6 +172,64 @@ class CpuMeter:
         return self.result
 
 
+# --- tracker's own view: GC pauses and loop lag from /metrics ---------------------------------
+
+STALL_S = 0.1  # a loop lag or GC pause this long is a stall (tracker/looplag.py logs it)
+
+
+def scrape(url: str) -> dict[str, float]:
+    """tracker's /metrics as {sample name with labels: value}; {} if it does not answer (a peer)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url.replace("ws://", "http://") + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name not in ("tracker_gc_pause_seconds", "tracker_loop_lag_seconds"):
+            continue
+        for smp in fam.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(smp.labels.items()))
+            out[f"{smp.name}{{{labels}}}"] = smp.value
+    return out
+
+
+def stalls(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """Between two scrapes: collections per generation (count, total and mean ms, how many took
+    >= 100 ms) and loop-lag timers (count, how many ran >= 100 ms late)."""
+    if not after:
+        return {}
+
+    def d(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    out: dict[str, Any] = {}
+    for gen in ("0", "1", "2"):
+        n = d(f"tracker_gc_pause_seconds_count{{generation={gen}}}")
+        total = d(f"tracker_gc_pause_seconds_sum{{generation={gen}}}")
+        under = d(f"tracker_gc_pause_seconds_bucket{{generation={gen},le=0.05}}")
+        long_ = n - d(f"tracker_gc_pause_seconds_bucket{{generation={gen},le={STALL_S}}}")
+        out[f"gc{gen}"] = {
+            "n": int(n),
+            "ms": round(total * 1000, 1),
+            "mean_ms": round(total * 1000 / n, 2) if n else 0,
+            "over_50ms": int(n - under),
+            "over_100ms": int(long_),
+        }
+    lag_n = d("tracker_loop_lag_seconds_count{}")
+    out["lag"] = {
+        "n": int(lag_n),
+        "over_25ms": int(lag_n - d("tracker_loop_lag_seconds_bucket{le=0.025}")),
+        "over_100ms": int(lag_n - d(f"tracker_loop_lag_seconds_bucket{{le={STALL_S}}}")),
+        "over_250ms": int(lag_n - d("tracker_loop_lag_seconds_bucket{le=0.25}")),
+    }
+    return out
+
+
 # --- services ------------------------------------------------------------------------------
 
 
@@ -285,6 +343,8 @@ def start_server(
         cwd, sha = tracker_source(TRACKER_REF)
         base["PYTHONPATH"] = str(cwd)
         log(f"tracker from {sha} ({cwd})")
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
     proc = popen(cmd, log=log_file, cwd=cwd, env=base)
     try:
         wait_port(port, 90, proc)

@@ -62,11 +62,12 @@ def run_system(kind: str, dashboards: int, args: argparse.Namespace) -> dict[str
             }
         )
         marks: dict[int, dict[str, Any]] = {}
+        connect_metrics = common.scrape(srv.url)
         spy: list[subprocess.Popen[Any]] = []
 
         def on_event(ev: dict[str, Any]) -> None:
             if ev["ev"] == "measure_start":
-                marks[ev["step"]] = {"load_avg": common.load_average()}
+                marks[ev["step"]] = {"load_avg": common.load_average(), "metrics": common.scrape(srv.url)}
                 meter.start()
                 if args.py_spy and kind == "tracker" and not spy:
                     out = common.RESULTS / f"pyspy-{tag}-step{ev['step']}.txt"
@@ -92,7 +93,8 @@ def run_system(kind: str, dashboards: int, args: argparse.Namespace) -> dict[str
                     marks[ev["step"]]["py_spy"] = str(out)
             elif ev["ev"] == "measure_end":
                 cpu = meter.stop()
-                marks[ev["step"]].update(cpu_s=cpu, wall_s=meter.wall_s)
+                m = marks[ev["step"]]
+                m.update(cpu_s=cpu, wall_s=meter.wall_s, stalls=common.stalls(m.pop("metrics"), common.scrape(srv.url)))
             elif ev["ev"] == "step":
                 m = marks.get(ev["step"], {})
                 n = max(1, ev["sent_in_window"])
@@ -100,6 +102,9 @@ def run_system(kind: str, dashboards: int, args: argparse.Namespace) -> dict[str
                 ev["cpu_us_per_pos"] = {k: round(v / n * 1e6, 1) for k, v in cpu.items()}
                 ev["cpu_cores"] = {k: round(v / max(1e-9, m.get("wall_s", 1)), 2) for k, v in cpu.items()}
                 ev["load_avg"] = m.get("load_avg")
+                ev["stalls"] = m.get("stalls")
+                if ev["stalls"]:
+                    log(f"{kind} {dashboards}d {ev['rate']}/s GC and loop lag in the window: {ev['stalls']}")
                 ev.pop("dashboards", None)
                 if ev.get("live_worst_per_500ms"):
                     log(f"{kind} {dashboards}d {ev['rate']}/s worst live ms per 500 ms: {ev['live_worst_per_500ms']}")
@@ -113,7 +118,11 @@ def run_system(kind: str, dashboards: int, args: argparse.Namespace) -> dict[str
                     f"load {us.get('load')}  {'OK' if ev['ok'] else 'FAIL'}"
                 )
             elif ev["ev"] == "connected":
-                log(f"{kind}: {ev['drivers']} drivers connected in {ev['ms'] / 1000:.1f} s ({ev['per_s']:.0f}/s)")
+                ev["stalls"] = common.stalls(connect_metrics, common.scrape(srv.url))
+                log(
+                    f"{kind}: {ev['drivers']} drivers connected in {ev['ms'] / 1000:.1f} s ({ev['per_s']:.0f}/s); "
+                    f"load {common.load_average()}; GC and loop lag while connecting: {ev['stalls']}"
+                )
 
         load_args = [
             "--proto",

@@ -82,7 +82,10 @@ function connectTracker(o, i, pathName, hello, onMsg) {
     const timer = setTimeout(() => { if (!welcomed) { ws.terminate(); reject(new Error("welcome timeout")); } }, 30000);
     ws.on("open", () => ws.send(JSON.stringify(hello)));
     ws.on("error", (e) => { if (!welcomed) { clearTimeout(timer); reject(e); } });
-    ws.on("close", (code) => { if (!welcomed) { clearTimeout(timer); reject(new Error("closed " + code)); } });
+    ws.on("close", (code) => {
+      if (!welcomed) { clearTimeout(timer); reject(new Error("closed " + code)); }
+      else onMsg({ type: "_closed", code }); // the server closed it: what is sent from now on is lost unseen
+    });
     ws.on("message", (data) => {
       const msg = JSON.parse(data);
       if (!welcomed) {
@@ -140,6 +143,9 @@ async function phonesWorker(o, indices) {
     } else if (msg.type === "error") {
       errors[msg.code] = (errors[msg.code] || 0) + 1;
       if (d.onError) d.onError(msg);
+    } else if (msg.type === "_closed") {
+      errors["closed:" + msg.code] = (errors["closed:" + msg.code] || 0) + 1;
+      d.conn = null;
     }
   };
 
@@ -162,7 +168,11 @@ async function phonesWorker(o, indices) {
               d.conn = r.ws; d.welcome = r.welcome;
             } else {
               d.conn = await connectSocketIO(o, d.idx, { token: token(o, d.id, "driver") });
-              d.conn.on("disconnect", (why) => { errors["disconnect:" + why] = (errors["disconnect:" + why] || 0) + 1; });
+              const conn = d.conn;
+              conn.on("disconnect", (why) => {
+                errors["disconnect:" + why] = (errors["disconnect:" + why] || 0) + 1;
+                if (d.conn === conn) d.conn = null;
+              });
             }
             break;
           } catch (e) {
@@ -172,8 +182,17 @@ async function phonesWorker(o, indices) {
         }
       }
     };
-    await Promise.all(Array.from({ length: Math.max(1, Math.floor(o.connectConcurrency / o.workers)) }, one));
-    return { connected: drivers.length - failed, failed, ms: nowMs() - t0 };
+    const progress = setInterval(() => {
+      const up = drivers.reduce((n, d) => n + (d.conn ? 1 : 0), 0);
+      log(`load: phones worker ${process.pid}: ${up}/${drivers.length} connected after ${((nowMs() - t0) / 1000).toFixed(0)} s, ` +
+        `${failed} failed, errors ${JSON.stringify(errors)}`);
+    }, 5000);
+    try {
+      await Promise.all(Array.from({ length: Math.max(1, Math.floor(o.connectConcurrency / o.workers)) }, one));
+    } finally {
+      clearInterval(progress);
+    }
+    return { connected: drivers.length - failed, failed, ms: nowMs() - t0, errors: { ...errors } };
   }
 
   // rate mode: send `rate` events/s for `seconds`, round robin over this worker's drivers.
@@ -184,6 +203,7 @@ async function phonesWorker(o, indices) {
     const first = new Map(live.map((d) => [d, d.seq + 1]));
     const t0 = nowMs(), end = t0 + seconds * 1000;
     let sent = 0;
+    let lostSends = 0;
     const tracker = o.proto === "tracker";
     while (true) {
       const now = nowMs();
@@ -192,13 +212,17 @@ async function phonesWorker(o, indices) {
       const ts = Date.now();
       for (let k = 0; k < due; k++) {
         const d = live[cursor]; cursor = (cursor + 1) % live.length;
+        if (!d.conn) { lostSends++; continue; } // closed by the server: counted, not sent into the void
         const seq = ++d.seq; d.grow(seq); d.ts[seq] = ts;
         const lat = Math.round((d.lat + (seq % 100) * 1e-5) * 1e6) / 1e6;
         if (tracker) {
           d.conn.send(`{"type":"pos","seq":${seq},"ts":${ts},"lat":${lat},"lon":${d.lon},"acc":6.5,"spd":11.2,"hdg":274,"alt":1661,"bat":0.81}`);
         } else {
           d.conn.emit("pos", { seq, ts, lat, lon: d.lon, acc: 6.5, spd: 11.2, hdg: 274, alt: 1661, bat: 0.81 },
-            () => onAck(d, seq));
+            (r) => {
+              if (r === true) onAck(d, seq);
+              else { const code = (r && r.error) || "ack:" + JSON.stringify(r); errors[code] = (errors[code] || 0) + 1; }
+            });
         }
       }
       sent += due;
@@ -212,7 +236,8 @@ async function phonesWorker(o, indices) {
     while (acked < sent && nowMs() < deadline) { await sleep(50); acked = target(); }
     recording = false;
     const ranges = live.map((d) => [first.get(d), d.seq]);
-    return { sent, acked, drainMs: nowMs() - sendEnd, ackLat: percentilesInWindow(), first: ranges.length };
+    return { sent, acked, drainMs: nowMs() - sendEnd, ackLat: percentilesInWindow(), first: ranges.length, closedSkips: lostSends,
+      errors: { ...errors } };
   }
   let windowMs = null;
   function percentilesInWindow() { return percentiles(ackLat); }
@@ -409,7 +434,9 @@ async function main() {
   const conns = await Promise.all(phones.map((c) => c.ask({ cmd: "connect" }, "connected")));
   const ms = nowMs() - t0;
   const connected = conns.reduce((a, c) => a + c.connected, 0);
-  emit({ ev: "connected", drivers: connected, failed: o.drivers - connected, ms, per_s: connected / (ms / 1000) });
+  const connErrors = {};
+  for (const c of conns) for (const [k, v] of Object.entries(c.errors || {})) connErrors[k] = (connErrors[k] || 0) + v;
+  emit({ ev: "connected", drivers: connected, failed: o.drivers - connected, ms, per_s: connected / (ms / 1000), errors: connErrors });
   log(`load: ${connected}/${o.drivers} drivers connected in ${(ms / 1000).toFixed(1)} s`);
 
   if (o.mode === "idle") {
@@ -451,6 +478,8 @@ async function main() {
         delivered_ratio: o.dashboards ? delivered / (sentWin * o.dashboards) : null,
         live_ms: live, ack_ms: ackP, drain_ms: Math.max(...ran.map((r) => r.drainMs)),
         dashboards: per, window: [m0, m1], live_worst_per_500ms: col.length ? col[0].worst : [],
+        closed_skips: ran.reduce((a, r) => a + r.closedSkips, 0),
+        errors: ran.reduce((acc, r) => { for (const [k, v] of Object.entries(r.errors)) acc[k] = (acc[k] || 0) + v; return acc; }, {}),
       };
       res.ok = res.lost_unacked === 0 && (!live || live.p99 <= o.p99Limit) && (!o.dashboards || res.delivered_ratio >= 0.999);
       // Past a step that does not hold, the ladder goes on while the system still keeps up (all acked,
@@ -458,7 +487,8 @@ async function main() {
       res.overloaded = res.lost_unacked > 0 || (live && live.p99 > 10 * o.p99Limit) ||
         (o.dashboards > 0 && res.delivered_ratio < 0.99) || res.achieved_per_s < 0.9 * rate;
       emit(res);
-      log(`load: step ${step} ${rate}/s: sent ${sent} acked ${acked} live p99 ${live ? live.p99 : "-"} ms delivered ${res.delivered_ratio} ${res.ok ? "OK" : "FAIL"}`);
+      log(`load: step ${step} ${rate}/s: sent ${sent} acked ${acked} live p99 ${live ? live.p99 : "-"} ms delivered ${res.delivered_ratio} ` +
+        `${res.ok ? "OK" : "FAIL"}; errors so far ${JSON.stringify(res.errors)}, sends skipped on closed connections ${res.closed_skips}`);
       if (res.overloaded && o.stopOnFail) break;
     }
   }

@@ -124,6 +124,8 @@ def from_schema(schema: dict[str, Any] | bool, doc: dict[str, Any]) -> st.Search
         return _object(schema, doc)
     if kind == "array":
         return _array(schema, doc)
+    if kind == "boolean":
+        return st.booleans()
     if kind in ("integer", "number"):
         lo, hi = schema.get("minimum"), schema.get("maximum")
         if "x-range" in schema:

@@ -34,6 +34,8 @@ from .eta.service import EtaService
 from .hub import Hub
 from .looplag import LoopLag
 from .node import Node
+from .protocol.resume import ResumeTokens
+from .protocol.resume import derive_key as derive_resume_key
 from .redis_broker import RedisBroker, default_instance_id
 from .share import http as share_http
 from .share.service import ShareService
@@ -101,6 +103,18 @@ def jwt_secret(settings: Settings) -> str:
     path.chmod(0o600)
     log.info("no TRACKER_JWT_SECRET: generated one in %s (the start banner says how to mint tokens)", path)
     return secret
+
+
+def make_resume_tokens(settings: Settings) -> ResumeTokens | None:
+    """Resume tokens' signer, or None (resumption off): TRACKER_RESUME_KEY, else with HS256 a key
+    derived from the JWT secret; with RS256/ES256 and no key, off (instances share no secret)."""
+    if settings.resume_ttl_s <= 0:
+        return None
+    if settings.resume_key:
+        return ResumeTokens(settings.resume_key.encode(), settings.resume_ttl_s)
+    if settings.jwt_alg == "HS256":
+        return ResumeTokens(derive_resume_key(jwt_secret(settings)), settings.resume_ttl_s)
+    return None
 
 
 def make_verifier(settings: Settings) -> TokenVerifier:
@@ -246,6 +260,7 @@ def create_app(settings: Settings) -> Starlette:
         exception_handlers={HTTPException: http_error, 404: not_found, 500: server_error},
     )
     app.state.verifier = verifier
+    app.state.resume_tokens = make_resume_tokens(settings)
     app.state.admission = Admission(settings)
     app.state.keepalive = Keepalive(settings.ping_interval_s, settings.ping_timeout_s)
     app.state.settings = settings

@@ -42,6 +42,10 @@ class Settings:
     max_frame: int = 65_536
     max_batch: int = 300
     ack_delay_ms: int = 1000  # cumulative acks (a phone's opt-in): at most one ack frame per delay, <= 1 s
+    # Session resumption (a phone's opt-in, PROTOCOL.md "Resuming a session"): the HMAC key of resume
+    # tokens (shared by every instance); None -> derived from TRACKER_JWT_SECRET with HS256, else off.
+    resume_key: str | None = None
+    resume_ttl_s: float = 86_400.0  # a resume token's longest life (never past its JWT's); 0: off
     rate_per_s: float = 10.0
     rate_burst: int = 20_000
     hello_timeout_s: float = 10.0
@@ -191,6 +195,8 @@ class Settings:
             raise ConfigError(f"TRACKER_JWT_ALG={self.jwt_alg} needs TRACKER_JWT_PUBLIC_KEY")
         if not 1 <= self.max_batch <= 10_000 or self.max_frame < 1024:
             raise ConfigError("TRACKER_MAX_BATCH must be 1..10000 and TRACKER_MAX_FRAME at least 1024")
+        if self.resume_ttl_s < 0 or (self.resume_key is not None and len(self.resume_key) < 32):
+            raise ConfigError("TRACKER_RESUME_TTL_S must be >= 0 and TRACKER_RESUME_KEY 32 characters at least")
         if not 0 <= self.ack_delay_ms <= 1000:
             raise ConfigError("TRACKER_ACK_DELAY_MS must be 0..1000 (acks stay prompt)")
         if not 0 <= self.jwt_leeway_s <= 300:

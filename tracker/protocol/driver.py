@@ -9,10 +9,12 @@ the commit (tracker.ingest).
 
 from __future__ import annotations
 
+import base64
+import time
 from typing import Any
 
-from ..auth import Principal, TokenVerifier
-from . import compact, compact2, compact_live, frames
+from ..auth import AuthError, Principal, TokenVerifier
+from . import compact, compact2, compact_live, frames, resume
 from .acks import CumulativeAcks
 from .bucket import TokenBucket
 from .events import SEQ_MAX, Event, Refusal, check_event
@@ -26,9 +28,19 @@ class DriverSession(Session):
     ROLES = ("driver",)
 
     def __init__(
-        self, verifier: TokenVerifier, *, max_frame: int, max_batch: int, leeway_s: float, ack_delay_ms: int = 1000
+        self,
+        verifier: TokenVerifier,
+        *,
+        max_frame: int,
+        max_batch: int,
+        leeway_s: float,
+        ack_delay_ms: int = 1000,
+        resume_tokens: resume.ResumeTokens | None = None,
     ) -> None:
         super().__init__(verifier, max_frame=max_frame, leeway_s=leeway_s)
+        self.resume_tokens = resume_tokens  # None: resumption is off on this server
+        self.resume_asked = False  # the phone asked for resume tokens (or resumed with one)
+        self.resumed_until = 0  # a resumed session: its token's expiry (seconds); 0: a JWT hello
         self.max_batch = max_batch
         self.ack_delay_ms = ack_delay_ms
         self.bucket: TokenBucket | None = None
@@ -47,7 +59,35 @@ class DriverSession(Session):
         self.state = State.OPEN
         if self.cumulative:
             self.acks = CumulativeAcks(last_seq, self.ack_delay_ms, binary=self.binary_acks)
-        self.send(self._welcome(now_ms, last_seq=last_seq))
+        if self.resumed_until:
+            self.send(self._binary_welcome(last_seq, now_ms))
+        else:
+            self.send(self._welcome(now_ms, last_seq=last_seq))
+
+    def _binary_welcome(self, last_seq: int, now_ms: int) -> bytes:
+        """The answer to a resume hello; a new token only once the old one is past half its life."""
+        assert self.principal is not None and self.resume_tokens is not None
+        now_s = now_ms / 1000
+        token = b""
+        if self.resumed_until - now_s < self.resume_tokens.ttl_s / 2:
+            token = self.resume_tokens.issue(self.principal, self.encoding, self._acks_name(), now_s)
+        return resume.welcome_frame(
+            last_seq=last_seq,
+            server_time=now_ms,
+            max_frame=self.max_frame,
+            max_batch=self.max_batch,
+            ack_delay_ms=self.ack_delay_ms,
+            encoding=self.encoding,
+            acks=self._acks_name(),
+            token=token,
+        )
+
+    def _resume_field(self, now_ms: int) -> dict[str, str]:
+        if not self.resume_asked or self.resume_tokens is None:
+            return {}
+        assert self.principal is not None
+        token = self.resume_tokens.issue(self.principal, self.encoding, self._acks_name(), now_ms / 1000)
+        return {"resume": base64.urlsafe_b64encode(token).rstrip(b"=").decode()}
 
     def _welcome(self, now_ms: int, **extra: Any) -> bytes:
         assert self.principal is not None
@@ -61,16 +101,23 @@ class DriverSession(Session):
                 "max_batch": self.max_batch,
                 **({"encoding": self.encoding} if self.encodings_asked else {}),
                 **({"acks": self._acks_name(), "ack_delay_ms": self.ack_delay_ms} if self.cumulative else {}),
+                **self._resume_field(now_ms),
             }
         )
 
-    def receive_hello(self, data: str | bytes, *, bearer: str | None = None) -> Principal | None:
+    def receive_hello(
+        self, data: str | bytes, *, bearer: str | None = None, binary: bool = False, now_s: float | None = None
+    ) -> Principal | None:
         """`hello`, plus the encoding: compact-2, else compact-1, when the phone lists it in `encodings`. A malformed
-        `encodings` is a `protocol` error (1008). `"acks":"cumulative"` asks for cumulative acks."""
+        `encodings` is a `protocol` error (1008). `"acks":"cumulative"` asks for cumulative acks, `"resume":true`
+        for resume tokens. A binary first frame (`binary`) must be a resume hello (0xA3 + token), else 1003."""
+        if binary:
+            return self._resume(bytes(data) if isinstance(data, bytes) else data.encode(), now_s)
         principal = super().receive_hello(data, bearer=bearer)
         if principal is None:
             return None
         hello = frames.decode(data)  # decoded once already: cannot fail
+        self.resume_asked = hello.get("resume") is True
         self.cumulative = hello.get("acks") in ("cumulative", "compact")
         asked = hello.get("encodings")
         if asked is None:
@@ -84,7 +131,29 @@ class DriverSession(Session):
         self.binary_acks = hello.get("acks") == "compact" and self.encoding != "json"
         return principal
 
+    def _resume(self, data: bytes, now_s: float | None) -> Principal | None:
+        """A resume hello: the token's driver, encoding and acks, with no JWT (docs/PROTOCOL.md)."""
+        if data[:1] != bytes((resume.HELLO,)):
+            self.fail(1003, "binary frames are not accepted")
+            return None
+        try:
+            if self.resume_tokens is None:
+                raise AuthError("resume: not enabled on this server, send your JWT")
+            now = time.time() if now_s is None else now_s
+            principal, encoding, acks, until = self.resume_tokens.verify(data[1:], now)
+        except AuthError as exc:
+            self.send(frames.error("unauthorized", str(exc)))
+            self.fail(4000, "unauthorized")
+            return None
+        self.principal = principal
+        self.encoding, self.encodings_asked = encoding, True
+        self.cumulative, self.binary_acks = acks != "per-commit", acks == "compact"
+        self.resume_asked, self.resumed_until = True, until
+        return principal
+
     def _acks_name(self) -> str:
+        if not self.cumulative:
+            return "per-commit"
         return "compact" if self.binary_acks else "cumulative"
 
     def receive_binary(self, data: bytes, now_ms: int, now_s: float) -> list[Event]:

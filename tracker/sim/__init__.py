@@ -60,6 +60,7 @@ class SimOptions:
     # (compact-2 batches: positions and scans in one frame; live frames as compact-1)
     acks: str = "per-commit"  # per-commit (v1) | cumulative | compact (hello's "acks"; compact: binary acks)
     transport: str = "ws"  # ws | http (POST /v1/driver/events, one connection per upload)
+    resume: str = "off"  # off | on (ask for resume tokens, resume with them) | warm (on, and start with one)
     settle: float = 3.0  # after the drain, how long dashboards wait for the last frames
     progress: bool = True  # a live line on stderr, once per second
     extra: dict[str, str] = field(default_factory=dict)  # free-form labels copied into the report
@@ -74,6 +75,8 @@ class SimOptions:
             "compact",
         ):
             raise ValueError("encoding must be json, compact or compact2, acks per-commit, cumulative or compact")
+        if self.resume not in ("off", "on", "warm"):
+            raise ValueError("resume must be off, on or warm")
         if self.transport not in ("ws", "http"):
             raise ValueError("transport must be ws or http")
         if self.drivers < 0 or self.dashboards < 0 or self.interval <= 0 or self.duration <= 0:

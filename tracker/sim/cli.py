@@ -53,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a("--acks", choices=("per-commit", "cumulative", "compact"), default=d.acks, help="v1, cumulative, binary acks")
     a("--transport", choices=("ws", "http"), default=d.transport, help="websocket, or HTTP uploads (POST)")
+    a(
+        "--resume",
+        choices=("off", "on", "warm"),
+        default=d.resume,
+        help="session resumption: ask for tokens and reconnect with them; warm: start with one (connected before)",
+    )
     a("--no-progress", action="store_true", help="no live progress line on stderr")
 
 
@@ -78,6 +84,7 @@ def options_from_args(args: argparse.Namespace) -> SimOptions:
         encoding=args.encoding,
         acks=args.acks,
         transport=args.transport,
+        resume=args.resume,
         progress=not args.no_progress,
     )
 

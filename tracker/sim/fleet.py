@@ -8,13 +8,15 @@ socket); :class:`Fleet` ticks them all from one scheduler and paces their (re)co
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
 import time
 from typing import Any
 
 import orjson
 
-from tracker.auth import mint_token
+from tracker.auth import TokenVerifier, mint_token
+from tracker.protocol import resume
 from tracker.sim import SimOptions, driver_id
 from tracker.sim.consign import Consigner
 from tracker.sim.driver import DriverModel, driver_name
@@ -44,6 +46,8 @@ class SimPhone:
         self.delay = 0.0
         self.rng = random.Random(index)
         self.last_poll = 0.0
+        self.resume_token: bytes | None = None  # from a welcome (or minted with --resume warm)
+        self.resuming = False  # the last hello was a resume hello
 
     def tick(self, now: float, generate: bool) -> int:
         """Step the model (when generating) and write what the phone wants sent. Never awaits."""
@@ -87,7 +91,10 @@ class SimPhone:
             fleet.count(f"close:{code}")
             if fleet.stopping:
                 return
-            if code in NO_RECONNECT:
+            if code == 4000 and self.resuming:  # the resume token was refused: the JWT next time
+                self.resume_token = None
+                fleet.count("resume_refused")
+            elif code in NO_RECONNECT:
                 self.stopped = NO_RECONNECT[code]
                 return
             if code == 4003:  # expired on an open connection: a fresh token, then reconnect
@@ -116,9 +123,20 @@ class SimPhone:
             raise ConnectionError("offline")
         self.link = link
         link.delay = self.delay
-        hello = {"type": "hello", "token": self.token, "device": f"sim-{self.index:06d}", "app": "sim/1"}
-        hello.update(self.phone.hello_fields())
-        link.send(orjson.dumps(hello))
+        self.resuming = self.resume_token is not None
+        if self.resume_token is not None:  # PROTOCOL.md "Resuming a session": no JWT
+            link.send(bytes([resume.HELLO]) + self.resume_token)
+        else:
+            hello: dict[str, Any] = {
+                "type": "hello",
+                "token": self.token,
+                "device": f"sim-{self.index:06d}",
+                "app": "sim/1",
+            }
+            hello.update(self.phone.hello_fields())
+            if self.fleet.opts.resume != "off":
+                hello["resume"] = True
+            link.send(orjson.dumps(hello))
         try:
             async with asyncio.timeout(15.0):
                 welcome = await self.welcome
@@ -138,7 +156,15 @@ class SimPhone:
         if payload[:1] == b"\xa1" and self.phone.online:  # a compact ack
             self.phone.receive_binary(payload, time.time() * 1000.0)
             return
-        msg = orjson.loads(payload)
+        if payload[:1] == bytes((resume.WELCOME,)):
+            msg = resume.decode_welcome(payload)
+        else:
+            msg = orjson.loads(payload)
+        token = msg.get("resume") if msg.get("type") == "welcome" else None
+        if token:
+            self.resume_token = (
+                token if isinstance(token, bytes) else base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            )
         if self.phone.online:
             self.phone.receive(msg, time.time() * 1000.0)
         elif msg.get("type") == "welcome" and self.welcome is not None and not self.welcome.done():
@@ -224,6 +250,8 @@ class Fleet:
             )
             kind: Any = HttpSimPhone if opts.transport == "http" else SimPhone
             self.phones.append(kind(self, i, name, self.token_for(i, name), model, phone))
+            if opts.resume == "warm" and kind is SimPhone:
+                self.phones[-1].resume_token = self._warm_token(self.phones[-1].token)
         self.consigner: Consigner | None = None
         if opts.consign:
             ttl = opts.duration + opts.drain_timeout + 3600.0
@@ -250,6 +278,20 @@ class Fleet:
             self.counts["consigned"] = self.consigner.posted
             if self.consigner.failed:
                 self.counts["consign_failed"] = self.consigner.failed
+
+    def _warm_token(self, jwt: str) -> bytes:
+        """The resume token a server with the default key (derived from the JWT secret) would have
+        issued this phone on an earlier connection: ``--resume warm``, a phone that was on the road
+        before the run began."""
+        o = self.opts
+        assert o.secret is not None
+        principal = TokenVerifier(alg="HS256", secret=o.secret).verify(jwt)
+        encoding = {"compact2": "compact-2", "compact": "compact-1"}.get(o.encoding, "json")
+        acks = o.acks
+        if acks == "compact" and encoding == "json":
+            acks = "cumulative"
+        tokens = resume.ResumeTokens(resume.derive_key(o.secret), ttl_s=86_400.0)
+        return tokens.issue(principal, encoding, acks, time.time())
 
     def token_for(self, index: int, name: str) -> str:
         o = self.opts

@@ -237,8 +237,9 @@ def _retrieve(fut: asyncio.Future[None]) -> None:
 
 
 def _opcode(payload: bytes) -> int:
-    """JSON goes as text; a compact frame (0xC1, 0xC2, 0xC3: never the start of UTF-8 JSON) as binary."""
-    return OP_BINARY if payload[:1] in (b"\xc1", b"\xc2", b"\xc3") else OP_TEXT
+    """JSON goes as text; a compact frame or a resume hello (0xC1, 0xC2, 0xC3, 0xA3: never the start
+    of UTF-8 JSON) as binary."""
+    return OP_BINARY if payload[:1] in (b"\xc1", b"\xc2", b"\xc3", b"\xa3") else OP_TEXT
 
 
 def _mask() -> bytes:

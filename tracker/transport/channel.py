@@ -29,6 +29,9 @@ def frame_header(length: int, opcode: int = 0x81) -> bytes:
     return bytes((opcode, 0x7F)) + length.to_bytes(8, "big")
 
 
+BINARY = (b"\xa1", b"\xa4")  # first bytes of the server's binary frames: compact ack, binary welcome
+
+
 class Channel:
     """The sending half of one accepted websocket (implements `tracker.types.Channel`)."""
 
@@ -42,12 +45,12 @@ class Channel:
 
     def write(self, data: bytes) -> None:
         """Send one text frame (UTF-8 JSON bytes) now, without awaiting. Never raises. A compact ack
-        (its first byte 0xA1, which never starts UTF-8 text) goes as a binary frame."""
+        or a binary welcome (first byte 0xA1, 0xA4: never the start of UTF-8 text) goes as a binary frame."""
         if self.closed:
             return
         fast = self.fast
         if fast is not None:
-            opcode = 0x82 if data[:1] == b"\xa1" else 0x81
+            opcode = 0x82 if data[:1] in BINARY else 0x81
             if not fast.write(frame_header(len(data), opcode) + data):
                 self.closed = True
             return
@@ -61,7 +64,7 @@ class Channel:
             data = self._queue.popleft()
             self._queued_bytes -= len(data)
             try:
-                if data[:1] == b"\xa1":
+                if data[:1] in BINARY:
                     await self._send({"type": "websocket.send", "bytes": data})
                 else:
                     await self._send({"type": "websocket.send", "text": data.decode()})

@@ -71,22 +71,30 @@ def flush(session: Session, channel: Channel) -> bool:
     return session.close_code is not None
 
 
-async def _hello(ws: WebSocket, session: Session, channel: Channel, timeout: float) -> Principal | None:
+async def _hello(
+    ws: WebSocket, session: Session, channel: Channel, timeout: float, *, binary: bool = False
+) -> Principal | None:
     """The first frame must be `hello` within `timeout`; returns the principal, or None (closed).
-    At most `max_pending` sockets of the instance wait for their hello at once; beyond: 1013."""
+    At most `max_pending` sockets of the instance wait for their hello at once; beyond: 1013.
+    With `binary` (drivers), a binary first frame goes to the session (a resume hello)."""
     admission: Admission = ws.app.state.admission
     if not admission.begin_hello():
         await channel.close(1013, "too many connections waiting for hello")
         return None
     try:
         try:
-            data = await asyncio.wait_for(_receive(ws), timeout)
+            data = await asyncio.wait_for(_receive(ws, binary=binary), timeout)
         except TimeoutError:
             session.hello_timeout()
             data = None
         except WebSocketDisconnect:
             return None
-        principal = session.receive_hello(data, bearer=_bearer(ws)) if data is not None else None
+        if data is None:
+            principal = None
+        elif isinstance(data, bytes) and isinstance(session, DriverSession):
+            principal = session.receive_hello(data, binary=True)
+        else:
+            principal = session.receive_hello(data, bearer=_bearer(ws))
         if flush(session, channel):
             await channel.close(session.close_code or 1011, session.close_reason)
         return principal
@@ -141,8 +149,9 @@ async def driver_endpoint(ws: WebSocket) -> None:
         max_batch=settings.max_batch,
         leeway_s=settings.jwt_leeway_s,
         ack_delay_ms=settings.ack_delay_ms,
+        resume_tokens=ws.app.state.resume_tokens,
     )
-    principal = await _hello(ws, session, channel, settings.hello_timeout_s)
+    principal = await _hello(ws, session, channel, settings.hello_timeout_s, binary=True)
     if principal is None:
         return
     conn = DriverConn(principal, channel)

@@ -159,11 +159,14 @@ class Dash(Peer):
         return dash
 
     async def subscribe(self, sub: dict[str, Any]) -> dict[str, Any]:
+        # On a re-subscribe, live frames of the old subscription may still be on their way: a client
+        # drops what precedes the new snapshot. On the first, nothing live may come before it.
+        again = bool(self.snapshot)
         await self.send({"type": "subscribe", **sub})
         snapshot: dict[str, Any] = {"drivers": [], "packages": [], "alerts": []}
         while True:
             frame = await self.recv()
-            if frame["type"] == "status":
+            if frame["type"] == "status" or (again and frame["type"] not in ("snapshot", "error")):
                 continue
             assert frame["type"] == "snapshot", frame
             for key in snapshot:

@@ -150,7 +150,8 @@ def _clean_claims(draw: st.DrawFn) -> dict[str, Any]:
 @st.composite
 def tokens(draw: st.DrawFn) -> str:
     header = {"alg": draw(_near("HS256"))}
-    if draw(st.integers(0, 3)) == 0:  # odd header parameters now and then
+    # Hypothesis leans towards small draws (0 most of all): 0 takes the common branch, never the odd one.
+    if draw(st.integers(0, 3)) == 3:  # odd header parameters now and then
         header.update(draw(st.fixed_dictionaries({}, optional={"kid": JSON, "typ": JSON, "crit": JSON})))
     payload = draw(
         st.fixed_dictionaries(
@@ -165,10 +166,11 @@ def tokens(draw: st.DrawFn) -> str:
             optional={"client": _near("c-1"), "name": _near("Amina"), "nbf": _at(-100, 100) | JSON},
         )
     )
-    if draw(st.integers(0, 3)) == 0:  # a required claim missing
-        payload.pop(draw(st.sampled_from(sorted(payload))))
-    elif draw(st.integers(0, 2)) == 0:  # a well-formed token, so that the checks after the signature run
+    shape = draw(st.integers(0, 3))
+    if shape == 0:  # a well-formed token, so that the checks after the signature run
         header, payload = {"alg": "HS256"}, {**payload, **draw(_clean_claims())}
+    elif shape == 1:  # a required claim missing
+        payload.pop(draw(st.sampled_from(sorted(payload))))
     kind = draw(st.sampled_from(["signed", "signed", "signed", "wrong key", "garbled", "text"]))
     if kind == "text":
         return draw(st.text(max_size=300))

@@ -79,7 +79,7 @@ class RedisBroker:
         # The command client (a bounded pool; a command that meets a connection the network left
         # dead is sent once more at once, on a new one), a factory of subscriber clients, and the
         # names: all from what the URL names (one Redis, or a master found through Sentinel).
-        self.redis, self._sub_client, self.naming = clients(url)
+        self.redis, self._sub_client, self.naming, self._others = clients(url)
         self._pool = getattr(self.redis, "connection_pool", None)  # a cluster has one per node
         self._pending: dict[str, list[LiveItem]] = {}
         self._pending_count = 0
@@ -346,6 +346,9 @@ class RedisBroker:
             await asyncio.wait_for(self.redis.aclose(), 3)
         if self._pool is not None:
             await self._pool.disconnect()  # a pool we made is not closed by the client
+        for other in self._others:
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await asyncio.wait_for(other.aclose(), 3)
 
     _was_live = False  # the first "live" is the start, not a restoration
     _closing = False

@@ -152,9 +152,10 @@ class FastUnixConnection(FastPacking, aioredis.UnixDomainSocketConnection):
     pass
 
 
-def clients(url: str) -> tuple[Any, Callable[[], Any], Naming]:
+def clients(url: str) -> tuple[Any, Callable[[], Any], Naming, list[Any]]:
     """What `RedisBroker` talks to for the Redis `url` names: the command client, a factory of
-    clients for the subscriber (one per subscription: it is made again after a loss), the names."""
+    clients for the subscriber (one per subscription: it is made again after a loss), the names,
+    and the other clients to close with the broker (the sentinels' own)."""
     target = parse_url(url)
     # A command that meets a connection the network left dead is sent once more at once, on a new
     # one: stated here, not left to the redis-py version's default.
@@ -172,11 +173,15 @@ def clients(url: str) -> tuple[Any, Callable[[], Any], Naming]:
         # Every connection asks the sentinels for the master when it connects: after a failover,
         # the next (re)connection reaches the promoted replica.
         command = sentinel.master_for(target.service, max_connections=32, **kw, **auth)
-        return (
-            command,
-            lambda: sentinel.master_for(target.service, socket_connect_timeout=2, **auth),
-            Naming(cluster=False, db=target.db),
-        )
+
+        def subscriber_client() -> Any:
+            client = sentinel.master_for(target.service, socket_connect_timeout=2, **auth)
+            # master_for's client does not own its pool, so its aclose() would leave the pubsub's
+            # connection open (a socket per reconnect, found by the garbage collector): it owns it.
+            client.auto_close_connection_pool = True
+            return client
+
+        return command, subscriber_client, Naming(cluster=False, db=target.db), list(sentinel.sentinels)
     if target.mode == "cluster":
         auth = {"password": target.password, "username": target.username}
         if target.tls:
@@ -189,7 +194,7 @@ def clients(url: str) -> tuple[Any, Callable[[], Any], Naming]:
             socket_connect_timeout=2,
             **auth,
         )
-        return cluster, lambda: ClusterSubscribing(nodes, auth), Naming(cluster=True)
+        return cluster, lambda: ClusterSubscribing(nodes, auth), Naming(cluster=True), []
     # A bounded pool: callers queue for a connection instead of opening thousands.
     pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=32, timeout=5, **kw)
     unix = issubclass(pool.connection_class, aioredis.UnixDomainSocketConnection)
@@ -198,4 +203,5 @@ def clients(url: str) -> tuple[Any, Callable[[], Any], Naming]:
         aioredis.Redis(connection_pool=pool),
         lambda: aioredis.Redis.from_url(url, socket_connect_timeout=2),
         Naming(cluster=False, db=int(pool.connection_kwargs.get("db") or 0)),
+        [],
     )

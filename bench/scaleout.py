@@ -17,6 +17,7 @@ positions stored, and the live positions the dashboard received.
     .venv/bin/python bench/scaleout.py                                   # 1, 2, 4 instances, one Redis
     .venv/bin/python bench/scaleout.py --redis cluster --instances 1,4   # on a Redis Cluster
     .venv/bin/python bench/scaleout.py --orgs 20 --drivers 50 --rate 1 --warmup 15 --seconds 60
+    .venv/bin/python bench/scaleout.py --orgs-per-instance 5          # 5, 10, 20 orgs: load per instance fixed
 
 The tracker code is HEAD's (a clean `git archive`, bench/common.py; BENCH_TRACKER_REF=<ref> for
 another). Results go to bench/results/scaleout-<time>.json and a Markdown table on stdout.
@@ -209,15 +210,22 @@ def flush(kind: str, url: str) -> None:
 
 
 def run_one(n: int, args: argparse.Namespace, redis_url: str, redis_pids: list[int]) -> dict[str, Any]:
+    orgs = args.orgs_per_instance * n if args.orgs_per_instance else args.orgs
     database = f"bench_scaleout_{ROOT.name}".replace("-", "_")
     dsn = common.fresh_database(database)
     flush(args.redis, redis_url)
     with instances(n, dsn, redis_url) as procs:
+        # What an instance costs with nothing to do (its timers, probe, presence, workers): the part
+        # of its CPU that does not scale with the load.
+        idle = common.CpuMeter({f"i{k + 1}": (lambda p=proc.pid: common.tree(p)) for k, (_, proc) in enumerate(procs)})
+        idle.start()
+        time.sleep(args.idle)
+        idle_cpu = idle.stop()
         urls = ",".join(f"ws://127.0.0.1:{port}" for port, _ in procs)
         gen = subprocess.Popen(
             [
                 *(sys.executable, __file__, "--generator", "--urls", urls, "--secret", common.SECRET),
-                *("--orgs", str(args.orgs), "--drivers", str(args.drivers), "--rate", str(args.rate)),
+                *("--orgs", str(orgs), "--drivers", str(args.drivers), "--rate", str(args.rate)),
                 *("--prefix", f"so{n}"),
             ],
             stdin=subprocess.PIPE,
@@ -230,7 +238,7 @@ def run_one(n: int, args: argparse.Namespace, redis_url: str, redis_pids: list[i
             line = gen.stdout.readline()
             if '"connected"' not in line:
                 raise RuntimeError(f"the generator did not connect: {line!r}")
-            log(f"{n} instance(s): {args.orgs * args.drivers} phones connected; warm-up {args.warmup} s")
+            log(f"{n} instance(s): {orgs * args.drivers} phones connected; warm-up {args.warmup} s")
             time.sleep(args.warmup)
             groups: dict[str, Any] = {
                 f"i{k + 1}": (lambda p=proc.pid: common.tree(p)) for k, (_, proc) in enumerate(procs)
@@ -266,6 +274,7 @@ def run_one(n: int, args: argparse.Namespace, redis_url: str, redis_pids: list[i
                 "instance": k + 1,
                 "cpu_s": round(c, 2),
                 "cpu_pct": round(100 * c / meter.wall_s, 1),
+                "idle_pct": round(100 * idle_cpu[f"i{k + 1}"] / idle.wall_s, 1),
                 "stored": int(d["stored"]),
                 "us_per_pos": round(c / max(1, d["stored"]) * 1e6, 1),
                 "live_bytes": int(d["live_bytes"]),
@@ -275,8 +284,10 @@ def run_one(n: int, args: argparse.Namespace, redis_url: str, redis_pids: list[i
         )
     stored = sum(p["stored"] for p in per)
     tracker_cpu = sum(p["cpu_s"] for p in per)
+    idle_s = sum(p["idle_pct"] for p in per) / 100 * meter.wall_s
     return {
         "instances": n,
+        "orgs": orgs,
         "wall_s": round(meter.wall_s, 1),
         "load": [load0, load1],
         "stored": stored,
@@ -288,6 +299,7 @@ def run_one(n: int, args: argparse.Namespace, redis_url: str, redis_pids: list[i
         "per_instance": per,
         "tracker_cpu_s": round(tracker_cpu, 2),
         "tracker_us_per_pos": round(tracker_cpu / max(1, stored) * 1e6, 1),
+        "tracker_net_us_per_pos": round((tracker_cpu - idle_s) / max(1, stored) * 1e6, 1),
         "redis_cpu_s": round(cpu["redis"], 3),
         "redis_us_per_pos": round(cpu["redis"] / max(1, stored) * 1e6, 2),
         "pg_cpu_s": round(cpu["pg"], 2),
@@ -297,31 +309,34 @@ def run_one(n: int, args: argparse.Namespace, redis_url: str, redis_pids: list[i
 
 def table(results: list[dict[str, Any]]) -> str:
     rows = [
-        "| instances | instance | positions stored/s | CPU % of a core | CPU us/position | live KiB/s received "
-        "| live msgs/s | control msgs |",
-        "|---|---|---|---|---|---|---|---|",
+        "| instances | instance | positions stored/s | CPU % of a core | idle % | CPU us/position (net of idle) "
+        "| live KiB/s received | live msgs/s | control msgs |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         w = r["wall_s"]
         for p in r["per_instance"]:
             rows.append(
-                f"| {r['instances']} | {p['instance']} | {p['stored'] / w:.0f} | {p['cpu_pct']} | {p['us_per_pos']} "
+                f"| {r['instances']} | {p['instance']} | {p['stored'] / w:.0f} | {p['cpu_pct']} | {p['idle_pct']} "
+                f"| {p['us_per_pos']} ({(p['cpu_pct'] - p['idle_pct']) / 100 * w / max(1, p['stored']) * 1e6:.0f}) "
                 f"| {p['live_bytes'] / w / 1024:.1f} | {p['live_messages'] / w:.1f} | {p['control']} |"
             )
         rows.append(
             f"| {r['instances']} | **total** | {r['rate']} | {100 * r['tracker_cpu_s'] / w:.1f} "
-            f"| **{r['tracker_us_per_pos']}** | {sum(p['live_bytes'] for p in r['per_instance']) / w / 1024:.1f} "
+            f"| {sum(p['idle_pct'] for p in r['per_instance']):.1f} "
+            f"| **{r['tracker_us_per_pos']}** ({r['tracker_net_us_per_pos']}) "
+            f"| {sum(p['live_bytes'] for p in r['per_instance']) / w / 1024:.1f} "
             f"| | |"
         )
     rows += [
         "",
-        "| instances | positions/s | Redis us/position | PostgreSQL us/row | dashboard positions/s "
+        "| instances (orgs) | positions/s | Redis us/position | PostgreSQL us/row | dashboard positions/s "
         "| sent/acked in window | load average (start, end) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         rows.append(
-            f"| {r['instances']} | {r['rate']} | {r['redis_us_per_pos']} | {r['pg_us_per_row']} "
+            f"| {r['instances']} ({r['orgs']}) | {r['rate']} | {r['redis_us_per_pos']} | {r['pg_us_per_row']} "
             f"| {r['dash_positions'] / r['wall_s']:.0f} | {r['sent']}/{r['acked']} | {r['load'][0]}; {r['load'][1]} |"
         )
     return "\n".join(rows)
@@ -331,10 +346,17 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--instances", default="1,2,4", help="instance counts to run, comma-separated")
     p.add_argument("--orgs", type=int, default=20)
+    p.add_argument(
+        "--orgs-per-instance",
+        type=int,
+        default=0,
+        help="instead of --orgs: this many orgs per instance (the load grows with the instances)",
+    )
     p.add_argument("--drivers", type=int, default=50, help="drivers per org")
     p.add_argument("--rate", type=float, default=1.0, help="positions per second per driver")
     p.add_argument("--warmup", type=float, default=15.0)
     p.add_argument("--seconds", type=float, default=60.0, help="the measured window")
+    p.add_argument("--idle", type=float, default=10.0, help="seconds of idle instances measured first")
     p.add_argument("--redis", choices=("single", "cluster"), default="single")
     p.add_argument("--generator", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--urls", help=argparse.SUPPRESS)

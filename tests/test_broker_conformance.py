@@ -14,14 +14,17 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
+from harness.redis_ha import RedisClusterSet
 from harness.servers import RedisServer
 from harness.wait import wait_until
 from tracker.broker import Broker, BrokerUnavailable, LiveItem
@@ -182,13 +185,42 @@ class RedisHarness(Harness):
             await self.lose_state()  # leave nothing that a later test's sweep would find
 
 
-@pytest.fixture(params=["memory", "redis"])
+class ClusterHarness(RedisHarness):
+    """RedisBroker on a three-master Redis Cluster (keys and channels hash-tagged per org)."""
+
+    name = "cluster"
+
+    async def lose_state(self) -> None:
+        org = "{" + self.org + "}"
+        host, port = self.url.removeprefix("redis+cluster://").split(",")[0].split(":")
+        client = RedisCluster(host=host, port=int(port))
+        try:
+            for kind in ("lastpos", "names", "pconn", "pstamp", "presence", "pgen", "pgsynced"):
+                await client.delete(f"trk:{kind}:{org}")
+            await client.srem("trk:orgs", self.org)  # type: ignore[misc]
+        finally:
+            await client.aclose()
+
+
+@pytest.fixture(scope="module")
+def cluster_url() -> Iterator[str]:
+    """One three-master cluster for the module's cluster tests (each on a fresh org). Started from
+    a thread of its own: the fixture is first asked for inside a test's running event loop."""
+    with ThreadPoolExecutor(1) as pool:
+        cluster = pool.submit(asyncio.run, RedisClusterSet().start()).result()
+    yield cluster.url
+    cluster.close()
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def impl(request: pytest.FixtureRequest, org: str) -> AsyncIterator[Harness]:
     harness: Harness
     if request.param == "memory":
         harness = MemoryHarness(org)
-    else:
+    elif request.param == "redis":
         harness = RedisHarness(org, request.getfixturevalue("redis_url"))
+    else:
+        harness = ClusterHarness(org, request.getfixturevalue("cluster_url"))
     yield harness
     await harness.close()
 

@@ -125,8 +125,13 @@ class ShardedPubSub:
             self._queue.put_nowait(exc)
 
     async def get_message(self, timeout: float = 1.0, **_: Any) -> dict[str, Any] | None:
+        # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives while the
+        # queue has just handed it an item (it returns the item), and the subscriber, cancelled by
+        # RedisBroker.close, read on: close waited for it forever (the conformance suite on a
+        # cluster hung in teardown). asyncio.timeout re-raises the cancellation.
         try:
-            item = await asyncio.wait_for(self._queue.get(), timeout)
+            async with asyncio.timeout(timeout):
+                item = await self._queue.get()
         except TimeoutError:
             return None
         if isinstance(item, BaseException):

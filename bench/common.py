@@ -309,10 +309,16 @@ TRACKER_REF = os.environ.get("BENCH_TRACKER_REF", "HEAD")
 
 @contextlib.contextmanager
 def start_server(
-    kind: str, redis_url: str, *, env: dict[str, str] | None = None, log_file: Path | None = None
+    kind: str,
+    redis_url: str,
+    *,
+    env: dict[str, str] | None = None,
+    log_file: Path | None = None,
+    tracker_workers: int = 1,
 ) -> Iterator[Server]:
-    """Start tracker (one process, one worker) or a Socket.IO peer on a free port, with a fresh
-    database of its own; stop it on exit."""
+    """Start tracker (one process, or `serve --workers N`: a supervisor and N workers; its CPU is
+    the process tree's, `tree(pid)`) or a Socket.IO peer on a free port, with a fresh database of its
+    own; stop it on exit."""
     # One database per checkout: two engineers' runs on one cluster must not drop each other's
     # (a run's `fresh_database` dropped another's bench_tracker mid-run: "relation drivers does not exist").
     database = f"bench_{kind}_{ROOT.name}".replace("-", "_")
@@ -321,6 +327,8 @@ def start_server(
     base = {**os.environ, **(env or {})}
     if kind == "tracker":
         cmd = [sys.executable, "-m", "tracker", "serve"]
+        if tracker_workers != 1:
+            cmd += ["--workers", str(tracker_workers)]
         base.update(
             DATABASE_URL=dsn,
             REDIS_URL=redis_url,

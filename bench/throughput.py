@@ -39,13 +39,15 @@ SYSTEMS = ("tracker", "node", "python")
 def run_system(kind: str, dashboards: int, args: argparse.Namespace) -> dict[str, Any]:
     """One system, one dashboard count: every step, CPU per position, loss."""
     tag = f"{kind}-{dashboards}d-{time.strftime('%H%M%S')}"
+    if kind == "tracker" and args.tracker_workers != 1:
+        tag += f"-w{args.tracker_workers}"
     common.RESULTS.mkdir(parents=True, exist_ok=True)
     acked_file = common.RESULTS / f"acked-{tag}.json"
     server_log = common.RESULTS / f"server-{tag}.log"
     steps: list[dict[str, Any]] = []
     with (
         common.private_redis() as (redis_url, redis_pid),
-        common.start_server(kind, redis_url, log_file=server_log) as srv,
+        common.start_server(kind, redis_url, log_file=server_log, tracker_workers=args.tracker_workers) as srv,
     ):
         log(
             f"{kind}: {srv.url} pid {srv.pid}, redis pid {redis_pid}, database {srv.database}; "
@@ -54,7 +56,7 @@ def run_system(kind: str, dashboards: int, args: argparse.Namespace) -> dict[str
         load_pid: list[int] = []
         meter = CpuMeter(
             {
-                "server": lambda: [srv.pid],
+                "server": lambda: common.tree(srv.pid),  # `serve --workers N`: the supervisor and its workers
                 "redis": lambda: [redis_pid],
                 "postgres": lambda: common.postgres_pids(srv.database)[0],
                 "postgres_shared": lambda: common.postgres_pids(srv.database)[1],
@@ -162,8 +164,9 @@ def run_system(kind: str, dashboards: int, args: argparse.Namespace) -> dict[str
     held = [s for s in steps if s["ok"]]
     best = max(held, key=lambda s: s["rate"]) if held else None
     log(f"{kind} {dashboards}d: highest step held {best['rate'] if best else None}/s; lost over the run {lost}")
+    name = f"tracker --workers {args.tracker_workers}" if kind == "tracker" and args.tracker_workers != 1 else kind
     return {
-        "system": kind,
+        "system": name,
         "dashboards": dashboards,
         "drivers": args.drivers,
         "connected": connected,
@@ -220,6 +223,9 @@ def main() -> int:
     p.add_argument("--measure", type=float, default=12.0, help="measured seconds per step")
     p.add_argument("--workers", type=int, default=2, help="load generator processes for the drivers")
     p.add_argument("--dash-workers", type=int, default=1, help="load generator processes for the dashboards")
+    p.add_argument(
+        "--tracker-workers", type=int, default=1, help="tracker serve --workers N (GC and loop lag: one worker's)"
+    )
     p.add_argument("--py-spy", type=float, default=0, help="profile tracker for S seconds in its first measured step")
     p.add_argument("--keep-going", action="store_true", help="run every step even after one fails")
     p.add_argument("--timeout", type=float, default=1200, help="hard limit per system run, seconds")

@@ -13,6 +13,13 @@ agree). Server CPU is utime + stime of the tracker process from /proc over the r
 browsers' default) send a JSON `pos` a second and read their acks, against a tracker started with
 TRACKER_WS_DEFLATE=true; then the same without it; bytes through the proxy, server CPU per
 position, and the server's RSS per open connection with and without it.
+
+`--breakdown` records every byte through the proxy and splits it, each way, by what carried it:
+the HTTP heads of the upgrade, then websocket frames (headers included) by JSON `type` or binary
+kind (compact-1/compact-2 batch, live frame, compact ack, resume hello, binary welcome), pings,
+pongs and closes. The `batch-compact2-resume` form starts each phone with the resume token an
+earlier connection would have given it (`tracker simulate --resume warm`): a phone on the road
+since before the measured window, reconnecting with a resume hello instead of its JWT.
 """
 
 from __future__ import annotations
@@ -51,12 +58,13 @@ from harness.ports import free_port
 from harness.proxy import Proxy
 from harness.servers import popen, stop_process
 from tracker.auth import mint_token
+from tracker.protocol.wscodec import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, FrameCollector
 from tracker.sim import SimOptions
 from tracker.sim.driver import DriverModel
 from tracker.sim.run import simulate
 
 ROOT = Path(__file__).resolve().parent.parent
-DATABASE = "bench_h3_mobile"
+DATABASE = f"bench_mobile_{ROOT.name}".replace("-", "_")
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,7 @@ class Form:
     acks: str
     transport: str
     batch: bool
+    resume: str = "off"  # warm: phones hold a resume token from an earlier connection (no JWT hello)
 
 
 FORMS = {
@@ -75,10 +84,14 @@ FORMS = {
         Form("live-json-cumulative", "json", "cumulative", "ws", False),
         Form("live-compact", "compact", "cumulative", "ws", False),
         Form("live-compact-acks", "compact", "compact", "ws", False),
+        Form("live-compact2-acks", "compact2", "compact", "ws", False),
         Form("batch-json", "json", "per-commit", "ws", True),
         Form("batch-compact", "compact", "compact", "ws", True),
+        Form("batch-compact2", "compact2", "compact", "ws", True),
+        Form("batch-compact2-resume", "compact2", "compact", "ws", True, "warm"),
         Form("batch-http-json", "json", "per-commit", "http", True),
         Form("batch-http-compact", "compact", "per-commit", "http", True),
+        Form("batch-http-compact2", "compact2", "per-commit", "http", True),
     )
 }
 
@@ -110,8 +123,43 @@ def tracker(redis_url: str, env: dict[str, str] | None = None) -> Iterator[tuple
         stop_process(proc, grace=20)
 
 
+def _frame_size(payload: int, masked: bool) -> int:
+    return (2 if payload < 126 else 4 if payload < 65536 else 10) + (4 if masked else 0) + payload
+
+
+def _kind(opcode: int, payload: bytes) -> str:
+    names = {OP_PING: "ping", OP_PONG: "pong", OP_CLOSE: "close"}
+    if opcode in names:
+        return names[opcode]
+    if opcode == OP_BINARY:
+        kinds = {0xC1: "compact-1 batch", 0xC2: "compact-1 live", 0xC3: "compact-2 batch", 0xA1: "compact ack"}
+        kinds |= {0xA3: "resume hello", 0xA4: "binary welcome"}
+        return kinds.get(payload[0] if payload else -1, "binary other")
+    try:
+        kind = str(orjson.loads(payload).get("type"))
+    except (orjson.JSONDecodeError, AttributeError):
+        return "text other"
+    return "hello (JWT)" if kind == "hello" else kind
+
+
+def breakdown(pipes: list[Any]) -> dict[str, dict[str, int]]:
+    """Bytes on the wire by what carried them, each way: the HTTP heads of the upgrade, then each
+    websocket frame (its header included) by kind: JSON `type`, compact frame, ping, pong, close."""
+    out: dict[str, dict[str, int]] = {"up": {}, "down": {}}
+    for pipe in pipes:
+        for way, data, masked in (("up", pipe.log_up, True), ("down", pipe.log_down, False)):
+            head, sep, rest = bytes(data or b"").partition(b"\r\n\r\n")
+            tally = out[way]
+            tally["http head"] = tally.get("http head", 0) + len(head) + len(sep)
+            with contextlib.suppress(Exception):  # a connection cut mid-frame: count what parsed
+                for opcode, payload in FrameCollector(masked=masked).feed(rest):
+                    kind = _kind(opcode, payload)
+                    tally[kind] = tally.get(kind, 0) + _frame_size(len(payload), masked)
+    return out
+
+
 async def run_form(form: Form, port: int, pid: int, args: argparse.Namespace) -> dict[str, Any]:
-    proxy = await Proxy(port).start()
+    proxy = await Proxy(port, record=args.breakdown).start()
     meter = CpuMeter({"tracker": lambda: [pid]})
     meter.start()
     try:
@@ -127,6 +175,7 @@ async def run_form(form: Form, port: int, pid: int, args: argparse.Namespace) ->
                 encoding=form.encoding,
                 acks=form.acks,
                 transport=form.transport,
+                resume=form.resume,
                 secret=SECRET,
                 seed=14,
                 progress=False,
@@ -146,6 +195,7 @@ async def run_form(form: Form, port: int, pid: int, args: argparse.Namespace) ->
         "encoding": form.encoding,
         "acks": form.acks,
         "transport": form.transport,
+        "resume": form.resume,
         "mode": "batch (uploads every 60 s)" if form.batch else "live (each fix when taken)",
         "positions": positions,
         "events": report.generated,
@@ -158,6 +208,15 @@ async def run_form(form: Form, port: int, pid: int, args: argparse.Namespace) ->
         "connections": len(pipes),
         "server_cpu_us_per_position": round(cpu["tracker"] / positions * 1e6, 1),
         "ack_p50_ms": report.ack_latency_ms.p50,
+        **(
+            {
+                "breakdown_per_position": {
+                    w: {k: round(v / positions, 2) for k, v in sorted(t.items())} for w, t in breakdown(pipes).items()
+                }
+            }
+            if args.breakdown
+            else {}
+        ),
     }
 
 
@@ -255,6 +314,7 @@ def main() -> None:
     p.add_argument("--drivers", type=int, default=20)
     p.add_argument("--duration", type=float, default=130.0)
     p.add_argument("--forms", default=",".join([*FORMS, "deflate"]))
+    p.add_argument("--breakdown", action="store_true", help="record the websocket forms' bytes by frame kind")
     args = p.parse_args()
     exit_on_sigterm()
     commit = tracker_source(TRACKER_REF)[1]

@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import socket
 
+RECORD_MAX = 1 << 20
+
 
 class _Pipe:
     """One proxied connection: two pumps, and what the client has said so far (for `mute`)."""
@@ -22,6 +24,9 @@ class _Pipe:
         self.said = b""
         self.muted = False
         self.up = self.down = 0  # bytes carried each way (a byte-counting proxy, for wire measurements)
+        # Everything carried each way, when the proxy records (bench/mobile.py's breakdown by frame kind).
+        self.log_up: bytearray | None = bytearray() if proxy.record else None
+        self.log_down: bytearray | None = bytearray() if proxy.record else None
         self.tasks = [
             asyncio.create_task(self._pump(client[0], server[1], up=True)),
             asyncio.create_task(self._pump(server[0], client[1], up=False)),
@@ -44,6 +49,9 @@ class _Pipe:
                     self.up += len(data)
                 else:
                     self.down += len(data)
+                log = self.log_up if up else self.log_down
+                if log is not None and len(log) < RECORD_MAX:
+                    log += data
                 writer.write(data)
                 await writer.drain()
                 if rate:
@@ -76,8 +84,11 @@ class Proxy:
     than it writes); `mute(marker)` silently drops what the server sends on open connections whose
     client sent `marker` (a subscriber that is connected but receives nothing)."""
 
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1", *, buffer: int = 65_536) -> None:
+    def __init__(
+        self, target_port: int, target_host: str = "127.0.0.1", *, buffer: int = 65_536, record: bool = False
+    ) -> None:
         self.target = (target_host, target_port)
+        self.record = record  # keep each pipe's bytes (up to RECORD_MAX each way) in log_up / log_down
         self.buffer = buffer
         self.pipes: set[_Pipe] = set()
         self.done: list[_Pipe] = []  # connections that ended, with what they carried (`said`, `up`, `down`)

@@ -105,7 +105,7 @@ def test_a_phone_that_asks_gets_a_token_in_welcome_and_resumes_with_it() -> None
     assert again.acks is not None and again.binary_acks
 
 
-def test_a_token_past_half_its_life_is_renewed_in_the_binary_welcome() -> None:
+def test_a_token_is_renewed_in_the_binary_welcome_when_that_gains_half_a_ttl() -> None:
     tokens = resume.ResumeTokens(resume.derive_key("session-secret-" + "x" * 40), ttl_s=600)
     t = tokens.issue(ALICE, "json", "per-commit", NOW_S)
     session = DriverSession(VERIFIER, max_frame=65_536, max_batch=300, leeway_s=30, resume_tokens=tokens)
@@ -114,6 +114,12 @@ def test_a_token_past_half_its_life_is_renewed_in_the_binary_welcome() -> None:
     got = resume.decode_welcome(session.data_to_send()[0])
     assert tokens.verify(got["resume"], NOW_S + 900)[3] == int(NOW_S + 1000)
     assert (got["encoding"], got["acks"]) == ("json", "per-commit")
+    # Capped by the JWT: a new token would end when the old one does, so none is sent.
+    capped = tokens.issue(ALICE, "json", "per-commit", ALICE.exp - 500)
+    session = DriverSession(VERIFIER, max_frame=65_536, max_batch=300, leeway_s=30, resume_tokens=tokens)
+    assert session.receive_hello(bytes([resume.HELLO]) + capped, binary=True, now_s=ALICE.exp - 100)
+    session.welcome(0, int((ALICE.exp - 100) * 1000), TokenBucket(10, 100, 0.0))
+    assert "resume" not in resume.decode_welcome(session.data_to_send()[0])
 
 
 @pytest.mark.parametrize(

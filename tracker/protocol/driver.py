@@ -65,11 +65,13 @@ class DriverSession(Session):
             self.send(self._welcome(now_ms, last_seq=last_seq))
 
     def _binary_welcome(self, last_seq: int, now_ms: int) -> bytes:
-        """The answer to a resume hello; a new token only once the old one is past half its life."""
+        """The answer to a resume hello; a new token only when it would live at least half a ttl
+        longer than the old one (never while both end at the JWT's expiry: that would gain nothing)."""
         assert self.principal is not None and self.resume_tokens is not None
         now_s = now_ms / 1000
         token = b""
-        if self.resumed_until - now_s < self.resume_tokens.ttl_s / 2:
+        ttl = self.resume_tokens.ttl_s
+        if min(now_s + ttl, self.principal.exp) - self.resumed_until >= ttl / 2:
             token = self.resume_tokens.issue(self.principal, self.encoding, self._acks_name(), now_s)
         return resume.welcome_frame(
             last_seq=last_seq,

@@ -214,7 +214,7 @@ async def run_form(form: Form, port: int, pid: int, args: argparse.Namespace) ->
                     w: {k: round(v / positions, 2) for k, v in sorted(t.items())} for w, t in breakdown(pipes).items()
                 }
             }
-            if args.breakdown
+            if args.breakdown and form.transport == "ws"  # HTTP bodies are not websocket frames
             else {}
         ),
     }

@@ -83,7 +83,8 @@ class Subscriber:
         if not self.subscribed:
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(waiter), FOLLOW_TIMEOUT_S)
+            async with asyncio.timeout(FOLLOW_TIMEOUT_S):  # not wait_for: see tracker/redis_cluster.py
+                await asyncio.shield(waiter)
 
     def unfollow(self, channel: str) -> None:
         """Stop receiving `channel` (sent in order with later subscriptions). Never awaits."""

@@ -11,6 +11,7 @@ instance chained (their records say `recovered`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -78,10 +79,9 @@ class PackageLayer:
         while True:
             delay = next_sweep - loop.time()
             if not self._queue and delay > 0:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), delay)
-                except TimeoutError:
-                    pass
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):  # not wait_for: see tracker/redis_cluster.py
+                        await self._wake.wait()
             self._wake.clear()
             if loop.time() >= next_sweep:
                 next_sweep = loop.time() + self.core.settings.custody_sweep_s

@@ -120,7 +120,8 @@ class Notifier:
                 self.listening, self.server_pid, delay = True, conn.get_server_pid(), BACKOFF_S[0]
                 while not lost.is_set():
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(lost.wait(), CHECK_S)
+                        async with asyncio.timeout(CHECK_S):  # not wait_for: see tracker/redis_cluster.py
+                            await lost.wait()
                     if not lost.is_set():  # a connection gone without a word (a dead network)
                         await conn.fetchval("SELECT 1", timeout=CHECK_S)
                 log.warning("custody notice listener lost its connection; listening again")

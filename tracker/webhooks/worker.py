@@ -11,6 +11,7 @@ most its timeouts and never delays the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections import Counter
@@ -61,10 +62,9 @@ class Deliverer:
                     except Exception:  # never a worker silently gone
                         log.exception("webhook claim failed")
                 if started < free or free <= 0:  # nothing more due now: wait for a slot, a wake or the poll
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), delay)
-                    except TimeoutError:
-                        pass
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(delay):  # not wait_for: see tracker/redis_cluster.py
+                            await self._wake.wait()
         finally:
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)

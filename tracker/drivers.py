@@ -97,12 +97,12 @@ class Drivers:
         self._per_org[p.org] = self._per_org.get(p.org, 0) + 1
         metrics.CONNECTIONS.labels("driver").inc()
         try:
-            # Before the broker registers it (and before its stamp is read): a later connection of
-            # the driver on another instance is kicked on the org's control channel.
-            await self.broker.follow_control(p.org)
             # The newest hello here holds the registry (stamps apply to it) until the broker says
             # which connection is current; the older one stays open until then.
             self._switch(key, conn, self.sessions.get(key))
+            # Before the broker registers it (and before its stamp is read): a later connection of
+            # the driver on another instance is kicked on the org's control channel.
+            await self.broker.follow_control(p.org)
             await self.extension.driver_connected(conn)  # may set conn.stamp
             line = conn.stamp + b"\t" + presence_frame(p.sub, True, now_ms(), p.name)
             online, hello = await asyncio.gather(

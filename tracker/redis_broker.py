@@ -346,9 +346,7 @@ class RedisBroker:
             await asyncio.wait_for(self.redis.aclose(), 3)
         if self._pool is not None:
             await self._pool.disconnect()  # a pool we made is not closed by the client
-        for other in self._others:
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
-                await asyncio.wait_for(other.aclose(), 3)
+        await asyncio.gather(*(asyncio.wait_for(o.aclose(), 3) for o in self._others), return_exceptions=True)
 
     _was_live = False  # the first "live" is the start, not a restoration
     _closing = False

@@ -14,11 +14,6 @@ from tracker.sim import SimOptions
 from tracker.sim.run import simulate
 
 
-# A Redis connection some EARLIER test leaves to the garbage collector (a private Redis, db 0; not
-# found yet, see the stop-19 note) is collected during this test's large simulation in 2 CI runs of
-# 3, and pytest blames the test that happens to be running. This test opens no Redis connection of
-# its own; its byte-count assertions are unchanged. Remove this mark once that leak is fixed.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize(
     ("encoding", "acks", "transport", "resume"),
     [

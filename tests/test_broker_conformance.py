@@ -164,7 +164,7 @@ class RedisHarness(Harness):
         org = self.org
         client = aioredis.Redis.from_url(self.url)
         try:
-            keys = [f"trk:{k}:{org}" for k in ("lastpos", "names", "pconn", "pstamp", "presence", "pgen")]
+            keys = [f"trk:{k}:{org}" for k in ("lastpos", "names", "pconn", "pstamp", "presence", "pgen", "pinst")]
             await client.delete(*keys)
             await client.hdel("trk:pgsynced", org)
             await client.srem("trk:orgs", org)
@@ -195,7 +195,7 @@ class ClusterHarness(RedisHarness):
         host, port = self.url.removeprefix("redis+cluster://").split(",")[0].split(":")
         client = RedisCluster(host=host, port=int(port))
         try:
-            for kind in ("lastpos", "names", "pconn", "pstamp", "presence", "pgen", "pgsynced"):
+            for kind in ("lastpos", "names", "pconn", "pstamp", "presence", "pgen", "pinst", "pgsynced"):
                 await client.delete(f"trk:{kind}:{org}")
             await client.srem("trk:orgs", self.org)  # type: ignore[misc]
         finally:
@@ -465,21 +465,23 @@ async def test_kick_reaches_the_replaced_connections_instance(impl: Harness) -> 
     a, b = await impl.peers2()
     org = impl.org
     await a.broker.drivers_online([(org, "d-1", "c1", None, online_line("d-1"))])
-    await b.broker.drivers_online([(org, "d-1", "c1", None, online_line("d-1"))])  # the same connection again
     [c2] = await b.broker.drivers_online([(org, "d-1", "c2", None, online_line("d-1"))])  # a newer one
+    await b.broker.drivers_online([(org, "d-1", "c2", None, online_line("d-1"))])  # the same connection again
     kick = ["kick", org, "d-1", "c2", str(c2.gen)]
     await until(lambda: kick in a.ctl, "kick on the replaced connection's instance")
-    await until(lambda: kick in b.ctl, "kick on every instance holding drivers of the org")
     await a.broker.publish_control(org, "mark", b"")
     for p in (a, b):
         await until(lambda p=p: ["mark", ""] in p.ctl, "the marker control message")
-        assert p.ctl == [kick, ["mark", ""]], "no kick for a first connection or the same connection"
+    assert a.ctl == [kick, ["mark", ""]], "no kick for a first connection or the same connection"
+    assert b.ctl == [["mark", ""]], "the kick went to the replaced connection's instance only"
 
 
-async def test_kick_reaches_no_instance_without_drivers_of_the_org(impl: Harness) -> None:
-    """Issue 17: an org's kicks go to the instances following its control messages (those holding
-    its drivers), not to every instance; one that starts following hears the next kick."""
-    a = await impl.peer()
+async def test_a_kick_goes_to_no_other_instance(impl: Harness) -> None:
+    """Issue 17: a kick reaches the instance that registered the replaced connection, not every
+    instance holding the org's drivers; only when the store does not know that instance (the
+    record re-created by a refresh after it lost its state) every instance following the org's
+    control messages, and still no other."""
+    a, b = await impl.peers2()  # both hold drivers of the org (follow its control messages)
     c = await impl.peer(follow=False)
     await c.broker.follow_control(impl.org + "-other")  # drivers of another org only
     org = impl.org
@@ -487,21 +489,43 @@ async def test_kick_reaches_no_instance_without_drivers_of_the_org(impl: Harness
     [c2] = await c.broker.drivers_online([(org, "d-1", "c2", None, online_line("d-1"))])
     kick = ["kick", org, "d-1", "c2", str(c2.gen)]
     await until(lambda: kick in a.ctl, "kick on the replaced connection's instance")
-    await a.broker.publish_control(impl.org + "-other", "mark", b"")
-    await until(lambda: ["mark", ""] in c.ctl, "the other org's marker, published after the kick")
-    assert c.ctl == [["mark", ""]], "an instance without drivers of the org heard its kick"
-    await c.broker.follow_control(org)  # takes effect when it returns
+    await a.broker.publish_control(org, "mark", b"")
+    await a.broker.publish_control(org + "-other", "mark", b"")
+    for p in (a, b, c):
+        await until(lambda p=p: ["mark", ""] in p.ctl, "a marker")
+    assert kick not in b.ctl and kick not in c.ctl, "a kick reached an instance without the replaced connection"
+
+    await impl.lose_state()
+    await c.broker.refresh_presence([(org, "d-1", "c2", b"")], spread_s=0)  # re-created: its instance unknown
     [c3] = await a.broker.drivers_online([(org, "d-1", "c3", None, online_line("d-1"))])
     kick3 = ["kick", org, "d-1", "c3", str(c3.gen)]
-    for p in (a, c):
-        await until(lambda p=p: kick3 in p.ctl, "the next kick, on both")
+    for p in (a, b):
+        await until(lambda p=p: kick3 in p.ctl, "the kick on the org's control channel")
+    await a.broker.publish_control(org + "-other", "mark2", b"")
+    await until(lambda: ["mark2", ""] in c.ctl, "the other org's second marker")
+    assert kick3 not in c.ctl, "an instance not following the org's control messages heard its kick"
+
+
+async def test_follow_control_takes_effect_when_it_returns_and_unfollow_stops_it(impl: Harness) -> None:
+    """Issue 17: an org's control messages reach the instances following them (those holding its
+    drivers) from when `follow_control` returns, and no longer after `unfollow_control`."""
+    a = await impl.peer()
+    c = await impl.peer(follow=False)
+    org = impl.org
+    await c.broker.follow_control(org + "-other")
+    await a.broker.publish_control(org, "before", b"")
+    await a.broker.publish_control(org + "-other", "mark", b"")
+    await until(lambda: ["mark", ""] in c.ctl, "the other org's marker")
+    await c.broker.follow_control(org)
+    await a.broker.publish_control(org, "after", b"")
+    await until(lambda: ["after", ""] in c.ctl, "the org's message once followed")
     c.broker.unfollow_control(org)
     await c.broker.follow_control(org + "-third")  # in order after the unfollow, on the same subscription
     await a.broker.publish_control(org, "gone", b"")
-    await a.broker.publish_control(impl.org + "-other", "mark2", b"")
+    await a.broker.publish_control(org + "-other", "mark2", b"")
     await until(lambda: ["mark2", ""] in c.ctl, "the other org's second marker")
     await until(lambda: ["gone", ""] in a.ctl, "the org's message on a")
-    assert ["gone", ""] not in c.ctl, "an org's control message after unfollow_control"
+    assert ["before", ""] not in c.ctl and ["gone", ""] not in c.ctl, "an org's control message while not followed"
 
 
 async def test_online_orders_connections_by_registration(impl: Harness) -> None:
@@ -520,8 +544,11 @@ async def test_online_orders_connections_by_registration(impl: Harness) -> None:
     gens = [r.gen for r in burst] + [later[0].gen]
     assert gens == sorted(gens) and len(set(gens)) == 4
     kicks = [["kick", org, "d-1", c, str(g)] for c, g in zip(["a1", "a2", "b0"], gens[1:], strict=True)]
-    for p in (a, b):
-        await until(lambda p=p: [k for k in p.ctl if k[0] == "kick"] == kicks, "a kick per replacement, in order")
+    # Each replaced connection was registered by a: the kicks go to a, in order, and not to b.
+    await until(lambda: [k for k in a.ctl if k[0] == "kick"] == kicks, "a kick per replacement, in order")
+    await a.broker.publish_control(org, "mark", b"")
+    await until(lambda: ["mark", ""] in b.ctl, "the marker on b")
+    assert [k for k in b.ctl if k[0] == "kick"] == [], "kicks of a's connections on b"
     await impl.lose_state()
     [after] = await a.broker.drivers_online([(org, "d-1", "c9", None, online_line("d-1"))])
     assert after.current and after.gen > gens[-1], "a restarted store still orders after what it forgot"

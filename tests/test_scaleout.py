@@ -5,9 +5,10 @@ the only dashboard (org A) is on instance a. Each instance's `tracker_live_recei
 (its own /metrics) is compared with what Redis carried per org, counted by a test subscriber on
 every live channel over the same seconds.
 
-Control messages (kicks, stamps) go per org too: a driver moving between two instances is still
-replaced at once, and a third instance, holding only another org's drivers, receives none of them
-(`tracker_control_received_messages_total`), on one Redis and on a Redis Cluster.
+Control messages go only where needed too: a driver moving between two instances is still
+replaced at once (the kick goes to the instance of the replaced connection), and a third instance,
+holding only another org's drivers, receives none of them (`tracker_control_received_messages_total`),
+on one Redis and on a Redis Cluster.
 """
 
 from __future__ import annotations

@@ -114,9 +114,10 @@ class Broker(Protocol):
 
     async def drivers_online(self, conns: list[Online]) -> list[Registered]:
         """Mark connections online (publishing their presence line), in order: each replaces any
-        other connection of the same driver, and every instance following the org's control
-        messages gets `on_ctl(["kick", org, driver, conn id, gen])` naming the new one; an instance
-        closes its connections of that driver whose generation is lower. The store is the one
+        other connection of the same driver, and the instance that registered the replaced one
+        gets `on_ctl(["kick", org, driver, conn id, gen])` naming the new one (every instance
+        following the org's control messages does, when the store does not know that instance);
+        an instance closes its connections of that driver whose generation is lower. The store is the one
         serialisation point: the newest connection is the one it registered last. Returns one
         `Registered` per connection."""
 

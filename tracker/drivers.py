@@ -9,9 +9,11 @@ instances. Presence lives in the broker with an expiry this instance refreshes, 
 leaves no driver online past the TTL, and only the connection that set a driver online sets it
 offline. A failure during a connect undoes it all (registration, presence, the gauge).
 
-An instance listens to an org's control messages (kicks, stamps) only while it holds a connection
-of one of the org's drivers: from before that connection is registered in the broker (so the kick
-of a later connection elsewhere cannot be missed) until the org's last connection here ends.
+A kick goes to the instance that registered the replaced connection (or, when the broker does not
+know it, to the instances listening to the org's control messages). An instance listens to an org's
+control messages (stamps; such kicks) only while it holds a connection of one of the org's drivers:
+from before that connection is registered in the broker (so the kick of a later connection
+elsewhere cannot be missed) until the org's last connection here ends.
 """
 
 from __future__ import annotations

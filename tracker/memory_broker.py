@@ -42,6 +42,7 @@ class _OrgState:
     conn: dict[str, str] = field(default_factory=dict)  # driver -> the connection that set it online
     stamp: dict[str, bytes] = field(default_factory=dict)  # driver -> stamp of its presence frames
     expiry: dict[str, int] = field(default_factory=dict)  # driver -> online until (ms)
+    inst: dict[str, str] = field(default_factory=dict)  # driver -> the instance that registered it last
 
 
 class MemoryBus:
@@ -92,6 +93,13 @@ class MemoryBus:
         parts = message.split("\t")
         for broker in self.brokers:
             if org in broker.controlling:  # as a Redis subscription: decided when published
+                broker._schedule(broker._deliver_ctl, parts)
+
+    def publish_kick(self, instance_id: str, message: str) -> None:
+        """To the one instance `instance_id` (its own channel, subscribed from its start)."""
+        parts = message.split("\t")
+        for broker in self.brokers:
+            if broker.instance_id == instance_id:
                 broker._schedule(broker._deliver_ctl, parts)
 
     def apply_live(self, org: str, items: list[LiveItem]) -> int:
@@ -256,6 +264,8 @@ class MemoryBroker:
         for org, driver, conn, name, line in conns:
             state = bus.org(org)
             prev = state.conn.get(driver)
+            prev_at = state.inst.get(driver)
+            state.inst[driver] = self.instance_id
             gen = bus.generation = max(bus.generation + 1, bus.clock() * 1000)
             state.conn[driver] = conn
             state.stamp[driver] = line.partition(b"\t")[0]
@@ -264,7 +274,11 @@ class MemoryBroker:
                 state.names[driver] = name
             bus.publish_live(org, line)
             if prev is not None and prev != conn:
-                bus.publish_control(org, f"kick\t{org}\t{driver}\t{conn}\t{gen}")
+                kick = f"kick\t{org}\t{driver}\t{conn}\t{gen}"
+                if prev_at is not None:
+                    bus.publish_kick(prev_at, kick)
+                else:  # unknown (re-created by a refresh after a wipe): every instance with the org's drivers
+                    bus.publish_control(org, kick)
             last = state.lastpos.get(driver)
             out.append((last[0] if last is not None else 0, gen))
         return [

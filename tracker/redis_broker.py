@@ -98,6 +98,7 @@ class RedisBroker:
             self.naming,
             self.probe_channel,
             self._publish_probe,
+            kick_channel=self.naming.kick_channel(instance_id),  # kicks of the connections registered here
             on_live=lambda org, msg: self.on_live(org, msg),
             on_ctl=lambda parts: self.on_ctl(parts),
             set_live=self._set_live,
@@ -190,7 +191,8 @@ class RedisBroker:
         groups = _by_org(conns)
         calls: list[Call] = []
         for org, idx in groups.items():
-            args: list[Any] = [exp, naming.publish_command, naming.live_channel(org), naming.control_channel(org), org]
+            args: list[Any] = [exp, naming.publish_command, naming.live_channel(org), naming.control_channel(org)]
+            args += (org, self.sub.kick_channel)
             for i in idx:
                 _, driver, conn, name, line = conns[i]
                 args += (driver, conn, name or "", line)
@@ -297,11 +299,8 @@ class RedisBroker:
     @unavailable
     async def publish_control(self, org: str, kind: str, payload: bytes) -> None:
         """To the instances holding drivers of `org` (on a cluster: the org's node only)."""
-        channel, message = self.naming.control_channel(org), kind.encode() + b"\t" + payload
-        if self.naming.cluster:
-            await self.redis.spublish(channel, message)
-        else:
-            await self.redis.publish(channel, message)
+        publish = self.redis.spublish if self.naming.cluster else self.redis.publish
+        await publish(self.naming.control_channel(org), kind.encode() + b"\t" + payload)
 
     @unavailable
     async def restore_positions(self, org: str, items: list[tuple[str, int, bytes]]) -> None:

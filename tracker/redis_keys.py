@@ -92,8 +92,10 @@ class Naming:
     messages. So on a database other than 0 the channels carry its number (`trk:<db>:live:<org>`,
     `trk:<db>:ctl:<org>`); database 0 keeps the names of earlier releases (a rolling upgrade keeps live).
 
-    Control messages (kicks, custody stamps) go per org, on `trk:ctl:<org>`: an instance listens
-    to an org's control channel only while it holds drivers of that org. `ctl_channel` (`trk:ctl`)
+    Control messages (custody stamps) go per org, on `trk:ctl:<org>`: an instance listens to an
+    org's control channel only while it holds drivers of that org. A kick goes to the one instance
+    that registered the replaced connection, on its own `trk:kick:<instance id>` (on the org's
+    channel when the store does not know that instance). `ctl_channel` (`trk:ctl`)
     is where the previous release sent every control message; it is still listened to, so that
     an old instance's kicks are heard during a rolling upgrade."""
 
@@ -104,18 +106,20 @@ class Naming:
         self.ctl_channel = self.channels + "ctl"
         self._live = self.channels + "live:"
         self._ctl = self.channels + "ctl:"
+        self._kick = self.channels + "kick:"
         self._ctl_raw, self._ctl_all_raw = self._ctl.encode(), self.ctl_channel.encode()
+        self._kick_raw = self._kick.encode()
 
     def tag(self, org: str) -> str:
         return "{" + org + "}" if self.cluster else org
 
     def key(self, kind: str, org: str) -> str:
-        """`kind` is one of lastpos, names, pconn, pstamp, presence, pgen."""
+        """`kind` is one of lastpos, names, pconn, pstamp, presence, pgen, pinst."""
         return f"trk:{kind}:{self.tag(org)}"
 
     def presence_keys(self, org: str) -> list[str]:
         """KEYS of the presence scripts (tracker/lua/presence_*.lua), in their order."""
-        return [self.key(k, org) for k in ("pconn", "pgen", "pstamp", "presence", "names", "lastpos")]
+        return [self.key(k, org) for k in ("pconn", "pgen", "pstamp", "presence", "names", "lastpos", "pinst")]
 
     def live_channel(self, org: str) -> str:
         return self._live + self.tag(org)
@@ -124,14 +128,20 @@ class Naming:
         """The org's control channel: kicks and custody stamps of its drivers."""
         return self._ctl + self.tag(org)
 
+    def kick_channel(self, instance_id: str) -> str:
+        """An instance's own control channel (kicks of the connections it registered): a classic
+        channel, also on a cluster (a script in an org's slot may PUBLISH to it, not SPUBLISH)."""
+        return self._kick + instance_id
+
     def org_of(self, channel: bytes) -> str:
         """The org of a live channel."""
         name = channel.decode()[len(self._live) :]
         return name[1:-1] if self.cluster else name
 
     def is_control(self, channel: bytes) -> bool:
-        """A control channel: the org's (`trk:ctl:<org>`), or the previous release's `trk:ctl`."""
-        return channel.startswith(self._ctl_raw) or channel == self._ctl_all_raw
+        """A control channel: an org's (`trk:ctl:<org>`), an instance's (`trk:kick:<id>`), or the
+        previous release's `trk:ctl`."""
+        return channel.startswith(self._ctl_raw) or channel.startswith(self._kick_raw) or channel == self._ctl_all_raw
 
 
 class FastPacking:

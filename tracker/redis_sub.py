@@ -1,7 +1,7 @@
 """RedisBroker's subscriber: one connection that receives what this instance needs, and proves it.
 
-It is subscribed to its own probe channel, to `trk:live:<org>` for each org that has a dashboard
-here and to `trk:ctl:<org>` for each org that has a driver here (`follow` / `unfollow` of a
+It is subscribed to its own probe and kick channels, to `trk:live:<org>` for each org that has a
+dashboard here and to `trk:ctl:<org>` for each org that has a driver here (`follow` / `unfollow` of a
 channel), never to every org: an instance without dashboards receives no live traffic, one with
 one org's dashboards receives about that org's share, and an org's control messages (kicks,
 stamps) reach only the instances holding its drivers (issue 17). It also listens to the previous
@@ -44,6 +44,7 @@ class Subscriber:
         probe_channel: str,
         publish_probe: Callable[[], Any],
         *,
+        kick_channel: str,
         on_live: Callable[[str, bytes], None],
         on_ctl: Callable[[list[str]], None],
         set_live: Callable[[bool], None],
@@ -51,6 +52,7 @@ class Subscriber:
         self._connect = connect
         self.naming = naming
         self.probe_channel = probe_channel
+        self.kick_channel = kick_channel
         self._publish_probe = publish_probe
         self.on_live = on_live
         self.on_ctl = on_ctl
@@ -135,7 +137,7 @@ class Subscriber:
             pubsub = client.pubsub()
             sync: asyncio.Task[None] | None = None
             try:
-                await pubsub.subscribe(self.naming.ctl_channel, self.probe_channel)
+                await pubsub.subscribe(self.naming.ctl_channel, self.probe_channel, self.kick_channel)
                 self._sent, self._inflight, self.confirmed = set(), {}, set()
                 self._pubsub = pubsub
                 self.subscribed = True
@@ -170,6 +172,7 @@ class Subscriber:
     async def _listen(self, pubsub: Any, sync: asyncio.Task[None]) -> None:
         probe = self.probe_channel.encode()
         ctl = self.naming.ctl_channel.encode()
+        fixed = (probe, ctl, self.kick_channel.encode())  # subscribed with the connection, not followed
         org_of = self.naming.org_of
         is_control = self.naming.is_control
         while True:
@@ -198,7 +201,7 @@ class Subscriber:
                     self.control_messages += 1
                     metrics.CONTROL_RECEIVED_MESSAGES.inc()
                     self.on_ctl(msg["data"].decode().split("\t"))
-                elif kind in ("subscribe", "unsubscribe") and channel not in (probe, ctl):
+                elif kind in ("subscribe", "unsubscribe") and channel not in fixed:
                     self._confirm(kind, channel.decode())
             except Exception:  # one bad message must not kill the subscriber
                 log.exception("error while handling a message on %r", channel)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -157,6 +158,30 @@ class Server(uvicorn.Server):
         self.on_started = on_started
         self.hard_exit_s = hard_exit_s
         self._signals = 0
+
+    # uvicorn looks at should_exit every 100 ms; a stop here wakes its loop at once instead.
+    _wake: Callable[[], object] | None = None
+    _exit = False
+
+    @property  # type: ignore[override]
+    def should_exit(self) -> bool:
+        return self._exit
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        self._exit = value
+        if value and self._wake is not None:
+            self._wake()  # thread-safe: a signal handler or the test's loop may set it
+
+    async def main_loop(self) -> None:
+        loop, woken = asyncio.get_running_loop(), asyncio.Event()
+        self._wake = lambda: loop.call_soon_threadsafe(woken.set)
+        counter = 0
+        while not await self.on_tick(counter):
+            counter = (counter + 1) % 864_000
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await woken.wait()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._signals += 1

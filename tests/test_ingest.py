@@ -254,3 +254,16 @@ async def test_own_frame_reader_handles_fragments_pings_and_close(instance: Inst
     async with asyncio.timeout(5):
         while (org, "d-1") in instance.node.drivers.sessions:  # noqa: ASYNC110 - polls server state with a deadline
             await asyncio.sleep(0.01)
+
+
+async def test_welcomed_driver_lets_go_of_the_upgrade_request_and_response(instance: Instance, org: str) -> None:
+    """A phone holds its connection for hours: the upgrade's headers (~3.5 KB of the 25 KB an idle
+    connection costs, BENCHMARKS.md issue 13) are dropped once it is welcomed; it works on."""
+    phone = await Phone.connect(instance.url, token("driver", "d-1", org))
+    proto = instance.node.drivers.sessions[(org, "d-1")].channel.fast.proto
+    assert proto.handshake_complete
+    assert proto.request is None and proto.response is None
+    assert proto.conn.parser.gi_frame is None  # websockets' parser (and the request in its frame): closed
+    await phone.send(pos(1))
+    await phone.until(lambda p: p.acked == {1})
+    await phone.close()

@@ -166,6 +166,8 @@ async def driver_endpoint(ws: WebSocket) -> None:
         conn.acks = session.acks  # cumulative acks, if the phone asked for them
         flush(session, channel)
         conn.welcomed = True
+        if channel.fast is not None:
+            channel.fast.release_handshake()
         adapter = DriverAdapter(node, session, conn)
         # Frames now go straight from the transport to the session where the server allows it; then
         # this loop only sees frames that were queued before the switch, and the end of the connection.

@@ -121,6 +121,21 @@ class FastPath:
     def abort(self) -> None:
         self.proto.transport.abort()
 
+    def release_handshake(self) -> None:
+        """Let go of the upgrade's request and response (their header objects, ~2-3.5 KB a
+        connection; a phone holds its connection for hours): uvicorn reads them only until the
+        handshake completes. Where a FrameReader reads the connection, python-websockets' own
+        parser is never fed again; it is closed, and with it the request its frame still holds."""
+        proto = self.proto
+        if not getattr(proto, "handshake_complete", False):
+            return
+        proto.request = None
+        proto.response = None
+        conn = getattr(proto, "conn", None)
+        parser = getattr(conn, "parser", None)
+        if isinstance(proto.transport.get_protocol(), FrameReader) and hasattr(parser, "close"):
+            parser.close()
+
     def reader(self) -> FrameReader | None:
         """The FrameReader installed on this connection, if any."""
         protocol = self.proto.transport.get_protocol()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any, Final
 
 from websockets.frames import Frame, Opcode
@@ -133,7 +133,7 @@ class FastPath:
         proto.response = None
         conn = getattr(proto, "conn", None)
         parser = getattr(conn, "parser", None)
-        if isinstance(proto.transport.get_protocol(), FrameReader) and hasattr(parser, "close"):
+        if isinstance(proto.transport.get_protocol(), FrameReader) and isinstance(parser, Generator):
             parser.close()
 
     def reader(self) -> FrameReader | None:

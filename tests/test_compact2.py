@@ -302,3 +302,20 @@ def test_compact_2_refusals_are_those_of_json() -> None:
     assert session.receive_binary(b"\xc3\x05", NOW_MS, 1.0) == []
     [error] = sent(session)
     assert error["code"] == "protocol" and error["message"].startswith("compact: ") and session.close_code == 1008
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    k=st.integers(0, 63),
+    values=st.lists(st.integers(0, 2**64 - 1) | st.integers(0, 300), max_size=50),
+    cut=st.integers(0, 8),
+)
+def test_a_run_of_rice_codes_reads_back_and_a_cut_one_is_refused(k: int, values: list[int], cut: int) -> None:
+    w = BitWriter()
+    for u in values:
+        w.rice(u, k)
+    assert BitReader(w.bytes()).rices(len(values), k, "x") == values
+    data = w.bytes()
+    if values and cut and len(data) > cut:
+        with pytest.raises(ProtocolError, match="compact: "):
+            BitReader(data[: len(data) - cut]).rices(len(values), k, "x")

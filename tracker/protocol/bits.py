@@ -90,14 +90,16 @@ class BitWriter:
 
 class BitReader:
     """Reads fields from `data[start:]`; ProtocolError (message starting `compact: `) when the
-    stream ends inside one or a code is not canonical."""
+    stream ends inside one or a code is not canonical. The stream is held as a string of '0' and
+    '1' (one character a bit): a unary run is one `str.find`, a field one `int(..., 2)`, both in C."""
 
-    __slots__ = ("data", "end", "pos")
+    __slots__ = ("end", "pos", "s")
 
     def __init__(self, data: bytes, start: int = 0) -> None:
-        self.data = data
-        self.pos = start * 8  # in bits
-        self.end = len(data) * 8
+        size = len(data) - start
+        self.s = format(int.from_bytes(data[start:], "big"), f"0{8 * size}b") if size > 0 else ""
+        self.pos = 0
+        self.end = len(self.s)
 
     @property
     def left(self) -> int:
@@ -107,13 +109,12 @@ class BitReader:
     def bits(self, width: int, what: str) -> int:
         if width == 0:
             return 0
-        pos, end = self.pos, self.pos + width
+        pos = self.pos
+        end = pos + width
         if end > self.end:
             raise ProtocolError(f"compact: frame ends inside {what}")
-        first, last = pos >> 3, (end + 7) >> 3
-        word = int.from_bytes(self.data[first:last], "big")
         self.pos = end
-        return (word >> ((last << 3) - end)) & ((1 << width) - 1)
+        return int(self.s[pos:end], 2)
 
     def uvar(self, what: str) -> int:
         u = shift = 0
@@ -131,20 +132,41 @@ class BitReader:
         return unzigzag(self.uvar(what))
 
     def rice(self, k: int, what: str) -> int:
-        window = min(ESCAPE + 1, self.left)
-        head = self.bits(window, what)  # then step back: only the unary part is consumed here
-        ones = window - (((1 << window) - 1) ^ head).bit_length()
-        if ones < ESCAPE:
-            if ones == window:
-                raise ProtocolError(f"compact: frame ends inside {what}")
-            self.pos -= window - ones - 1
-            return (ones << k) | self.bits(k, what)
-        self.pos -= window - ESCAPE
+        pos = self.pos
+        zero = self.s.find("0", pos, pos + ESCAPE)
+        if zero >= 0:
+            self.pos = zero + 1
+            q = zero - pos
+            return (q << k) | self.bits(k, what) if k else q
+        if pos + ESCAPE > self.end:
+            raise ProtocolError(f"compact: frame ends inside {what}")
+        self.pos = pos + ESCAPE
         length = self.bits(6, what) + 1
         u = self.bits(length, what)
         if u.bit_length() != length or (u >> k) < ESCAPE:
             raise ProtocolError(f"compact: {what}: an escaped value that is not canonical")
         return u
+
+    def rices(self, count: int, k: int, what: str) -> list[int]:
+        """`count` values of `rice(k)`: the loop of `rice` with its common case inlined (a column's
+        residuals are most of a frame)."""
+        out: list[int] = []
+        s, end, pos = self.s, self.end, self.pos
+        find, append = s.find, out.append
+        for _ in range(count):
+            start = pos
+            zero = find("0", start, start + ESCAPE)
+            if zero < 0:  # an escape, or the end of the stream: the general path
+                self.pos = start
+                append(self.rice(k, what))
+                pos = self.pos
+                continue
+            pos = zero + 1 + k
+            if pos > end:
+                raise ProtocolError(f"compact: frame ends inside {what}")
+            append(((zero - start) << k) | int(s[zero + 1 : pos], 2) if k else zero - start)
+        self.pos = pos
+        return out
 
     def raw(self, size: int, what: str) -> bytes:
         if size * 8 > self.left:

@@ -20,7 +20,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, Final
 
-from .bits import BitReader, BitWriter, rice_bits, unzigzag, zigzag
+from .bits import BitReader, BitWriter, rice_bits, zigzag
 from .compact import TooLarge
 from .frames import ProtocolError
 
@@ -228,16 +228,21 @@ def _read_column(r: BitReader, count: int, what: str) -> list[int]:
     if rest == 0:
         return values
     g = r.uvar(what)
-    k = r.bits(6, what) if g else 0
     prev = values[-1]
-    for _ in range(rest):
-        delta = g * unzigzag(r.rice(k, what)) if g else 0
+    if g == 0:  # every residual 0: constant steps (order 2) or a constant (order 1)
+        values.extend(prev + step * i for i in range(1, rest + 1))
+        _bounded(values[-1], what)  # linear: the last is the farthest
+        return values
+    k = r.bits(6, what)
+    for u in r.rices(rest, k, what):
+        delta = g * ((u >> 1) ^ -(u & 1))
         if order == 2:
             step += delta
-            v = prev + step
+            prev += step
         else:
-            v = prev + delta
-        prev = _bounded(v, what)
+            prev += delta
+        if not -VALUE_MAX < prev < VALUE_MAX:
+            raise ProtocolError(f"compact: {what}: a value beyond 2^62 units")
         values.append(prev)
     return values
 

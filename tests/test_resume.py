@@ -22,6 +22,7 @@ from tracker.protocol import compact2, resume
 from tracker.protocol.acks import decode_binary
 from tracker.protocol.bucket import TokenBucket
 from tracker.protocol.driver import DriverSession
+from tracker.protocol.wscodec import OP_BINARY, OP_TEXT, FrameCollector
 
 from .test_compact_ws import PATHS, compact_phone
 from .test_sessions import NOW_MS, VERIFIER, hello, sent, tok
@@ -150,6 +151,13 @@ def test_another_binary_first_frame_still_closes_1003_and_v1_welcomes_are_unchan
     assert "resume" not in sent(v1)[0]  # not asked for: not given
 
 
+def first_frame(said: bytes) -> tuple[int, bytes]:
+    """The opcode and (unmasked) payload of a client's first websocket frame, from what it sent."""
+    _, _, rest = said.partition(b"\r\n\r\n")
+    frames = FrameCollector(masked=True).feed(rest)
+    return frames[0] if frames else (-1, b"")
+
+
 # -- over the wire ------------------------------------------------------------------------------------
 
 
@@ -207,3 +215,51 @@ async def test_a_forged_resume_is_refused_with_a_clear_error_and_the_jwt_hello_s
     assert ws.close_code == 4000
     phone = await compact_phone(inst.url, token("driver", "d-f", org), ["compact-2"])
     assert phone.welcome["encoding"] == "compact-2"
+
+
+async def test_simulated_phones_resume_after_their_connections_are_reset_and_lose_nothing(
+    start_instance: Any, org: str
+) -> None:
+    """`tracker simulate --resume on`: the first connection is a JWT hello asking for a token; after
+    the network resets every connection, each phone comes back with its resume hello (no JWT)."""
+    import asyncio
+
+    from harness.proxy import Proxy
+    from tracker.sim import SimOptions
+    from tracker.sim.run import simulate
+
+    inst = await start_instance(ack_delay_ms=200)
+    proxy = await Proxy(inst.port).start()
+
+    async def reset_once() -> None:
+        await asyncio.sleep(2.5)
+        proxy.reset()
+
+    try:
+        resetter = asyncio.create_task(reset_once())
+        report = await simulate(
+            SimOptions(
+                url=f"ws://127.0.0.1:{proxy.port}",
+                drivers=3,
+                dashboards=0,
+                duration=5.0,
+                drain_timeout=20.0,
+                secret=SECRET,
+                org=org,
+                seed=11,
+                encoding="compact2",
+                acks="compact",
+                resume="on",
+                progress=False,
+                settle=0.0,
+            )
+        )
+        await resetter
+        assert report.lost == 0 and report.acked == report.generated > 0
+        assert "resume_refused" not in report.counts
+        firsts = [first_frame(p.said) for p in proxy.done + list(proxy.pipes) if p.said.startswith(b"GET /v1/driver ")]
+        with_jwt = [f for f in firsts if f[0] == OP_TEXT and b'"token":"eyJ' in f[1] and b'"resume":true' in f[1]]
+        resumed = [f for f in firsts if f[0] == OP_BINARY and f[1][:1] == bytes((resume.HELLO,))]
+        assert len(with_jwt) == 3 and len(resumed) >= 3 and len(firsts) == 3 + len(resumed), firsts
+    finally:
+        await proxy.close()

@@ -10,6 +10,8 @@ import pytest
 
 from harness.proxy import Proxy
 from harness.tokens import SECRET
+from tests.test_resume import first_frame
+from tracker.protocol.wscodec import OP_BINARY, OP_TEXT
 from tracker.sim import SimOptions
 from tracker.sim.run import simulate
 
@@ -58,8 +60,11 @@ async def test_the_simulators_byte_counts_are_what_crossed_the_wire(
         first = b"GET /v1/driver " if transport == "ws" else b"POST /v1/driver/events "
         phones = [p for p in proxy.done if p.said.startswith(first)]
         assert len(phones) >= 3  # the probe's /v1/live connection is not a phone's
-        if resume == "warm":  # no JWT crossed the wire: each phone's first frame was its resume token
-            assert not any(b"eyJ" in p.said for p in phones)
+        firsts = [first_frame(p.said) for p in phones] if transport == "ws" else []
+        if resume == "warm":  # no JWT crossed the wire: each phone's first frame was its resume hello
+            assert firsts and all(op == OP_BINARY and data[:1] == b"\xa3" for op, data in firsts), firsts
+        elif transport == "ws":
+            assert all(op == OP_TEXT and b'"token":"eyJ' in data for op, data in firsts), firsts
         up, down = sum(p.up for p in phones), sum(p.down for p in phones)
         # The phone closes without waiting for the server's close frame (4 bytes) to be read.
         assert report.bytes_out == up, (report.bytes_out, up)

@@ -99,6 +99,7 @@ class SimPhone:
                 return
             if code == 4003:  # expired on an open connection: a fresh token, then reconnect
                 self.token = fleet.token_for(self.index, self.name)
+                self.resume_token = None  # it expired with the JWT it stood for
             if code == 1009:
                 self.phone.split = max(1, min(self.phone.split, self.phone.max_batch) // 2)
             attempt += 1

@@ -190,7 +190,7 @@ def scrape(url: str) -> dict[str, float]:
         return {}
     out: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
-        if fam.name not in ("tracker_gc_pause_seconds", "tracker_loop_lag_seconds"):
+        if fam.name not in ("tracker_gc_pause_seconds", "tracker_loop_lag_seconds", "tracker_positions_conflated"):
             continue
         for smp in fam.samples:
             labels = ",".join(f"{k}={v}" for k, v in sorted(smp.labels.items()))
@@ -200,7 +200,8 @@ def scrape(url: str) -> dict[str, float]:
 
 def stalls(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
     """Between two scrapes: collections per generation (count, total and mean ms, how many took
-    >= 100 ms) and loop-lag timers (count, how many ran >= 100 ms late)."""
+    >= 100 ms), loop-lag timers (count, how many ran >= 100 ms late) and positions conflated for
+    a slow dashboard (one worker's, with `serve --workers N`)."""
     if not after:
         return {}
 
@@ -227,6 +228,7 @@ def stalls(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
         "over_100ms": int(lag_n - d(f"tracker_loop_lag_seconds_bucket{{le={STALL_S}}}")),
         "over_250ms": int(lag_n - d("tracker_loop_lag_seconds_bucket{le=0.25}")),
     }
+    out["conflated"] = int(d("tracker_positions_conflated_total{}"))  # for a dashboard that fell behind
     return out
 
 

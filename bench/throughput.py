@@ -64,12 +64,17 @@ def run_system(kind: str, dashboards: int, args: argparse.Namespace) -> dict[str
             }
         )
         marks: dict[int, dict[str, Any]] = {}
-        connect_metrics = common.scrape(srv.url)
+
+        def scrape() -> dict[str, float]:
+            # With `serve --workers N` each scrape lands on any one worker: deltas would mix them.
+            return common.scrape(srv.url) if kind == "tracker" and args.tracker_workers == 1 else {}
+
+        connect_metrics = scrape()
         spy: list[subprocess.Popen[Any]] = []
 
         def on_event(ev: dict[str, Any]) -> None:
             if ev["ev"] == "measure_start":
-                marks[ev["step"]] = {"load_avg": common.load_average(), "metrics": common.scrape(srv.url)}
+                marks[ev["step"]] = {"load_avg": common.load_average(), "metrics": scrape()}
                 meter.start()
                 if args.py_spy and kind == "tracker" and not spy:
                     out = common.RESULTS / f"pyspy-{tag}-step{ev['step']}.txt"
@@ -96,7 +101,7 @@ def run_system(kind: str, dashboards: int, args: argparse.Namespace) -> dict[str
             elif ev["ev"] == "measure_end":
                 cpu = meter.stop()
                 m = marks[ev["step"]]
-                m.update(cpu_s=cpu, wall_s=meter.wall_s, stalls=common.stalls(m.pop("metrics"), common.scrape(srv.url)))
+                m.update(cpu_s=cpu, wall_s=meter.wall_s, stalls=common.stalls(m.pop("metrics"), scrape()))
             elif ev["ev"] == "step":
                 m = marks.get(ev["step"], {})
                 n = max(1, ev["sent_in_window"])
@@ -120,7 +125,7 @@ def run_system(kind: str, dashboards: int, args: argparse.Namespace) -> dict[str
                     f"load {us.get('load')}  {'OK' if ev['ok'] else 'FAIL'}"
                 )
             elif ev["ev"] == "connected":
-                ev["stalls"] = common.stalls(connect_metrics, common.scrape(srv.url))
+                ev["stalls"] = common.stalls(connect_metrics, scrape())
                 log(
                     f"{kind}: {ev['drivers']} drivers connected in {ev['ms'] / 1000:.1f} s ({ev['per_s']:.0f}/s); "
                     f"load {common.load_average()}; GC and loop lag while connecting: {ev['stalls']}"
@@ -224,7 +229,7 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2, help="load generator processes for the drivers")
     p.add_argument("--dash-workers", type=int, default=1, help="load generator processes for the dashboards")
     p.add_argument(
-        "--tracker-workers", type=int, default=1, help="tracker serve --workers N (GC and loop lag: one worker's)"
+        "--tracker-workers", type=int, default=1, help="tracker serve --workers N (then no GC and loop-lag numbers)"
     )
     p.add_argument("--py-spy", type=float, default=0, help="profile tracker for S seconds in its first measured step")
     p.add_argument("--keep-going", action="store_true", help="run every step even after one fails")

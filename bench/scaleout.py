@@ -74,25 +74,28 @@ async def generator(args: argparse.Namespace) -> None:
     total = args.orgs * args.drivers
     gate = asyncio.Semaphore(32)
 
-    async def phone(org: str, i: int) -> None:
-        url = urls[i % len(urls)]
-        async with gate:
-            ws = await connect(url + "/v1/driver", compression=None, max_queue=None)
-            await ws.send(json.dumps({"type": "hello", "token": token("driver", f"d-{i}", org, secret=args.secret)}))
-            welcome = json.loads(await ws.recv())
-            assert welcome["type"] == "welcome", welcome
-        seq = int(welcome.get("last_seq", 0))
-        connected[0] += 1
-        if connected[0] == total:
-            ready.set()
+    async def hello(url: str, org: str, i: int) -> tuple[Any, int]:
+        ws = await connect(url + "/v1/driver", compression=None, max_queue=None)
+        await ws.send(json.dumps({"type": "hello", "token": token("driver", f"d-{i}", org, secret=args.secret)}))
+        welcome = json.loads(await ws.recv())
+        assert welcome["type"] == "welcome", welcome
+        return ws, int(welcome.get("last_seq", 0))
 
-        async def read() -> None:
+    async def read(ws: Any) -> None:
+        with contextlib.suppress(Exception):
             async for data in ws:
                 frame = json.loads(data)
                 if frame.get("type") == "ack":
                     stats["acked"] += sum(b - a + 1 for a, b in frame["ranges"])
 
-        reader = asyncio.create_task(read())
+    async def phone(org: str, i: int) -> None:
+        url = urls[i % len(urls)]
+        async with gate:
+            ws, seq = await hello(url, org, i)
+        connected[0] += 1
+        if connected[0] == total:
+            ready.set()
+        reader = asyncio.create_task(read(ws))
         await ready.wait()
         period = 1.0 / args.rate
         await asyncio.sleep(random.random() * period)  # phones are not in step
@@ -102,17 +105,34 @@ async def generator(args: argparse.Namespace) -> None:
                 seq += 1
                 lat = -1.29 + random.random() * 0.1
                 pos = {"type": "pos", "seq": seq, "ts": int(time.time() * 1000), "lat": lat, "lon": 36.82}
-                await ws.send(json.dumps(pos))
-                stats["sent"] += 1
+                try:
+                    await ws.send(json.dumps(pos))
+                    stats["sent"] += 1
+                except Exception:  # replaced (--churn): back on its own instance, which replaces the other
+                    stats["closed"] += 1
+                    reader.cancel()
+                    ws, seq = await hello(url, org, i)
+                    reader = asyncio.create_task(read(ws))
                 next_at += period
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-        except Exception:
-            stats["closed"] += 1
         finally:
             reader.cancel()
 
+    async def churn() -> None:
+        """--churn times a second, a driver connects through the next instance (kicking its phone's
+        connection, which then comes back to its own instance and kicks this one): two kicks each."""
+        others: list[Any] = []
+        await ready.wait()
+        while args.churn > 0:
+            await asyncio.sleep(1.0 / args.churn)
+            org, i = random.choice(orgs), random.randrange(args.drivers)
+            with contextlib.suppress(Exception):
+                ws, _ = await hello(urls[(i + 1) % len(urls)], org, i)
+                others.append(asyncio.create_task(read(ws)))  # until the phone's return closes it
+
     dash = await Dash(urls[0], token("dispatcher", "u-1", orgs[0], secret=args.secret)).start()
     tasks = [asyncio.create_task(phone(org, i)) for org in orgs for i in range(args.drivers)]
+    tasks.append(asyncio.create_task(churn()))
     await asyncio.wait_for(ready.wait(), 300)
     print(json.dumps({"ev": "connected"}), flush=True)
     stop = asyncio.Event()
@@ -226,7 +246,7 @@ def run_one(n: int, args: argparse.Namespace, redis_url: str, redis_pids: list[i
             [
                 *(sys.executable, __file__, "--generator", "--urls", urls, "--secret", common.SECRET),
                 *("--orgs", str(orgs), "--drivers", str(args.drivers), "--rate", str(args.rate)),
-                *("--prefix", f"so{n}"),
+                *("--prefix", f"so{n}", "--churn", str(args.churn)),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -295,6 +315,7 @@ def run_one(n: int, args: argparse.Namespace, redis_url: str, redis_pids: list[i
         "sent": g1["sent"] - g0["sent"],
         "acked": g1["acked"] - g0["acked"],
         "phones_closed": g1["closed"],
+        "replaced_in_window": g1["closed"] - g0["closed"],
         "dash_positions": g1["dash_positions"] - g0["dash_positions"],
         "per_instance": per,
         "tracker_cpu_s": round(tracker_cpu, 2),
@@ -358,6 +379,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=60.0, help="the measured window")
     p.add_argument("--idle", type=float, default=10.0, help="seconds of idle instances measured first")
     p.add_argument("--redis", choices=("single", "cluster"), default="single")
+    p.add_argument("--churn", type=float, default=0.0, help="driver moves per second (two kicks each)")
     p.add_argument("--generator", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--urls", help=argparse.SUPPRESS)
     p.add_argument("--secret", help=argparse.SUPPRESS)

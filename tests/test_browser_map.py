@@ -3,23 +3,37 @@ nothing else, the bundled basemap without one, driver clusters, the fleet-wide s
 replay, the package view, alert rings, faded stale markers and the client's own view.
 
 Real service, real phones over websockets, packages consigned over HTTP; the tiles come from a
-tile server inside the test (harness/browser.py `TileServer`, generated PNGs on a port of its own).
+tile server inside the test (harness/browser.py `TileServer`, generated PNGs on a port of its own),
+or from a PMTiles archive the test writes into the data folder and tracker serves itself.
 Screenshots go to test-artifacts/browser/map-*.png. Every wait has a deadline.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
-from harness.browser import ARTIFACTS, TILE_RED, PageWatch, TileServer, launch, png_pixel, require_browser
+from harness.browser import (
+    ARTIFACTS,
+    TILE_RED,
+    PageWatch,
+    TileServer,
+    launch,
+    png_pixel,
+    require_browser,
+    solid_png,
+    tile_colour,
+)
 from harness.clients import Phone, now_ms, pos, scan
 from harness.http import DEST, consign, request
 from harness.instances import Instance
+from harness.pmtiles import write_archive
 from harness.tokens import token
 
 pytestmark = pytest.mark.browser
@@ -88,6 +102,64 @@ async def test_street_tiles_come_only_from_the_configured_origin(start_instance:
                 page.assert_clean()  # a tile blocked by the CSP would be a console error
             finally:
                 await browser.close()
+
+
+def tile_of(z: int, lon: float, lat: float) -> tuple[int, int]:
+    """The x, y of the web-mercator tile at zoom `z` holding (lon, lat)."""
+    n = 1 << z
+    y = (1 - math.asinh(math.tan(math.radians(lat))) / math.pi) / 2 * n
+    return int((lon + 180) / 360 * n), int(y)
+
+
+async def test_tiles_from_a_pmtiles_archive_come_from_tracker_itself(
+    start_instance: Any, org: str, tmp_path: Path
+) -> None:
+    """TRACKER_MAP_TILES names an archive in the data folder: the page draws its tiles, every one
+    fetched from tracker (GET /tiles/z/x/y.png, 200) and nothing from any other origin."""
+    async_playwright = require_browser()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    west, south, east, north = 36.6, -1.5, 37.0, -1.1  # Nairobi: the archive's area (a city extract)
+    tiles = {}
+    for z in range(14):
+        (x0, y0), (x1, y1) = tile_of(z, west, north), tile_of(z, east, south)
+        for x in range(max(x0 - 1, 0), min(x1 + 2, 1 << z)):  # a tile's margin: whatever Leaflet asks exists
+            for y in range(max(y0 - 1, 0), min(y1 + 2, 1 << z)):
+                tiles[(z, x, y)] = solid_png(tile_colour(z, x, y))
+    (tmp_path / "maps").mkdir()
+    write_archive(tmp_path / "maps" / "nairobi.pmtiles", tiles, leaf_size=64, bounds=(west, south, east, north))
+    inst: Instance = await start_instance(map_tiles="maps/nairobi.pmtiles", map_tiles_attribution="© Test Archive")
+    _, headers, _ = await request(inst, "GET", "/")
+    assert csp_img_src(headers) == ["'self'", "data:"]  # the tiles are the page's own: no other origin
+    async with async_playwright() as pw:
+        browser = await launch(pw)
+        try:
+            page, origins = await new_page(browser, "archive tiles page", t0)
+            answers: list[tuple[str, int]] = []
+            page.page.on("response", lambda r: "/tiles/" in r.url and answers.append((r.url, r.status)))
+            await page.goto(f"{inst.http}/#token={token('dispatcher', 'u-disp', org)}")
+            await page.until("(s) => s.connection === 'live' && s.base.tiles", what="live, with the archive's tiles")
+            st = await page.state()
+            assert st["base"] == {"tiles": "/tiles/{z}/{x}/{y}.png", "tileOrigin": inst.http, "basemap": False}
+            await page.page.evaluate("() => window.trackerDebug.setView(36.82, -1.29, 13)")
+            await page.page.wait_for_function(
+                "() => document.querySelectorAll('.leaflet-tile-loaded').length >= 12", timeout=15_000
+            )
+            # What the user sees at the map's centre is the archive's tile for that place.
+            p = await page.page.evaluate("() => window.trackerDebug.project(36.82, -1.29)")
+            px = await screen_pixel(page, "10-archive-tiles", p["x"] + 3, p["y"] + 3)
+            want = tile_colour(13, *tile_of(13, 36.82, -1.29))
+            assert tuple(px[:3]) == want, f"not tile 13/{tile_of(13, 36.82, -1.29)} at Nairobi: {px} != {want}"
+            credits = await page.page.get_by_test_id("attribution").inner_text()
+            assert "© Test Archive" in credits and "Natural Earth" not in credits, credits
+            loaded = [(urlsplit(u).path, s) for u, s in answers]
+            assert any(path.startswith("/tiles/13/") for path, _ in loaded), loaded[:10]
+            assert all(re.fullmatch(r"/tiles/\d+/\d+/\d+\.png", path) and s == 200 for path, s in loaded), loaded
+            assert all(u.startswith(inst.http + "/") for u, _ in answers)
+            assert origins == {inst.http}, origins  # nothing from any other origin
+            page.assert_clean()
+        finally:
+            await browser.close()
 
 
 async def test_without_tiles_the_bundled_basemap_is_drawn_and_nothing_leaves_the_origin(

@@ -40,6 +40,8 @@ from .redis_broker import RedisBroker, default_instance_id
 from .share import http as share_http
 from .share.service import ShareService
 from .share.store import migrations as share_migrations
+from .tiles import http as tiles_http
+from .tiles.archive import open_archive
 from .transport import http as http_api
 from .transport.admission import Admission
 from .transport.endpoints import driver_endpoint, live_endpoint
@@ -164,6 +166,8 @@ async def migrate(pool: asyncpg.Pool) -> int:
 
 def create_app(settings: Settings) -> Starlette:
     verifier = make_verifier(settings)
+    archive_path = settings.tiles_archive()
+    tiles = open_archive(archive_path) if archive_path else None  # ConfigError: which file, and why not
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -217,6 +221,8 @@ def create_app(settings: Settings) -> Starlette:
                 await pool.close()
         finally:
             embedded.close()
+            if tiles is not None:
+                tiles.close()
 
     routes = [
         Route("/", http_api.index),
@@ -233,6 +239,7 @@ def create_app(settings: Settings) -> Starlette:
         *thresholds.routes(),
         *alerts_http.routes(),
         *webhooks_http.routes(),
+        *tiles_http.routes(tiles),
         Route("/v1/driver/events", driver_events, methods=["POST"]),
         WebSocketRoute("/v1/driver", driver_endpoint),
         WebSocketRoute("/v1/live", live_endpoint),
@@ -264,6 +271,8 @@ def create_app(settings: Settings) -> Starlette:
     app.state.admission = Admission(settings)
     app.state.keepalive = Keepalive(settings.ping_interval_s, settings.ping_timeout_s)
     app.state.settings = settings
+    app.state.tiles = tiles
+    app.state.tile_config = tiles_http.page_config(settings, tiles)
     return app
 
 

@@ -30,6 +30,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     settings.check()  # a deployment's shared keys: serve signs and verifies (migrate does not)
+    if (archive := settings.tiles_archive()) is not None:  # a map tile archive it cannot serve: exit 2 now
+        from .tiles.archive import open_archive
+
+        open_archive(archive).close()
     configure_logging(settings.log_level, args.log_format)
     embedded = not (settings.database_url and settings.redis_url)
     if args.workers != 1:
@@ -242,7 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=raw,
         epilog="examples:\n  ./dev serve\n  ./dev serve --port 9000 --data-dir /var/tmp/tracker\n"
         "  DATABASE_URL=postgresql://u:p@db/tracker REDIS_URL=redis://cache:6379/0 TRACKER_JWT_SECRET=... \\\n"
-        "    tracker serve --host 0.0.0.0 --log-format json",
+        "    tracker serve --host 0.0.0.0 --log-format json\n"
+        "  TRACKER_MAP_TILES=maps/kenya.pmtiles ./dev serve   # street tiles from a PMTiles raster archive in\n"
+        "                                                      # the data folder (or an absolute path; or an\n"
+        "                                                      # XYZ URL template: docs/OPERATIONS.md#map-tiles)",
     )
     listen(serve)
     data_dir(serve)

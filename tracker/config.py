@@ -82,7 +82,9 @@ class Settings:
     shutdown_grace_s: float = 10.0
 
     # Dashboard map (docs/OPERATIONS.md "Map tiles"). Unset: the bundled Natural Earth borders, offline.
-    map_tiles: str | None = None  # XYZ raster tile URL template, e.g. https://tiles.example.org/{z}/{x}/{y}.png
+    # An XYZ raster tile URL template, e.g. https://tiles.example.org/{z}/{x}/{y}.png, or a PMTiles v3 raster
+    # archive tracker serves itself: `maps/kenya.pmtiles` (relative to data_dir) or an absolute path.
+    map_tiles: str | None = None
     map_tiles_attribution: str = "© OpenStreetMap contributors"  # shown under the map with the tiles
     map_tiles_max_zoom: int = 19  # the deepest zoom level the tile server has
     tile_url: str | None = None  # TRACKER_TILE_URL: the older name of TRACKER_MAP_TILES (used when that is unset)
@@ -238,7 +240,7 @@ class Settings:
             raise ConfigError("TRACKER_SHARE_GRACE_S must be >= 0; share max, burst and live interval > 0")
         tiles = self.tiles
         if tiles is not None:
-            problem = tile_template_problem(tiles)
+            problem = archive_path_problem(tiles) if is_archive(tiles) else tile_template_problem(tiles)
             if problem:
                 raise ConfigError(f"TRACKER_MAP_TILES={tiles!r}: {problem}")
         if not 0 <= self.map_tiles_max_zoom <= 24:
@@ -260,13 +262,30 @@ class Settings:
 
     @property
     def tiles(self) -> str | None:
-        """The dashboard's tile URL template: TRACKER_MAP_TILES, else the older TRACKER_TILE_URL."""
+        """TRACKER_MAP_TILES, else the older TRACKER_TILE_URL: an XYZ tile URL template or the path
+        of a PMTiles archive (see tiles_archive)."""
         return self.map_tiles or self.tile_url or None
 
-    def tile_origins(self) -> tuple[str, ...]:
-        """The origins the dashboard fetches tiles from: what the CSP's img-src names, nothing more.
-        A `{s}` in the host is Leaflet's subdomain placeholder; it takes `a`, `b` and `c`."""
+    @property
+    def tile_template(self) -> str | None:
+        """The XYZ tile URL template of another server, or None (no tiles, or an archive tracker serves)."""
         tiles = self.tiles
+        return None if tiles is None or is_archive(tiles) else tiles
+
+    def tiles_archive(self) -> Path | None:
+        """The PMTiles archive tracker serves the tiles from, or None: a path relative to data_dir (it
+        may not climb out of it) or an absolute one, as TRACKER_MAP_TILES names it."""
+        tiles = self.tiles
+        if tiles is None or not is_archive(tiles):
+            return None
+        path = Path(tiles).expanduser()
+        return path if path.is_absolute() else self.data_dir.expanduser() / path
+
+    def tile_origins(self) -> tuple[str, ...]:
+        """The origins the dashboard fetches tiles from besides its own: what the CSP's img-src names
+        after 'self', nothing more. A `{s}` in the host is Leaflet's subdomain placeholder; it takes
+        `a`, `b` and `c`. An archive's tiles come from tracker itself: no other origin."""
+        tiles = self.tile_template
         if not tiles:
             return ()
         parts = urlsplit(tiles)
@@ -274,11 +293,31 @@ class Settings:
         return tuple(f"{parts.scheme}://{host}" for host in hosts)
 
 
+ARCHIVE_SUFFIX = ".pmtiles"
+
+
+def is_archive(tiles: str) -> bool:
+    """TRACKER_MAP_TILES names a PMTiles archive (a file path ending in .pmtiles), not a URL template."""
+    return tiles.lower().endswith(ARCHIVE_SUFFIX) and urlsplit(tiles).scheme not in ("http", "https")
+
+
+def archive_path_problem(tiles: str) -> str | None:
+    """Why `tiles` is not a usable archive path, or None. A relative path stays inside the data folder."""
+    if "\x00" in tiles:
+        return "must not contain NUL"
+    path = Path(tiles).expanduser()
+    if not path.is_absolute() and ".." in path.parts:
+        return "a relative archive path is inside the data folder and may not contain '..' (or give an absolute path)"
+    return None
+
+
 def tile_template_problem(template: str) -> str | None:
     """Why `template` is not an XYZ tile URL template the dashboard can use, or None."""
     parts = urlsplit(template)
+    if parts.path.lower().endswith(ARCHIVE_SUFFIX):
+        return "a remote PMTiles archive is not supported: download it into the data folder and name the file"
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        return "must be an http:// or https:// URL"
+        return "must be an http:// or https:// URL template, or the path of a .pmtiles archive"
     if any(c in template for c in " \"'<>;,") or parts.username or parts.password:
         return "must not contain spaces, quotes, ';', ',' or credentials (it goes into the page's CSP)"
     if not all(f"{{{k}}}" in template for k in "zxy"):

@@ -124,14 +124,8 @@ async def metrics_endpoint(request: Request) -> Response:
 
 
 async def config_endpoint(request: Request) -> Response:
-    node: Node = request.app.state.node
-    settings = node.settings
-    tiles = settings.tiles
-    body: dict[str, object] = {"tile_url": tiles}
-    if tiles:
-        body["tile_attribution"] = settings.map_tiles_attribution
-        body["tile_max_zoom"] = settings.map_tiles_max_zoom
-    return OrjsonResponse(body)
+    """The page's tile settings (tracker/tiles/http.py `page_config`, made once by create_app)."""
+    return OrjsonResponse(request.app.state.tile_config)
 
 
 async def index(request: Request) -> Response:

@@ -1,5 +1,6 @@
 // The base layers under the overlay, both Leaflet layers: street tiles when the service names a
-// tile URL template (GET /v1/config, TRACKER_MAP_TILES), otherwise the bundled offline basemap
+// tile URL template (GET /v1/config, TRACKER_MAP_TILES: another server's, or /tiles/... when tracker
+// serves a PMTiles archive itself), otherwise the bundled offline basemap
 // (basemap.json: African country borders from Natural Earth) on Leaflet's canvas renderer, with
 // country labels drawn by overlay.js. The credits under the map are written as text.
 
@@ -83,7 +84,9 @@ export async function loadConfig() {
 
 /** Show the tiles a config names (or the bundled basemap when it names none). */
 export function useTiles(config) {
-  const url = typeof config?.tile_url === 'string' && /^https?:\/\//.test(config.tile_url) ? config.tile_url : null;
+  // Another server's template (https://...), or tracker's own tiles from a PMTiles archive (/tiles/...).
+  const raw = typeof config?.tile_url === 'string' ? config.tile_url : '';
+  const url = /^https?:\/\//.test(raw) || /^\/tiles\//.test(raw) ? raw : null;
   if (url === base.tileUrl) return;
   base.tiles?.remove();
   base.tiles = null;
@@ -92,9 +95,12 @@ export function useTiles(config) {
   const credit = url && typeof config.tile_attribution === 'string' ? config.tile_attribution : '';
   if (url) {
     const maxNative = isNum(config.tile_max_zoom) ? config.tile_max_zoom : 19;
+    const b = Array.isArray(config.tile_bounds) && config.tile_bounds.length === 4 ? config.tile_bounds : null;
     base.tiles = L.tileLayer(url, {
       maxZoom: MAX_ZOOM,
       maxNativeZoom: Math.min(maxNative, MAX_ZOOM), // deeper views scale the deepest tiles up
+      minZoom: isNum(config.tile_min_zoom) ? config.tile_min_zoom : 0, // an archive may start deeper
+      bounds: b ? L.latLngBounds([b[1], b[0]], [b[3], b[2]]) : undefined, // no requests outside an archive's area
       subdomains: 'abc',
       referrerPolicy: 'no-referrer',
       keepBuffer: 1,

@@ -8,14 +8,13 @@ socket); :class:`Fleet` ticks them all from one scheduler and paces their (re)co
 from __future__ import annotations
 
 import asyncio
-import base64
 import random
 import time
 from typing import Any
 
 import orjson
 
-from tracker.auth import TokenVerifier, mint_token
+from tracker.auth import mint_token
 from tracker.protocol import resume
 from tracker.sim import SimOptions, driver_id
 from tracker.sim.consign import Consigner
@@ -25,6 +24,7 @@ from tracker.sim.http_phone import HttpSimPhone
 from tracker.sim.link import Link, WsError, loopback_sources, open_link
 from tracker.sim.phone import Phone
 from tracker.sim.records import Records
+from tracker.sim.resumption import decode_welcome, token_of, warm_token
 
 TICK_S = 0.02  # the scheduler's resolution; each phone is ticked once per interval
 BACKOFF_BASE_S, BACKOFF_CAP_S = 0.5, 30.0
@@ -128,16 +128,8 @@ class SimPhone:
         if self.resume_token is not None:  # PROTOCOL.md "Resuming a session": no JWT
             link.send(bytes([resume.HELLO]) + self.resume_token)
         else:
-            hello: dict[str, Any] = {
-                "type": "hello",
-                "token": self.token,
-                "device": f"sim-{self.index:06d}",
-                "app": "sim/1",
-            }
-            hello.update(self.phone.hello_fields())
-            if self.fleet.opts.resume != "off":
-                hello["resume"] = True
-            link.send(orjson.dumps(hello))
+            hello = {"type": "hello", "token": self.token, "device": f"sim-{self.index:06d}", "app": "sim/1"}
+            link.send(orjson.dumps(hello | self.phone.hello_fields(resume=self.fleet.opts.resume != "off")))
         try:
             async with asyncio.timeout(15.0):
                 welcome = await self.welcome
@@ -157,15 +149,10 @@ class SimPhone:
         if payload[:1] == b"\xa1" and self.phone.online:  # a compact ack
             self.phone.receive_binary(payload, time.time() * 1000.0)
             return
-        if payload[:1] == bytes((resume.WELCOME,)):
-            msg = resume.decode_welcome(payload)
-        else:
-            msg = orjson.loads(payload)
-        token = msg.get("resume") if msg.get("type") == "welcome" else None
+        msg = decode_welcome(payload) if payload[:1] == bytes((resume.WELCOME,)) else orjson.loads(payload)
+        token = token_of(msg)
         if token:
-            self.resume_token = (
-                token if isinstance(token, bytes) else base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-            )
+            self.resume_token = token
         if self.phone.online:
             self.phone.receive(msg, time.time() * 1000.0)
         elif msg.get("type") == "welcome" and self.welcome is not None and not self.welcome.done():
@@ -252,7 +239,7 @@ class Fleet:
             kind: Any = HttpSimPhone if opts.transport == "http" else SimPhone
             self.phones.append(kind(self, i, name, self.token_for(i, name), model, phone))
             if opts.resume == "warm" and kind is SimPhone:
-                self.phones[-1].resume_token = self._warm_token(self.phones[-1].token)
+                self.phones[-1].resume_token = warm_token(opts, self.phones[-1].token)
         self.consigner: Consigner | None = None
         if opts.consign:
             ttl = opts.duration + opts.drain_timeout + 3600.0
@@ -279,20 +266,6 @@ class Fleet:
             self.counts["consigned"] = self.consigner.posted
             if self.consigner.failed:
                 self.counts["consign_failed"] = self.consigner.failed
-
-    def _warm_token(self, jwt: str) -> bytes:
-        """The resume token a server with the default key (derived from the JWT secret) would have
-        issued this phone on an earlier connection: ``--resume warm``, a phone that was on the road
-        before the run began."""
-        o = self.opts
-        assert o.secret is not None
-        principal = TokenVerifier(alg="HS256", secret=o.secret).verify(jwt)
-        encoding = {"compact2": "compact-2", "compact": "compact-1"}.get(o.encoding, "json")
-        acks = o.acks
-        if acks == "compact" and encoding == "json":
-            acks = "cumulative"
-        tokens = resume.ResumeTokens(resume.derive_key(o.secret), ttl_s=86_400.0)
-        return tokens.issue(principal, encoding, acks, time.time())
 
     def token_for(self, index: int, name: str) -> str:
         o = self.opts

@@ -13,60 +13,17 @@ import random
 from collections.abc import Iterable
 from typing import Any
 
-import orjson
-
 from tracker.protocol import compact, compact2
 from tracker.protocol.acks import decode_binary
 from tracker.protocol.compact_live import LiveContext
+from tracker.sim.entries import BATCH_HEAD, BATCH_TAIL, Entry, pack
 from tracker.sim.records import KIND_POS, KIND_SCAN, Records
+
+__all__ = ["BATCH_HEAD", "BATCH_TAIL", "Entry", "Phone", "pack"]
 
 RESEND_AFTER_MS = 60_000.0  # PROTOCOL.md: resend on the same connection after 60 s without an answer
 FINAL_ERRORS = frozenset({"invalid", "forbidden"})
 RETRY_ERRORS = frozenset({"unavailable", "rate_limited"})
-BATCH_HEAD = b'{"type":"batch","items":['
-BATCH_TAIL = b"]}"
-
-
-class Entry:
-    """One event waiting in the outbox, with its encoding cached (it may be sent many times)."""
-
-    __slots__ = ("batched", "body", "data", "retry_at", "sent_at", "seq")
-
-    def __init__(self, seq: int, body: dict[str, Any]) -> None:
-        self.seq = seq
-        self.body = body
-        self.data = orjson.dumps(body)
-        self.sent_at = 0.0  # last transmission, 0 = never sent
-        self.retry_at = 0.0
-        self.batched = False  # last sent inside a batch of several (so a too_large can be split)
-
-
-def pack(entries: list[Entry], max_batch: int, max_frame: int) -> list[bytes]:
-    """Frames for ``entries`` in order: batches of at most ``max_batch`` items and ``max_frame``
-    bytes; a group of one is sent as the bare event. An event too large for any batch goes alone."""
-    frames: list[bytes] = []
-    group: list[Entry] = []
-    size = len(BATCH_HEAD) + len(BATCH_TAIL)
-    for e in entries:
-        grow = len(e.data) + (1 if group else 0)
-        if group and (len(group) >= max_batch or size + grow > max_frame):
-            frames.append(_frame(group))
-            group, size = [], len(BATCH_HEAD) + len(BATCH_TAIL)
-            grow = len(e.data)
-        group.append(e)
-        size += grow
-    if group:
-        frames.append(_frame(group))
-    return frames
-
-
-def _frame(group: list[Entry]) -> bytes:
-    if len(group) == 1:
-        group[0].batched = False
-        return group[0].data
-    for e in group:
-        e.batched = True
-    return BATCH_HEAD + b",".join([e.data for e in group]) + BATCH_TAIL
 
 
 class Phone:
@@ -134,9 +91,10 @@ class Phone:
             rec.add(seq, KIND_POS if body["type"] == "pos" else KIND_SCAN, now)
         return seq
 
-    def hello_fields(self) -> dict[str, Any]:
-        """What ``hello`` carries beyond the token for this phone's encoding and acks."""
-        fields: dict[str, Any] = {}
+    def hello_fields(self, *, resume: bool = False) -> dict[str, Any]:
+        """What ``hello`` carries beyond the token for this phone's encoding and acks (and a
+        request for a resume token)."""
+        fields: dict[str, Any] = {"resume": True} if resume else {}
         if self.encoding == "compact":
             fields["encodings"] = [compact.NAME, "json"]
         elif self.encoding == "compact2":

@@ -42,7 +42,7 @@ class Archive:
                 self.root = self._directory(self.header.root_offset, self.header.root_length)
             except FormatError as exc:
                 raise FormatError(f"its root directory does not decode: {exc}") from None
-            if not self.root.entries:
+            if not len(self.root):
                 raise FormatError("it holds no tiles (an empty root directory)")
         except BaseException:
             os.close(self._fd)

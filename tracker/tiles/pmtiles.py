@@ -14,6 +14,7 @@ import bisect
 import itertools
 import struct
 import zlib
+from array import array
 from dataclasses import dataclass
 
 HEADER_LEN = 127
@@ -137,26 +138,32 @@ class Entry:
 
 
 class Directory:
-    """A decoded directory: its entries, searchable by tile id."""
+    """A decoded directory, searchable by tile id: four arrays of 64-bit numbers (32 bytes an entry;
+    a list of Entry objects would take about five times that, and archive.py caches 64 leaves of
+    thousands of entries)."""
 
-    __slots__ = ("_ids", "entries")
+    __slots__ = ("ids", "lengths", "offsets", "runs")
 
-    def __init__(self, entries: list[Entry]) -> None:
-        self.entries = entries
-        self._ids = [e.tile_id for e in entries]
+    def __init__(self, ids: list[int], offsets: list[int], lengths: list[int], runs: list[int]) -> None:
+        self.ids, self.offsets = array("Q", ids), array("Q", offsets)
+        self.lengths, self.runs = array("Q", lengths), array("Q", runs)
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.ids)
+
+    @property
+    def entries(self) -> list[Entry]:
+        return [Entry(*e) for e in zip(self.ids, self.offsets, self.lengths, self.runs, strict=True)]
 
     def find(self, tile_id: int) -> Entry | None:
         """The entry holding `tile_id`: a tile entry whose run covers it, or the leaf directory that
         may hold it (the last leaf starting at or before it); None if the archive has no such tile."""
-        i = bisect.bisect_right(self._ids, tile_id) - 1
+        i = bisect.bisect_right(self.ids, tile_id) - 1
         if i < 0:
             return None
-        e = self.entries[i]
-        if e.leaf or tile_id - e.tile_id < e.run_length:
-            return e
+        first, run = self.ids[i], self.runs[i]
+        if run == 0 or tile_id - first < run:
+            return Entry(first, self.offsets[i], self.lengths[i], run)
         return None
 
 
@@ -181,49 +188,52 @@ def decompress(buf: bytes, compression: str, *, limit: int) -> bytes:
 def decode_directory(buf: bytes, compression: str, *, limit: int = 64 << 20) -> Directory:
     """A directory from its stored bytes; FormatError when they do not decode to sorted entries."""
     raw = decompress(buf, compression, limit=limit)
-    pos = 0
+    (n,), pos = _varints(raw, 0, 1)
+    if n > len(raw):  # each entry takes at least 4 bytes: a count this large is garbage
+        raise FormatError(f"a directory claims {n} entries in {len(raw)} bytes")
+    deltas, pos = _varints(raw, pos, n)
+    runs, pos = _varints(raw, pos, n)
+    lengths, pos = _varints(raw, pos, n)
+    raw_offsets, pos = _varints(raw, pos, n)
+    if pos != len(raw):
+        raise FormatError(f"a directory has {len(raw) - pos} bytes after its entries")
+    ids = list(itertools.accumulate(deltas))
+    if n and (raw_offsets[0] == 0):
+        raise FormatError("a directory's first entry has no offset")
+    offsets: list[int] = []
+    end = 0
+    for i in range(n):
+        if lengths[i] == 0:
+            raise FormatError(f"a directory entry for tile id {ids[i]} has a length of 0")
+        if i and deltas[i] == 0:
+            raise FormatError("a directory's tile ids are not increasing")
+        offset = raw_offsets[i] - 1 if raw_offsets[i] else end  # 0: right after the previous entry's bytes
+        offsets.append(offset)
+        end = offset + lengths[i]
+    if any(v >= 1 << 64 for v in (*ids[-1:], *offsets, *lengths, *runs)):
+        raise FormatError("a directory has a number beyond 64 bits")
+    return Directory(ids, offsets, lengths, runs)
 
-    def varint() -> int:
-        nonlocal pos
+
+def _varints(raw: bytes, pos: int, count: int) -> tuple[list[int], int]:
+    """`count` unsigned LEB128 varints from raw[pos:], and the position after them."""
+    out = []
+    size = len(raw)
+    for _ in range(count):
         value = shift = 0
         while True:
-            if pos >= len(raw):
+            if pos >= size:
                 raise FormatError("a directory ends inside a varint")
             b = raw[pos]
             pos += 1
             value |= (b & 0x7F) << shift
             if b < 0x80:
-                return value
+                break
             shift += 7
             if shift > 63:
                 raise FormatError("a directory has a varint longer than 64 bits")
-
-    n = varint()
-    if n > len(raw):  # each entry takes at least 4 bytes: a count this large is garbage
-        raise FormatError(f"a directory claims {n} entries in {len(raw)} bytes")
-    ids, last = [], 0
-    for _ in range(n):
-        last += varint()
-        ids.append(last)
-    runs = [varint() for _ in range(n)]
-    lengths = [varint() for _ in range(n)]
-    entries: list[Entry] = []
-    for i in range(n):
-        raw_offset = varint()
-        if raw_offset == 0 and i > 0:  # 0: right after the previous entry's bytes
-            offset = entries[i - 1].offset + entries[i - 1].length
-        elif raw_offset == 0:
-            raise FormatError("a directory's first entry has no offset")
-        else:
-            offset = raw_offset - 1
-        if lengths[i] == 0:
-            raise FormatError(f"a directory entry for tile id {ids[i]} has a length of 0")
-        entries.append(Entry(ids[i], offset, lengths[i], runs[i]))
-    if pos != len(raw):
-        raise FormatError(f"a directory has {len(raw) - pos} bytes after its entries")
-    if any(b.tile_id <= a.tile_id for a, b in itertools.pairwise(entries)):
-        raise FormatError("a directory's tile ids are not increasing")
-    return Directory(entries)
+        out.append(value)
+    return out, pos
 
 
 # --- tile ids --------------------------------------------------------------------------------------

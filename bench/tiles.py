@@ -26,13 +26,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import CLK_TCK, load_average, log, machine, save, ticks  # noqa: E402
-from harness.browser import solid_png  # noqa: E402
-from harness.http import wait_ready  # noqa: E402
-from harness.pmtiles import write_archive  # noqa: E402
-from harness.ports import free_port  # noqa: E402
-from harness.servers import popen, stop_process  # noqa: E402
-from tracker.tiles import archive as archive_mod  # noqa: E402
+from bench.common import CLK_TCK, load_average, log, machine, save, ticks
+from harness.browser import solid_png
+from harness.http import wait_ready
+from harness.pmtiles import write_archive
+from harness.ports import free_port
+from harness.servers import popen, stop_process
+from tracker.tiles import archive as archive_mod
 
 NAIROBI = (36.6, -1.5, 37.0, -1.1)
 

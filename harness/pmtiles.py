@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tracker.tiles.pmtiles import tile_id
 
-TYPES = {"mvt": 1, "png": 2, "jpeg": 3, "webp": 4, "avif": 5}
+TYPES = {"unknown": 0, "mvt": 1, "png": 2, "jpeg": 3, "webp": 4, "avif": 5}
 COMPRESSIONS = {"unknown": 0, "none": 1, "gzip": 2, "brotli": 3, "zstd": 4}
 
 
@@ -55,13 +55,14 @@ def header(
     bounds: tuple[float, float, float, float],
     magic: bytes = b"PMTiles",
     version: int = 3,
+    tile_compression: str = "none",
 ) -> bytes:
     e7 = [round(c * 1e7) for c in bounds]
     out = magic + bytes([version])
     for offset, length in sections:  # root, metadata, leaves, tile data
         out += struct.pack("<QQ", offset, length)
     out += struct.pack("<QQQ", *counts)
-    out += bytes([1, COMPRESSIONS[internal], COMPRESSIONS["none"], TYPES[tile_type], zooms[0], zooms[1]])
+    out += bytes([1, COMPRESSIONS[internal], COMPRESSIONS[tile_compression], TYPES[tile_type], zooms[0], zooms[1]])
     out += struct.pack("<iiii", *e7)
     out += bytes([zooms[0]]) + struct.pack("<ii", (e7[0] + e7[2]) // 2, (e7[1] + e7[3]) // 2)
     assert len(out) == 127
@@ -77,9 +78,13 @@ def write_archive(
     leaf_size: int | None = None,
     bounds: tuple[float, float, float, float] = (-180.0, -85.0, 180.0, 85.0),
     attribution: str = "",
+    tile_compression: str = "none",
 ) -> Path:
     """Write `tiles` ({(z, x, y): bytes}) as a PMTiles v3 archive at `path`. Equal tiles are stored
-    once; neighbours in curve order with equal bytes become one entry with a run length."""
+    once; neighbours in curve order with equal bytes become one entry with a run length. With
+    `tile_compression="gzip"` each tile is stored gzipped (as vector archives do)."""
+    if tile_compression == "gzip":
+        tiles = {k: gzip.compress(v, mtime=0) for k, v in tiles.items()}
     by_id = sorted((tile_id(z, x, y), data) for (z, x, y), data in tiles.items())
     blobs: dict[bytes, int] = {}
     data = bytearray()
@@ -106,7 +111,7 @@ def write_archive(
         root, leaves = directory(entries, internal), b""
     meta = f'{{"attribution": "{attribution}"}}'.encode()
     meta = gzip.compress(meta, mtime=0) if internal == "gzip" else meta
-    zs = [z for z, _, _ in tiles]
+    zs = [z for z, _, _ in tiles] or [0]  # an empty archive (a test of one the service refuses)
     at = 127
     sections = []
     for part in (root, meta, leaves, bytes(data)):
@@ -119,6 +124,7 @@ def write_archive(
         tile_type=tile_type,
         zooms=(min(zs), max(zs)),
         bounds=bounds,
+        tile_compression=tile_compression,
     )
     path.write_bytes(head + root + meta + leaves + bytes(data))
     return path

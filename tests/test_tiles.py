@@ -157,6 +157,9 @@ def refused_archives(tmp: Path) -> dict[str, tuple[Path, str]]:
         "zooms": (write_with(tmp / "zoom.pmtiles", zooms=(5, 2)), "zoom levels 5..2"),
         "truncated": (tmp / "truncated.pmtiles", "runs past the end of the file"),
         "bad root": (write_with(tmp / "root.pmtiles", internal="none"), "its root directory does not decode"),
+        "no tiles": (write_archive(tmp / "empty.pmtiles", {}), "holds no tiles"),
+        "unknown type": (write_with(tmp / "unknown.pmtiles", tile_type="unknown"), "tile type unknown"),
+        "zstd tiles": (write_with(tmp / "zstd.pmtiles", tile_compression="zstd"), "tiles are compressed with zstd"),
     }
 
 

@@ -7,6 +7,7 @@ and the page's CSP names no origin but its own.
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ def archive_tiles(max_zoom: int = 4) -> dict[tuple[int, int, int], bytes]:
         for x in range(1 << z)
         for y in range(1 << z)
     }
-    del tiles[(3, 2, 5)]
+    tiles.pop((3, 2, 5), None)
     return tiles
 
 
@@ -136,3 +137,16 @@ async def test_without_an_archive_there_are_no_tile_routes(start_instance: Any, 
         "tile_attribution": "© OpenStreetMap contributors",
         "tile_max_zoom": 19,
     }
+
+
+async def test_gzipped_tiles_are_served_as_stored_with_their_content_encoding(
+    start_instance: Any, tmp_path: Path
+) -> None:
+    """An archive storing its tiles gzipped (a header field): tracker sends the stored bytes with
+    `Content-Encoding: gzip`, and the browser's unpacking gives the PNG."""
+    tiles = archive_tiles(2)
+    path = write_archive(tmp_path / "gz.pmtiles", tiles, tile_compression="gzip")
+    inst: Instance = await start_instance(map_tiles=str(path))
+    status, headers, body = await request(inst, "GET", "/tiles/2/1/3.png")
+    assert status == 200 and headers["content-encoding"] == "gzip" and headers["content-type"] == "image/png"
+    assert gzip.decompress(body) == tiles[(2, 1, 3)]

@@ -5,7 +5,7 @@
 //
 //   node load.js --proto tracker|socketio --url ws://127.0.0.1:PORT --secret S --org ORG
 //                --mode rate|idle|backlog [--drivers N] [--dashboards K] [--rates 2000,5000]
-//                [--warmup S] [--measure S] [--out acked.json]
+//                [--warmup S] [--measure S] [--out acked.json] [--connect-deadline S (300)]
 //
 // Modes:
 //   rate     N drivers send single `pos` events; the total rate steps through --rates (every
@@ -32,7 +32,7 @@ function parseArgs(argv) {
     proto: "tracker", url: "ws://127.0.0.1:8080", secret: process.env.TRACKER_JWT_SECRET || "", org: "",
     mode: "rate", drivers: 10000, dashboards: 1, rates: "2000,5000,10000", warmup: 3, measure: 12,
     drain: 15, settle: 1.5, workers: 2, dashWorkers: 1, connectConcurrency: 256, connectRate: 3000,
-    hold: 600, backlog: 2000, out: "", stopOnFail: true, p99Limit: 100, sources: 16, tick: 10,
+    hold: 600, backlog: 2000, out: "", stopOnFail: true, p99Limit: 100, sources: 16, tick: 10, connectDeadline: 300,
   };
   for (let i = 2; i < argv.length; i++) {
     const k = argv[i].replace(/^--/, "").replace(/-([a-z])/g, (_, c) => c.toUpperCase());
@@ -154,8 +154,16 @@ async function phonesWorker(o, indices) {
     let next = 0, failed = 0;
     const interval = 1000 / (o.connectRate / o.workers);
     let slot = nowMs();
+    // Past the deadline no new connect starts: a server (or its PostgreSQL) that welcomes a few per
+    // second shows as drivers not connected within minutes, not as a run that connects for an hour.
+    const deadline = t0 + o.connectDeadline * 1000;
     const one = async () => {
       while (next < drivers.length) {
+        if (nowMs() > deadline) {
+          const left = drivers.length - next; next = drivers.length; failed += left;
+          errors["connect:deadline"] = (errors["connect:deadline"] || 0) + left;
+          break;
+        }
         const d = drivers[next++];
         const wait = slot - nowMs(); slot = Math.max(slot, nowMs()) + interval;
         if (wait > 0 && o.mode !== "idle") await sleep(wait);

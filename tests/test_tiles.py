@@ -214,3 +214,19 @@ def test_the_setting_names_an_archive_in_the_data_folder_or_at_an_absolute_path(
     ]:
         with pytest.raises(ConfigError, match=said):
             Settings.from_env({"TRACKER_MAP_TILES": bad})
+
+
+def test_the_leaf_cache_is_bounded_by_entries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tracker.tiles import archive as archive_mod
+
+    monkeypatch.setattr(archive_mod, "LEAF_CACHE_ENTRIES", 50)
+    tiles = colour_tiles(4)
+    archive = open_archive(write_archive(tmp_path / "a.pmtiles", tiles, leaf_size=20))
+    try:
+        for _ in range(2):  # the second pass reads leaves the first one evicted
+            for (z, x, y), data in tiles.items():
+                assert archive.tile(z, x, y) == data
+                assert archive._cached_entries <= 50 and len(archive._leaves) <= 3
+        assert archive._cached_entries == sum(len(d) for d in archive._leaves.values())
+    finally:
+        archive.close()

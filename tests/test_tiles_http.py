@@ -18,6 +18,7 @@ from harness.http import request
 from harness.instances import Instance
 from harness.pmtiles import write_archive
 from harness.tokens import token
+from tracker.tiles.pmtiles import parse_header
 
 
 def archive_tiles(max_zoom: int = 4) -> dict[tuple[int, int, int], bytes]:
@@ -150,3 +151,20 @@ async def test_gzipped_tiles_are_served_as_stored_with_their_content_encoding(
     status, headers, body = await request(inst, "GET", "/tiles/2/1/3.png")
     assert status == 200 and headers["content-encoding"] == "gzip" and headers["content-type"] == "image/png"
     assert gzip.decompress(body) == tiles[(2, 1, 3)]
+
+
+async def test_a_leaf_damaged_after_start_is_a_json_500_naming_no_file(start_instance: Any, tmp_path: Path) -> None:
+    tiles = archive_tiles()
+    path = write_archive(tmp_path / "test.pmtiles", tiles, leaf_size=16)
+    inst: Instance = await start_instance(map_tiles=str(path))
+    status, _, _ = await request(inst, "GET", "/tiles/4/9/7.png")
+    assert status == 200
+    raw = bytearray(path.read_bytes())
+    h = parse_header(bytes(raw[:127]))
+    raw[h.leaf_offset : h.leaf_offset + h.leaf_length] = b"\xff" * h.leaf_length  # every leaf garbage
+    path.write_bytes(bytes(raw))  # the same file (inode), rewritten in place
+    status, headers, body = await request(inst, "GET", "/tiles/4/3/12.png")  # a leaf not yet cached
+    assert status == 500 and headers["content-type"] == "application/json", (status, body)
+    assert str(tmp_path) not in body.decode() and "pmtiles" not in body.decode(), body
+    status, _, body = await request(inst, "GET", "/tiles/4/9/7.png")  # its leaf cached: still served
+    assert status == 200 and body == tiles[(4, 9, 7)]

@@ -1,5 +1,6 @@
 """A PMTiles archive on disk (TRACKER_MAP_TILES=<file>.pmtiles): opened and checked once at start,
-then read tile by tile. The root directory is kept in memory; leaf directories in a small LRU cache.
+then read tile by tile. The root directory is kept in memory; leaf directories in an LRU cache
+bounded by their entries (LEAF_CACHE_ENTRIES).
 
 Reads are blocking `os.pread` calls of a few kilobytes on a local file: the HTTP layer runs them in
 the thread pool (tracker/tiles/http.py), so a slow disk never stalls the event loop.
@@ -25,7 +26,10 @@ from .pmtiles import (
     tile_id,
 )
 
-LEAF_CACHE = 64  # leaf directories kept decoded (a country-size archive has a few hundred)
+# Decoded leaf directories are kept up to this many entries in all (32 bytes each: 16 MB). A
+# country to zoom 15-16 has a few hundred leaves of ~4,000 entries: all of them fit once touched,
+# so requests all over the archive cannot keep the server decoding (0.4 us CPU an entry).
+LEAF_CACHE_ENTRIES = 500_000
 MAX_DEPTH = 4  # root + leaves: the writers make at most 2 levels; a deeper chain is a loop
 
 
@@ -49,6 +53,7 @@ class Archive:
             raise
         self.ext, self.media_type = RASTER[self.header.tile_type]
         self._leaves: OrderedDict[tuple[int, int], Directory] = OrderedDict()
+        self._cached_entries = 0
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -90,9 +95,11 @@ class Archive:
             raise FormatError(f"a leaf directory ({length} bytes at {offset}) lies outside the leaf section")
         leaf = self._directory(h.leaf_offset + offset, length)
         with self._lock:
-            self._leaves[key] = leaf
-            while len(self._leaves) > LEAF_CACHE:
-                self._leaves.popitem(last=False)
+            if key not in self._leaves:
+                self._leaves[key] = leaf
+                self._cached_entries += len(leaf)
+            while self._cached_entries > LEAF_CACHE_ENTRIES and len(self._leaves) > 1:
+                self._cached_entries -= len(self._leaves.popitem(last=False)[1])
         return leaf
 
     def tile(self, z: int, x: int, y: int) -> bytes | None:

@@ -103,6 +103,23 @@ def test_decode_of_encode_is_the_batch_within_the_stated_precision(batch: list[d
 # -- fuzzing ----------------------------------------------------------------------------------------
 
 
+# Edits of a valid frame: (position, byte, x = xor it in / i = insert it / d = delete there).
+EDITS = st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255), st.sampled_from("xid")), min_size=1, max_size=8)
+
+
+def mutate(frame: bytes, edits: list[tuple[int, int, str]]) -> bytes:
+    data = bytearray(frame)
+    for at, byte, how in edits:
+        i = at % (len(data) + 1)
+        if how == "x" and i < len(data):
+            data[i] ^= byte or 1
+        elif how == "i":
+            data.insert(i, byte)
+        elif how == "d" and i < len(data):
+            del data[i]
+    return bytes(data)
+
+
 def _decode_bounded(data: bytes, max_batch: int = 300) -> None:
     """Only the documented answers, quickly: the items, ProtocolError or TooLarge."""
     t0 = time.perf_counter()
@@ -129,23 +146,12 @@ def test_decoder_answers_arbitrary_bytes_with_a_refusal_never_an_exception(data:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(
     batch=positions(max_size=40),
-    edits=st.lists(
-        st.tuples(st.integers(0, 10**6), st.integers(0, 255), st.sampled_from("xid")), min_size=1, max_size=8
-    ),
+    edits=EDITS,
 )
 def test_decoder_answers_mutated_frames_with_a_refusal_never_an_exception(
     batch: list[dict[str, Any]], edits: list[tuple[int, int, str]]
 ) -> None:
-    data = bytearray(compact.encode(batch))
-    for at, byte, how in edits:
-        i = at % (len(data) + 1)
-        if how == "x" and i < len(data):
-            data[i] ^= byte or 1
-        elif how == "i":
-            data.insert(i, byte)
-        elif how == "d" and i < len(data):
-            del data[i]
-    _decode_bounded(bytes(data))
+    _decode_bounded(mutate(compact.encode(batch), edits))
 
 
 def test_a_header_counting_more_items_than_max_batch_is_refused_before_allocating() -> None:

@@ -20,7 +20,7 @@ from tracker.protocol.bits import BitReader, BitWriter
 from tracker.protocol.events import SEQ_MAX, TS_MIN, check_event
 from tracker.protocol.frames import ProtocolError
 
-from .test_compact import session_with
+from .test_compact import EDITS, mutate, session_with
 from .test_sessions import NOW_MS, sent
 
 VECTORS = json.loads((Path(__file__).parent / "data" / "compact-2.json").read_text(encoding="utf-8"))
@@ -210,23 +210,12 @@ def test_decoder_answers_arbitrary_bytes_with_a_refusal_never_an_exception(data:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(
     batch=events(max_size=30),
-    edits=st.lists(
-        st.tuples(st.integers(0, 10**6), st.integers(0, 255), st.sampled_from("xid")), min_size=1, max_size=8
-    ),
+    edits=EDITS,
 )
 def test_decoder_answers_mutated_frames_with_a_refusal_never_an_exception(
     batch: list[dict[str, Any]], edits: list[tuple[int, int, str]]
 ) -> None:
-    data = bytearray(compact2.encode(batch))
-    for at, byte, how in edits:
-        i = at % (len(data) + 1)
-        if how == "x" and i < len(data):
-            data[i] ^= byte or 1
-        elif how == "i":
-            data.insert(i, byte)
-        elif how == "d" and i < len(data):
-            del data[i]
-    _decode_bounded(bytes(data))
+    _decode_bounded(mutate(compact2.encode(batch), edits))
 
 
 def test_a_count_over_max_batch_is_too_large_naming_the_seqs_and_a_huge_one_is_refused() -> None:

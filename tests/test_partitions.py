@@ -116,6 +116,27 @@ async def test_resends_and_conflicts_hold_across_day_partitions(schema: Pools) -
         await writer.close()
 
 
+async def test_a_reconnect_keeps_the_drivers_id_and_uses_no_new_one(schema: Pools) -> None:
+    """`drivers.id` is a 32-bit identity: if every hello used one (an upsert evaluates the default
+    of each row it proposes), a fleet reconnecting all day would run out of ids within a few years
+    and every hello would then fail."""
+    pool = await schema()
+    await store.migrate(pool, migrations())
+    async with pool.acquire() as conn:
+        seq = await conn.fetchval("SELECT pg_get_serial_sequence('drivers', 'id')")
+        await store.drivers_hello(conn, [("acme", "d-1", "Amina"), ("acme", "d-2", None)])
+        ids = dict(await conn.fetch("SELECT driver_id, id FROM drivers"))
+        used = await conn.fetchval(f"SELECT last_value FROM {seq}")
+        for _ in range(5):
+            await store.drivers_hello(conn, [("acme", "d-2", "Juma"), ("acme", "d-1", None)])
+        assert dict(await conn.fetch("SELECT driver_id, id FROM drivers")) == ids
+        assert await conn.fetchval(f"SELECT last_value FROM {seq}") == used
+        names = dict(await conn.fetch("SELECT driver_id, name FROM drivers"))
+        assert names == {"d-1": "Amina", "d-2": "Juma"}  # a hello without a name keeps the known one
+        await store.drivers_hello(conn, [("acme", "d-3", None), ("acme", "d-1", None)])  # a new one: one id
+        assert await conn.fetchval(f"SELECT last_value FROM {seq}") == used + 1
+
+
 async def test_retention_drops_a_day_while_ingest_flows_and_expired_resends_are_acked(schema: Pools) -> None:
     """Days before the cutoff are dropped while positions keep being acked: a transaction reading
     positions holds its locks meanwhile (a plain DETACH would queue every insert behind it). A

@@ -115,8 +115,13 @@ async def drivers_hello(
         WITH k AS (
             SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS k(org, d, name, i)
         ), up AS (
-            INSERT INTO drivers (org, driver_id, name, last_connected_at)
-            SELECT DISTINCT ON (org, d) org, d, name, now() FROM k ORDER BY org, d, i DESC
+            -- A known driver keeps its id: the identity's nextval only for a new one (an upsert
+            -- evaluates the default for every row it proposes, so each reconnect would use one).
+            INSERT INTO drivers (id, org, driver_id, name, last_connected_at)
+            SELECT coalesce(x.id, nextval(pg_get_serial_sequence('drivers', 'id'))), n.org, n.d, n.name, now()
+            FROM (SELECT DISTINCT ON (org, d) org, d, name FROM k ORDER BY org, d, i DESC) n
+                LEFT JOIN drivers x ON x.org = n.org AND x.driver_id = n.d
+            ORDER BY n.org, n.d
             ON CONFLICT (org, driver_id) DO UPDATE
                 SET name = coalesce(EXCLUDED.name, drivers.name), last_connected_at = now()
         )

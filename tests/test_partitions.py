@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from tests.test_writer import Answers
-from tracker import partitions, store
+from tracker import eventstore, partitions, store
 from tracker.custody.extension import migrations
 from tracker.partitions import DAY_MS
 from tracker.protocol.events import Position, Scan
@@ -133,6 +133,9 @@ async def test_a_reconnect_keeps_the_drivers_id_and_uses_no_new_one(schema: Pool
         assert await conn.fetchval(f"SELECT last_value FROM {seq}") == used
         names = dict(await conn.fetch("SELECT driver_id, name FROM drivers"))
         assert names == {"d-1": "Amina", "d-2": "Juma"}  # a hello without a name keeps the known one
+        # A new instance's writer (its id cache empty) looks the known ones up, using none either.
+        assert await eventstore.DriverKeys().ids(conn, [("acme", "d-2"), ("acme", "d-1")]) == [ids["d-2"], ids["d-1"]]
+        assert await conn.fetchval(f"SELECT last_value FROM {seq}") == used
         await store.drivers_hello(conn, [("acme", "d-3", None), ("acme", "d-1", None)])  # a new one: one id
         assert await conn.fetchval(f"SELECT last_value FROM {seq}") == used + 1
 

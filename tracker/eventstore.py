@@ -149,7 +149,9 @@ FROM position_floor
 DRIVER_IDS: Final = """
 WITH k AS (SELECT DISTINCT * FROM unnest($1::text[], $2::text[]) AS k(org, d)),
 ins AS (
-    INSERT INTO drivers (org, driver_id) SELECT org, d FROM k ORDER BY org, d
+    INSERT INTO drivers (org, driver_id)  -- only the absent: each proposed row uses an identity value
+    SELECT org, d FROM k WHERE NOT EXISTS (SELECT FROM drivers x WHERE x.org = k.org AND x.driver_id = k.d)
+    ORDER BY org, d
     ON CONFLICT DO NOTHING RETURNING org, driver_id, id
 )
 SELECT org, driver_id, id FROM ins

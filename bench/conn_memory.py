@@ -2,7 +2,7 @@
 asyncio loop, not uvloop: the transports' C memory is not seen), N drivers connected by load.js
 (idle mode); the Python allocations they added per connection, by file and by line.
 
-    .venv/bin/python bench/conn_memory.py [drivers, default 2000]
+    .venv/bin/python bench/conn_memory.py [drivers, default 2000] [lines shown, default 22]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from harness.instances import Instance
 from tracker.config import Settings
 
 
-async def measure(redis_url: str, n: int) -> None:
+async def measure(redis_url: str, n: int, top: int) -> None:
     dsn = common.fresh_database(f"bench_mem_{common.ROOT.name}".replace("-", "_"))
     env = {
         "DATABASE_URL": dsn,
@@ -59,7 +59,7 @@ async def measure(redis_url: str, n: int) -> None:
     print(f"{n} drivers: RSS +{rss:.1f} KB each (tracemalloc's own included), Python +{traced / n / 1024:.1f} KB")
     for key in ("filename", "lineno"):
         print(f"-- per connection, by {key}")
-        for st in snap1.compare_to(snap0, key)[:22]:
+        for st in snap1.compare_to(snap0, key)[:top]:
             frame = st.traceback[0]
             where = frame.filename.split("site-packages/")[-1] + (f":{frame.lineno}" if key == "lineno" else "")
             print(f"{st.size_diff / n:8.0f} B {st.count_diff / n:6.1f} objects  {where}")
@@ -71,10 +71,11 @@ async def measure(redis_url: str, n: int) -> None:
 
 def main() -> int:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    top = int(sys.argv[2]) if len(sys.argv) > 2 else 22
     common.ensure_node_modules()
     tracemalloc.start(1)
     with common.private_redis() as (redis_url, _):
-        asyncio.run(measure(redis_url, n))
+        asyncio.run(measure(redis_url, n, top))
     return 0
 
 

@@ -267,3 +267,31 @@ async def test_welcomed_driver_lets_go_of_the_upgrade_request_and_response(insta
     await phone.send(pos(1))
     await phone.until(lambda p: p.acked == {1})
     await phone.close()
+
+
+async def test_welcomed_driver_holds_no_receive_queue_events_or_coroutines(instance: Instance, org: str) -> None:
+    """An idle driver's connection once welcomed: uvicorn's asyncio.Queue and Event are the slim
+    ones (their five empty deques were ~3.8 KB a connection, BENCHMARKS.md issue 13), the channel
+    has no queue, and the endpoint's task waits on one future, not on a chain of receive coroutines.
+    Frames, acks, backpressure and the close still work."""
+    from tracker.transport.slim import Flag, Inbox
+
+    phone = await Phone.connect(instance.url, token("driver", "d-1", org))
+    conn = instance.node.drivers.sessions[(org, "d-1")]
+    proto = conn.channel.fast.proto
+    assert type(proto.queue) is Inbox and type(proto.writable) is Flag and proto.writable.is_set()
+    assert conn.channel._queue is None
+    [task] = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__.endswith("run_asgi")]
+    chain, awaited = [], task.get_coro()
+    while asyncio.iscoroutine(awaited):
+        chain.append(awaited.__qualname__)
+        awaited = awaited.cr_await
+    assert chain[-1] == "driver_endpoint", chain  # it awaits a future itself (was: _receive -> ... -> Queue.get)
+    await phone.send(pos(1))
+    await phone.until(lambda p: p.acked == {1})
+    await phone.close()
+    async with asyncio.timeout(5):
+        while (org, "d-1") in instance.node.drivers.sessions:  # noqa: ASYNC110 - polls server state with a deadline
+            await asyncio.sleep(0.01)
+    await asyncio.wait((task,), timeout=5)
+    assert task.done() and task.exception() is None

@@ -50,7 +50,14 @@ class DriverSession(Session):
         self.cumulative = False  # the phone's hello asked for cumulative acks (`"acks":"cumulative"` or "compact")
         self.binary_acks = False  # ... as compact (binary) acks: `"acks":"compact"` and a compact encoding
         self.acks: CumulativeAcks | None = None  # their ledger, from `welcome` on
-        self.live = compact_live.LiveContext()  # the connection's compact live frames so far
+        self._live: compact_live.LiveContext | None = None  # made on the first compact live frame
+
+    @property
+    def live(self) -> compact_live.LiveContext:
+        """The connection's compact live frames so far (most connections never send one)."""
+        if self._live is None:
+            self._live = compact_live.LiveContext()
+        return self._live
 
     def welcome(self, last_seq: int, now_ms: int, bucket: TokenBucket) -> None:
         """Open the session: `welcome` is the first frame the phone receives."""

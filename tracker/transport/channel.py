@@ -35,10 +35,14 @@ BINARY = (b"\xa1", b"\xa4")  # first bytes of the server's binary frames: compac
 class Channel:
     """The sending half of one accepted websocket (implements `tracker.types.Channel`)."""
 
+    __slots__ = ("_queue", "_queued_bytes", "_send", "_task", "closed", "fast")
+
     def __init__(self, send: Send, *, fast: bool = True) -> None:
         self._send = send
         self.fast: FastPath | None = fast_path(send, enabled=fast)
-        self._queue: deque[bytes] = deque()
+        # The portable path's queue, made on its first frame: an empty deque is 760 bytes, and a
+        # fast-path connection (most drivers, for hours) never queues (BENCHMARKS.md, issue 13).
+        self._queue: deque[bytes] | None = None
         self._queued_bytes = 0
         self._task: asyncio.Task[None] | None = None
         self.closed = False
@@ -54,14 +58,18 @@ class Channel:
             if not fast.write(frame_header(len(data), opcode) + data):
                 self.closed = True
             return
+        if self._queue is None:
+            self._queue = deque()
         self._queue.append(data)
         self._queued_bytes += len(data)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
-        while self._queue and not self.closed:
-            data = self._queue.popleft()
+        queue = self._queue
+        assert queue is not None
+        while queue and not self.closed:
+            data = queue.popleft()
             self._queued_bytes -= len(data)
             try:
                 if data[:1] in BINARY:
@@ -70,7 +78,7 @@ class Channel:
                     await self._send({"type": "websocket.send", "text": data.decode()})
             except Exception:  # the peer is gone: nothing more will be sent
                 self.closed = True
-                self._queue.clear()
+                queue.clear()
 
     def buffered(self) -> int:
         """Bytes written but not yet accepted by the peer's TCP window (or still queued)."""

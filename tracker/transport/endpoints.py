@@ -105,6 +105,8 @@ async def _hello(
 class Expiry:
     """The timer behind a session's `expires_at`: at expiry the session decides the close (4003)."""
 
+    __slots__ = ("at", "handle", "on_close", "session")
+
     def __init__(self, session: Session, on_close: Any) -> None:
         self.session = session
         self.on_close = on_close
@@ -173,7 +175,9 @@ async def driver_endpoint(ws: WebSocket) -> None:
         # this loop only sees frames that were queued before the switch, and the end of the connection.
         if reader is not None:
             reader.deliver_to(adapter.on_frame, adapter.on_binary)
-        elif channel.fast is not None:
+            await reader.disconnected()  # one future for the connection's life: no receive coroutines
+            return
+        if channel.fast is not None:
             channel.fast.receive_directly(adapter.on_frame, adapter.on_binary)
         while True:
             data = await _receive(ws, binary=True)
@@ -195,6 +199,8 @@ async def driver_endpoint(ws: WebSocket) -> None:
 class DriverAdapter:
     """Moves one driver's frames to its session and the session's decisions to the core.
     `on_frame` never awaits: it runs per frame, straight from the transport's callback."""
+
+    __slots__ = ("conn", "done", "expiry", "node", "session", "submit")
 
     def __init__(self, node: Node, session: DriverSession, conn: DriverConn) -> None:
         self.node = node

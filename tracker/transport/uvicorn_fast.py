@@ -9,7 +9,10 @@ implementation, in the version range verified here, this module:
   like python-websockets' `broadcast()`): no task, no await, a slow reader never blocks the writer;
 - installs `FrameReader` as the transport's protocol after the handshake: it parses RFC 6455
   frames itself and hands each data frame to a callback synchronously;
-- shortens uvicorn's 10 s wait for the peer's closing frame to the caller's timeout.
+- shortens uvicorn's 10 s wait for the peer's closing frame to the caller's timeout;
+- on a connection the FrameReader reads, swaps uvicorn's receive queue and `writable` event for
+  slim ones (slim.py), and lets go of the upgrade once the driver is welcomed: an idle driver's
+  connection costs ~13.5 KB, not 25 (BENCHMARKS.md, issue 13).
 
 Anything else (another server, another uvicorn version, permessage-deflate negotiated, Starlette's
 test client) gets `None` from `fast_path()`, and tracker/transport/channel.py uses the portable ASGI

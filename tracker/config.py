@@ -120,6 +120,7 @@ class Settings:
     webhook_backoff_base_s: float = 5.0  # the first retry after ~this; doubling, with jitter
     webhook_backoff_max_s: float = 6 * 3_600.0  # the longest wait between two attempts
     webhook_retry_window_s: float = 3 * 86_400.0  # retried this long after the event, then dead-lettered
+    webhook_retention_days: int = 30  # events and their delivery log are deleted after this (0: kept)
     webhook_rotate_grace_s: float = 86_400.0  # after a rotation, the old secret signs too for this long
     webhook_poll_s: float = 1.0  # how often a worker looks for due deliveries when not woken
 
@@ -216,6 +217,8 @@ class Settings:
             <= 0
         ):
             raise ConfigError("TRACKER_WEBHOOK_*_TIMEOUT_S, _BACKOFF_BASE_S and _POLL_S must be > 0")
+        if self.webhook_retention_days < 0 or 0 < self.webhook_retention_days * 86_400 < self.webhook_retry_window_s:
+            raise ConfigError("TRACKER_WEBHOOK_RETENTION_DAYS must be 0 (keep) or cover the retry window")
         if self.webhook_concurrency < 0 or self.webhook_endpoint_concurrency < 1:
             raise ConfigError("TRACKER_WEBHOOK_CONCURRENCY must be >= 0, _ENDPOINT_CONCURRENCY >= 1")
         if self.jwt_max_ttl_s < 0 or self.handshake_timeout_s <= 0 or self.subscribe_rate_per_s <= 0:

@@ -236,3 +236,21 @@ async def deliveries(
     conn: Conn, org: str, id_: str, *, state: str | None, after: int, limit: int
 ) -> list[asyncpg.Record]:
     return await conn.fetch(LOG, org, id_, after, state, limit)
+
+
+PRUNE: Final = """
+DELETE FROM webhook_events WHERE n IN (
+    SELECT n FROM webhook_events e
+    WHERE e.created_at < $1 AND NOT EXISTS (
+        SELECT 1 FROM webhook_deliveries d WHERE d.event_n = e.n AND d.state IN ('pending', 'sending')
+    )
+    ORDER BY n LIMIT $2 FOR UPDATE SKIP LOCKED
+)
+"""
+
+
+async def prune(conn: Conn, before_ms: int, limit: int) -> int:
+    """Delete up to `limit` events older than `before_ms` with their deliveries and attempts (the
+    foreign keys cascade); an event with a delivery still pending or in flight stays. The count."""
+    status: str = await conn.execute(PRUNE, before_ms, limit)
+    return int(status.split()[-1])

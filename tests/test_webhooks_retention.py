@@ -20,8 +20,8 @@ async def event(db: asyncpg.Connection, org: str, age_days: float, state: str | 
     """An event `age_days` old with, unless `state` is None, one delivery in `state` and an attempt."""
     at = now_ms() - int(age_days * DAY)
     n: int = await db.fetchval(
-        "INSERT INTO webhook_events (id, org, type, okey, created_at, body) VALUES ($1, $2, 'package.delivered', 'p', $3, '{}')"
-        " RETURNING n",
+        "INSERT INTO webhook_events (id, org, type, okey, created_at, body)"
+        " VALUES ($1, $2, 'package.delivered', 'p', $3, '{}') RETURNING n",
         "msg_" + uuid.uuid4().hex,
         org,
         at,
@@ -35,7 +35,9 @@ async def event(db: asyncpg.Connection, org: str, age_days: float, state: str | 
             state,
             at,
         )
-        await db.execute("INSERT INTO webhook_attempts (delivery_n, at, status, latency_ms) VALUES ($1, $2, 200, 5)", d, at)
+        await db.execute(
+            "INSERT INTO webhook_attempts (delivery_n, at, status, latency_ms) VALUES ($1, $2, 200, 5)", d, at
+        )
     return n
 
 

@@ -17,6 +17,7 @@ from websockets.asyncio.client import connect
 
 from harness.clients import Phone, now_ms
 from harness.tokens import SECRET, token
+from tracker import metrics
 from tracker.auth import AuthError, Principal
 from tracker.protocol import compact2, resume
 from tracker.protocol.acks import decode_binary
@@ -174,6 +175,7 @@ async def test_a_phone_resumes_over_a_websocket_and_its_batch_is_stored_and_acke
     start_instance: Any, org: str, db: asyncpg.Connection, fast: bool
 ) -> None:
     inst = await start_instance(ws_fast_path=fast)
+    resumed = metrics.RESUMES.labels("resumed")._value.get()
     tok_ = token("driver", "d-r", org, name="Rita")
     first = await compact_phone(inst.url, tok_, ["compact-2", "json"])
     assert "resume" not in first.welcome  # not asked
@@ -200,6 +202,7 @@ async def test_a_phone_resumes_over_a_websocket_and_its_batch_is_stored_and_acke
     ws, got = await _resumed(inst.url, token_bytes)  # again: last_seq from the database
     assert got["last_seq"] == 5
     await ws.close()
+    assert metrics.RESUMES.labels("resumed")._value.get() == resumed + 2  # tracker_driver_resumes_total
 
 
 @PATHS
@@ -207,12 +210,14 @@ async def test_a_forged_resume_is_refused_with_a_clear_error_and_the_jwt_hello_s
     start_instance: Any, org: str, fast: bool
 ) -> None:
     inst = await start_instance(ws_fast_path=fast)
+    refused = metrics.RESUMES.labels("refused")._value.get()
     ws = await connect(inst.url + "/v1/driver", compression=None)
     await ws.send(bytes([resume.HELLO]) + b"x" * 50)
     error = await ws.recv()
     assert '"unauthorized"' in str(error) and "resume: token signature is invalid" in str(error)
     await ws.wait_closed()
     assert ws.close_code == 4000
+    assert metrics.RESUMES.labels("refused")._value.get() == refused + 1
     phone = await compact_phone(inst.url, token("driver", "d-f", org), ["compact-2"])
     assert phone.welcome["encoding"] == "compact-2"
 

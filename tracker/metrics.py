@@ -67,3 +67,4 @@ REDIS_ERRORS = BACKEND_ERRORS.labels("redis")
 CUSTODY_VERIFY_FAILED = Counter(
     "tracker_custody_verify_failures_total", "Package verifications (GET .../verify) that found problems"
 )
+RESUMES = Counter("tracker_driver_resumes_total", "Resume hellos (0xA3) by outcome: resumed or refused", ["outcome"])

@@ -19,6 +19,7 @@ from ..conn import DriverConn
 from ..hub import Dashboard
 from ..node import Node
 from ..protocol.driver import DriverSession
+from ..protocol.resume import HELLO
 from ..protocol.session import Session
 from ..protocol.subscribe import Filter
 from ..protocol.viewer import ViewerSession
@@ -93,6 +94,8 @@ async def _hello(
             principal = None
         elif isinstance(data, bytes) and isinstance(session, DriverSession):
             principal = session.receive_hello(data, binary=True)
+            if data[:1] == bytes((HELLO,)):
+                metrics.RESUMES.labels("resumed" if principal is not None else "refused").inc()
         else:
             principal = session.receive_hello(data, bearer=_bearer(ws))
         if flush(session, channel):

@@ -213,6 +213,17 @@ async def test_410_disables_the_endpoint(start_instance: Any, org: str, database
         assert len(await _log(inst, org, hook["id"])) == 1 and len(receiver.got) == 1
         status, _ = await http(inst, "POST", f"/v1/webhooks/{hook['id']}/replay?since=0", _disp(org))
         assert status == 409
+        # The integrator fixed it: enabled again, it takes new events, and a replay sends the missed one.
+        receiver.status = 200
+        status, one = await http(inst, "POST", f"/v1/webhooks/{hook['id']}/enable", _disp(org))
+        assert status == 200 and one["enabled"] and one["disabled_reason"] is None
+        await consign(inst, org, "PKG-3", "st-marys")
+        await wait_until(lambda: len(receiver.got) == 2, 10, "a delivery after enable")
+        status, body = await http(inst, "POST", f"/v1/webhooks/{hook['id']}/replay?since=0", _disp(org))
+        assert status == 202 and body["replayed"] == 3  # PKG-1's (dead), PKG-2's (never sent), PKG-3's again
+        await wait_until(lambda: len(receiver.got) == 5, 10, "the replayed events")
+        other = await http(inst, "POST", f"/v1/webhooks/{hook['id']}/enable", token("dispatcher", "u", "org-x"))
+        assert other[0] == 404  # another org's dispatcher: no such webhook
     finally:
         await receiver.stop()
 

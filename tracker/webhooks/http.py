@@ -36,6 +36,7 @@ def routes() -> list[BaseRoute]:
         Route("/v1/webhooks", list_all, methods=["GET"]),
         Route("/v1/webhooks/{id}/rotate", rotate, methods=["POST"]),
         Route("/v1/webhooks/{id}/replay", replay, methods=["POST"]),
+        Route("/v1/webhooks/{id}/enable", enable, methods=["POST"]),
         Route("/v1/webhooks/{id}/deliveries", deliveries, methods=["GET"]),
         Route("/v1/webhooks/{id}", get_one, methods=["GET"]),
         Route("/v1/webhooks/{id}", delete, methods=["DELETE"]),
@@ -125,6 +126,18 @@ async def rotate(request: Request) -> Response:
     fresh = await store.get_endpoint(room.pool, org, row["id"])
     assert fresh is not None
     return OrjsonResponse({**endpoint_json(fresh), "secret": secret})
+
+
+@api
+async def enable(request: Request) -> Response:
+    """An endpoint disabled by a 410 Gone takes deliveries again once its owner fixed it."""
+    org, row = await _endpoint(request)
+    room = _room(request)
+    await store.enable(room.pool, org, row["id"])
+    fresh = await store.get_endpoint(room.pool, org, row["id"])
+    if fresh is None:  # deleted meanwhile
+        raise ApiError(404, "not_found", "no such webhook")
+    return OrjsonResponse(endpoint_json(fresh))
 
 
 @api

@@ -206,6 +206,13 @@ async def disable(conn: Conn, endpoint: str, reason: str) -> None:
     await conn.execute("UPDATE webhooks SET enabled = false, disabled_reason = $2 WHERE id = $1", endpoint, reason)
 
 
+async def enable(conn: Conn, org: str, endpoint: str) -> None:
+    """Deliver to it again from the next event on (what it missed: `replay`)."""
+    await conn.execute(
+        "UPDATE webhooks SET enabled = true, disabled_reason = NULL WHERE org = $1 AND id = $2", org, endpoint
+    )
+
+
 REPLAY: Final = """
 INSERT INTO webhook_deliveries (endpoint_id, event_n, okey, state, next_at, created_at)
 SELECT w.id, e.n, e.okey, 'pending', $4, $4

@@ -222,7 +222,7 @@ async def test_loop_lag_is_measured(instance: Instance) -> None:
 
 
 async def test_readiness_and_redis_errors_follow_redis(start_instance: Any, private_redis: RedisServer) -> None:
-    inst: Instance = await start_instance(redis_url=private_redis.url)
+    inst: Instance = await start_instance(redis_url=private_redis.url, ready_probe_s=0.5)
 
     async def ready() -> float:
         return (await scrape(inst)).value("tracker_ready")
@@ -241,7 +241,9 @@ async def test_readiness_and_redis_errors_follow_redis(start_instance: Any, priv
 async def test_postgres_errors_and_the_writer_buffer_follow_postgres(
     start_instance: Any, pg_cluster: PgCluster, private_pg: str, org: str
 ) -> None:
-    inst: Instance = await start_instance(database_url=private_pg, writer_buffer_max=4321, answer_deadline_s=25.0)
+    inst: Instance = await start_instance(
+        database_url=private_pg, writer_buffer_max=4321, answer_deadline_s=25.0, ready_probe_s=0.5
+    )
     first = await scrape(inst)
     assert first.value("tracker_writer_buffer_max_events") == 4321
     errors = first.value("tracker_backend_errors_total", backend="postgres")

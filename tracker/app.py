@@ -195,7 +195,7 @@ def create_app(settings: Settings) -> Starlette:
                 node.register(custody)
                 node.start()
                 webhooks.start()
-                loop_lag = LoopLag(node).start()
+                loop_lag = LoopLag(node, probe_every_s=settings.ready_probe_s).start()
                 app.state.node = node
                 app.state.custody = custody.layer
                 app.state.eta = EtaService(pool, settings)

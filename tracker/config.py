@@ -77,6 +77,7 @@ class Settings:
     # Presence
     presence_ttl_s: float = 30.0
     presence_refresh_s: float = 10.0
+    ready_probe_s: float = 5.0  # how often tracker_ready (and the backend error counters) are probed
 
     # Deploys
     shutdown_grace_s: float = 10.0
@@ -206,6 +207,8 @@ class Settings:
             raise ConfigError("TRACKER_JWT_LEEWAY_S must be 0..300 (a small clock skew allowance)")
         if self.watch_interval_s <= 0 or self.watch_lookback_s <= 0:
             raise ConfigError("TRACKER_WATCH_INTERVAL_S and TRACKER_WATCH_LOOKBACK_S must be > 0")
+        if not 0.05 <= self.ready_probe_s <= 300:
+            raise ConfigError("TRACKER_READY_PROBE_S must be 0.05..300")
         if self.retention_days < 0:
             raise ConfigError("TRACKER_RETENTION_DAYS must be >= 0 (0 keeps every position)")
         if self.custody_checkpoint_s <= 0:

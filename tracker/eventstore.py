@@ -31,12 +31,14 @@ from .store import PARTITION_AHEAD_DAYS, Pending, identity, stored_identity
 
 # The common case: positions above their driver's highest stored seq. No probe of other days or of
 # scans (whose cost would grow with the number of partitions: each is an index scan to set up);
-# returns the 1-based indexes of the rows stored. What it leaves goes through INSERT below.
+# returns the keys (driver, seq) of the rows stored, as two arrays (joining them back to the input
+# in the statement cost ~0.5-1 us of PostgreSQL CPU per row: BENCHMARKS.md, issue 13 at a low load).
+# What it leaves goes through INSERT below.
 FAST: Final = """
 WITH t AS (
     SELECT * FROM unnest($1::int4[], $2::int8[], $3::int8[], $4::int8[], $5::float8[], $6::float8[],
                          $7::float4[], $8::float4[], $9::float4[], $10::float4[], $11::float4[])
-        WITH ORDINALITY AS t(driver, seq, ts, received_at, lat, lon, acc, spd, hdg, alt, bat, i)
+        AS t(driver, seq, ts, received_at, lat, lon, acc, spd, hdg, alt, bat)
 ), p AS (
     INSERT INTO position_rows (seq, ts, received_at, lat, lon, driver, acc, spd, hdg, alt, bat)
     SELECT t.seq, t.ts, t.received_at, t.lat, t.lon, t.driver, t.acc, t.spd, t.hdg, t.alt, t.bat
@@ -49,7 +51,7 @@ WITH t AS (
     SELECT driver, max(seq) FROM p GROUP BY driver ORDER BY driver  -- locked in id order: no deadlock
     ON CONFLICT (driver) DO UPDATE SET hi = EXCLUDED.hi WHERE w.hi < EXCLUDED.hi
 )
-SELECT array_agg(t.i) AS stored FROM t JOIN p ON p.driver = t.driver AND p.seq = t.seq
+SELECT array_agg(driver) AS drivers, array_agg(seq) AS seqs FROM p
 """
 
 # FAST for a large batch, from a stage filled by COPY (bench/writer.py: at 5,000 rows 1.9x the rows/s,
@@ -58,13 +60,13 @@ SELECT array_agg(t.i) AS stored FROM t JOIN p ON p.driver = t.driver AND p.seq =
 COPY_MIN: Final = 1_000
 STAGE: Final = """
 CREATE TEMP TABLE IF NOT EXISTS tracker_stage (seq int8, ts int8, received_at int8, lat float8, lon float8,
-    driver int4, acc float4, spd float4, hdg float4, alt float4, bat float4, i int4) ON COMMIT DELETE ROWS
+    driver int4, acc float4, spd float4, hdg float4, alt float4, bat float4) ON COMMIT DELETE ROWS
 """
-STAGE_COLUMNS: Final = ("seq", "ts", "received_at", "lat", "lon", "driver", "acc", "spd", "hdg", "alt", "bat", "i")
+STAGE_COLUMNS: Final = ("seq", "ts", "received_at", "lat", "lon", "driver", "acc", "spd", "hdg", "alt", "bat")
 FAST_STAGED: Final = FAST.replace(
     """    SELECT * FROM unnest($1::int4[], $2::int8[], $3::int8[], $4::int8[], $5::float8[], $6::float8[],
                          $7::float4[], $8::float4[], $9::float4[], $10::float4[], $11::float4[])
-        WITH ORDINALITY AS t(driver, seq, ts, received_at, lat, lon, acc, spd, hdg, alt, bat, i)""",
+        AS t(driver, seq, ts, received_at, lat, lon, acc, spd, hdg, alt, bat)""",
     "    SELECT * FROM tracker_stage",
 )
 
@@ -73,8 +75,8 @@ async def store_staged(conn: asyncpg.Connection, items: Sequence[Pending], drive
     """FAST_STAGED for positions (all new-looking): COPY into the stage, one statement from it, in
     one transaction; the row FAST returns."""
     records = [
-        (e.seq, e.ts, it.received_at, e.lat, e.lon, d, e.acc, e.spd, e.hdg, e.alt, e.bat, k)
-        for k, (it, d) in enumerate(zip(items, drivers, strict=True), 1)
+        (e.seq, e.ts, it.received_at, e.lat, e.lon, d, e.acc, e.spd, e.hdg, e.alt, e.bat)
+        for it, d in zip(items, drivers, strict=True)
         for e in (cast(Position, it.event),)
     ]
     async with conn.transaction():
@@ -241,10 +243,10 @@ async def store_events(conn: asyncpg.Connection, items: Sequence[Pending], drive
                 [e.bat for e in ev],
             )
         assert row is not None
-        done = set(row["stored"] or ())
+        done = set(zip(row["drivers"] or (), row["seqs"] or (), strict=True))
         if len(done) == len(items):
             return [True] * len(items)
-        rest = [k for k in range(len(items)) if k + 1 not in done]
+        rest = [k for k in range(len(items)) if (drivers[k], ev[k].seq) not in done]
         verdicts = await _insert_and_compare(conn, [items[k] for k in rest], [drivers[k] for k in rest])
         out = [True] * len(items)
         for k, ok in zip(rest, verdicts, strict=True):

@@ -12,7 +12,8 @@ no ``driver_seqs`` and no probe; ``uniq_seq``, ``trail``, ``uniq_ts_seq``: an un
 with that one index). Reported: the backend's user and system CPU per row, from
 /proc/<backend pid>/stat. Run twice in a row (``--rounds``) to see the noise.
 
-    .venv/bin/python bench/writer_parts.py [--rows 200] [--batches 200] [--rounds 2]
+    .venv/bin/python bench/writer_parts.py [--rows 200] [--batches 200] [--rounds 2] [--parts fast,plain]
+        [--pace-ms 20]
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ async def run(args: argparse.Namespace) -> list[dict[str, float | str]]:
             seq = 0
             for _ in range(args.rounds):
                 for name, sql in PARTS.items():
+                    if args.parts and name not in args.parts.split(","):
+                        continue
                     stmt = await conn.prepare(sql)
                     u0, s0 = common.ticks2(pid)
                     for _ in range(args.batches):
@@ -135,6 +138,8 @@ async def run(args: argparse.Namespace) -> list[dict[str, float | str]]:
                         elif name in ("noseqs", "conflict_only"):
                             params.append(now - DAY - now % DAY)
                         await stmt.fetch(*params)
+                        if args.pace_ms:
+                            await asyncio.sleep(args.pace_ms / 1000)
                     u1, s1 = common.ticks2(pid)
                     rows = args.batches * n
                     r = {
@@ -156,6 +161,8 @@ def main() -> int:
     p.add_argument("--batches", type=int, default=200)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--database", default="bench_writer_parts")
+    p.add_argument("--parts", default="", help="comma-separated: only these parts (default: all)")
+    p.add_argument("--pace-ms", type=float, default=0.0, help="sleep between statements (20: a live flush's pace)")
     args = p.parse_args()
     info = common.machine()
     log(f"machine: {info}")

@@ -19,6 +19,7 @@ On a fresh database (created and dropped by this script):
 
     .venv/bin/python bench/storage_month.py [--days 30] [--per-day 1000000] [--drivers 10000]
         [--rate 2000] [--seconds 20] [--drops 3] [--database bench_storage] [--keep] [--warmup 0]
+        [--flush-ms 20]
 
 The pool releases connections as the service's does (tracker.app: no reset round trip). With
 --warmup S, each ingest phase is preceded by S unmeasured seconds of the same flow (5 at the
@@ -73,11 +74,11 @@ def pct(values: list[float], q: float) -> float:
 class Flow:
     """Positions submitted to a real Writer at a steady rate; ack latencies recorded."""
 
-    def __init__(self, pool: asyncpg.Pool, drivers: int, start_seq: int) -> None:
+    def __init__(self, pool: asyncpg.Pool, drivers: int, start_seq: int, flush_ms: int = 20) -> None:
         self.latencies: list[tuple[float, float]] = []  # (answered at, latency s)
         self.refused = 0
         self.sent: dict[int, float] = {}
-        self.writer = Writer(pool, self._done, flush_interval_ms=20)
+        self.writer = Writer(pool, self._done, flush_interval_ms=flush_ms)
         self.drivers = drivers
         self.seq = start_seq
         self.n = 0
@@ -111,7 +112,7 @@ class Flow:
 
 
 async def ingest_phase(pool: asyncpg.Pool, database: str, args: argparse.Namespace, start_seq: int) -> dict[str, Any]:
-    flow = Flow(pool, args.drivers, start_seq)
+    flow = Flow(pool, args.drivers, start_seq, args.flush_ms)
     flow.writer.start()
     if args.warmup > 0:  # every driver once: the writer's driver-id cache as in a service that has run
         await flow.run(args.rate, args.warmup)
@@ -299,6 +300,7 @@ def main() -> int:
     p.add_argument("--rate", type=int, default=2_000, help="positions per second in the ingest phases")
     p.add_argument("--seconds", type=float, default=20.0, help="length of each ingest phase")
     p.add_argument("--warmup", type=float, default=0.0, help="unmeasured seconds of flow before each ingest phase")
+    p.add_argument("--flush-ms", type=int, default=20, help="the writer's flush interval (TRACKER_FLUSH_INTERVAL_MS)")
     p.add_argument("--trails", type=int, default=50)
     p.add_argument("--drops", type=int, default=3, help="days dropped, one after another, during the last phase")
     p.add_argument("--database", default="bench_storage", help="created afresh, dropped at the end")

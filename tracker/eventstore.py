@@ -71,6 +71,24 @@ FAST_STAGED: Final = FAST.replace(
 )
 
 
+def position_columns(items: Sequence[Pending], drivers: Sequence[int]) -> list[list[Any]]:
+    """The parameters $1-$11 of FAST and INSERT: one array per column of `position_rows`."""
+    ev: list[Any] = [it.event for it in items]
+    return [
+        list(drivers),
+        [e.seq for e in ev],
+        [e.ts for e in ev],
+        [it.received_at for it in items],
+        [e.lat for e in ev],
+        [e.lon for e in ev],
+        [e.acc for e in ev],
+        [e.spd for e in ev],
+        [e.hdg for e in ev],
+        [e.alt for e in ev],
+        [e.bat for e in ev],
+    ]
+
+
 async def store_staged(conn: asyncpg.Connection, items: Sequence[Pending], drivers: Sequence[int]) -> Any:
     """FAST_STAGED for positions (all new-looking): COPY into the stage, one statement from it, in
     one transaction; the row FAST returns."""
@@ -228,20 +246,7 @@ async def store_events(conn: asyncpg.Connection, items: Sequence[Pending], drive
         if len(items) >= COPY_MIN:
             row = await store_staged(conn, items, drivers)
         else:
-            row = await conn.fetchrow(
-                FAST,
-                list(drivers),
-                [e.seq for e in ev],
-                [e.ts for e in ev],
-                [it.received_at for it in items],
-                [e.lat for e in ev],
-                [e.lon for e in ev],
-                [e.acc for e in ev],
-                [e.spd for e in ev],
-                [e.hdg for e in ev],
-                [e.alt for e in ev],
-                [e.bat for e in ev],
-            )
+            row = await conn.fetchrow(FAST, *position_columns(items, drivers))
         assert row is not None
         done = set(zip(row["drivers"] or (), row["seqs"] or (), strict=True))
         if len(done) == len(items):
@@ -259,21 +264,10 @@ async def _insert_and_compare(conn: Any, items: Sequence[Pending], drivers: Sequ
     """INSERT (with every probe), then, for what it did not store, EXISTING."""
     pos = [(it, d) for it, d in zip(items, drivers, strict=True) if type(it.event) is Position]
     scans = [(it, d) for it, d in zip(items, drivers, strict=True) if type(it.event) is Scan]
-    ev: list[Any] = [it.event for it, _ in pos]
     sv: list[Any] = [it.event for it, _ in scans]
     stored = await conn.fetchval(
         INSERT,
-        [d for _, d in pos],
-        [e.seq for e in ev],
-        [e.ts for e in ev],
-        [it.received_at for it, _ in pos],
-        [e.lat for e in ev],
-        [e.lon for e in ev],
-        [e.acc for e in ev],
-        [e.spd for e in ev],
-        [e.hdg for e in ev],
-        [e.alt for e in ev],
-        [e.bat for e in ev],
+        *position_columns([it for it, _ in pos], [d for _, d in pos]),
         [d for _, d in scans],
         [it.org for it, _ in scans],
         [it.driver for it, _ in scans],

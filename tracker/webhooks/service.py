@@ -52,6 +52,8 @@ class Webhooks:
     async def prune(self) -> int:
         """Delete the events older than the retention (in batches, each its own short transaction,
         so ingest never waits behind it); every instance may run it at once (SKIP LOCKED)."""
+        if self.settings.webhook_retention_days <= 0:
+            return 0  # 0: kept for ever
         before = now_ms() - self.settings.webhook_retention_days * 86_400_000
         deleted = 0
         while (n := await store.prune(self.pool, before, PRUNE_BATCH)) > 0:
